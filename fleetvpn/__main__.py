@@ -1,0 +1,3 @@
+from fleetvpn.cli import main
+
+main()
