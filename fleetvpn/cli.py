@@ -1,0 +1,20 @@
+"""The command line: one table of subcommands, each a thin handler."""
+from __future__ import annotations
+
+import click
+
+from fleetvpn import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fleetvpn")
+def cli() -> None:
+    """Keep a WireGuard fleet working on real networks.
+
+    fleetvpn measures each link's path MTU and each site's NAT mapping lifetime,
+    and sets tunnel MTU and keepalive from what it measured.
+    """
+
+
+def main() -> None:
+    cli()
