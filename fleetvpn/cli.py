@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from fleetvpn import __version__
+from fleetvpn.lab.cli import lab
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -14,6 +15,10 @@ def cli() -> None:
     fleetvpn measures each link's path MTU and each site's NAT mapping lifetime,
     and sets tunnel MTU and keepalive from what it measured.
     """
+
+
+# The table of subcommands. Each group lives next to the code it drives.
+cli.add_command(lab)
 
 
 def main() -> None:
