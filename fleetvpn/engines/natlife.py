@@ -1,0 +1,753 @@
+"""NAT mapping lifetime search: a sans-IO, sans-clock engine.
+
+What it measures
+    Whether there is a NAT (the responder sees another address than the local one) and whether
+    there is a stateful filter (a packet from a never-contacted responder port is dropped); then
+    the idle time T after which an *established* UDP mapping stops letting the responder's packets
+    in.  Established = it carried traffic both ways and a packet at least 2 s after it was created,
+    which is when Linux conntrack switches a flow to ``nf_conntrack_udp_timeout_stream`` (a
+    WireGuard flow is in this state).  The *unreplied* timeout is not measured: after a new mapping
+    the first keepalive must still arrive within it (reference.md, "NAT mapping lifetime").
+
+Contract (inputs carry ``now``: seconds on one monotonic clock; the engine never reads a clock)
+    Inputs                                          Meaning
+    start(now)                                      begin; call once
+    on_binding(slot, mapped_addr, local_addr, now)  answer to SendBinding: the responder's view
+    on_reply(slot, now)                             answer to SendCondition
+    on_armed(slot, token, now)                      the responder's ack of Arm (sent on receipt)
+    on_fire(slot, token, now, from_other_port)      one copy of a fire
+    on_send_error(slot, now)                        the adapter could not send on ``slot``
+    handle_timer(now)                               call at (or after) get_timer()
+    Outputs
+    actions_to_send(now) -> list[Action]            OpenSlot, CloseSlot, SendBinding,
+                                                    SendCondition, Arm -- perform in order
+    get_timer() -> float | None                     next deadline; None once done
+    next_event() -> NatResult | NatFailed | None    exactly one event ends the search
+    Errors: ValueError for bad parameters; RuntimeError if start() is called twice.  Inputs for
+    unknown or closed slots, stale tokens and duplicate copies are ignored (normal on UDP).
+    NatFailed when the binding request gets no answer after ``tries`` sends (backoff 1, 2, 4 s)
+    or when 8 slots in a row get no answer while conditioning or arming.  A slot whose exchange
+    gets no answer is retried (``tries`` sends, ``reply_timeout_s`` apart), then closed and its
+    gap put back in the queue.  Every slot is closed before the event is emitted.
+
+Slots (the adapter owns sockets)
+    A slot is one local UDP socket, i.e. one NAT mapping once it sends.  OpenSlot(n) opens it,
+    CloseSlot(n) closes it; ids are never reused.  A fire must come from the responder address the
+    slot talks to (the same 5-tuple), except fires armed with ``from_other_port``.  An Arm replaces
+    any schedule the responder holds for that slot; ack and fires echo the Arm's token.
+
+Clock reference
+    The responder fires ``gap_s`` after it *receives* the Arm and sends the ack at that moment.
+    The engine takes the ack's arrival (on_armed) as the start of the gap: ack and fire cross the
+    NAT on the same path, so the NAT sees an idle time of exactly ``gap_s`` whatever the one-way
+    delays; only jitter between the two differs.  Copies follow at ``spacing_s`` intervals; a gap
+    survived if any copy arrives, died if none arrives by ack + gap + spread + grace (grace =
+    ``grace_s`` + the largest RTT seen).  A survival is proof that T > gap; a death is weaker
+    evidence (all copies lost), which is why deaths below a survival trigger repetition.
+
+Schedule
+    1. Discovery on slot 0: binding request, then an Arm with ``from_other_port`` (the filter
+       check).  No NAT and the other-port fire arrives: done, no mapping is searched.
+    2. Search: each new slot sends a condition request, then at created + ``stream_delay_s``
+       (2.1 s: conntrack wants a packet 2 s after creation) the Arm, whose ack completes the
+       conditioning.  Slots are opened only while there is work, at most ``max_slots`` at once
+       and ``max_new_per_s`` in any 1 s window (RFC 5780 §5; small routers have small tables).
+    3. First round: a comb of ``max_slots`` gaps over [min_gap_s, max_lifetime_s] -- 1 s apart
+       when the range is that narrow (one round suffices), else geometric with steps of at least
+       ``resolution_s``.  Ready slots take gaps in increasing order.
+    4. Refinement is continuous: a slot whose fire arrived is still established and alive, so it
+       is re-armed at once with the lowest untested point ``resolution_s`` above the largest
+       surviving gap.  Tests made moot by a new survival are re-armed, tests above a death are
+       cancelled (reused when their mapping is provably alive, else closed).  Each slot tests one
+       gap at a time, because inbound packets refresh the mapping too.
+    5. Done when the largest surviving gap L and the smallest death above it are at most
+       ``resolution_s`` apart.  Reported lifetime: L, a lower bound; T lies in
+       (L, L + resolution_s].  Nothing died up to max_lifetime_s: lifetime None.
+    Two inconsistent results (a gap died below a surviving one) suggest a NAT under table
+    pressure: all slots are closed, deaths forgotten (survivals stay proven), concurrency halved
+    and a new comb starts above L.  Each inconsistent gap is also re-tested once.
+
+Wall time (virtual, 20 ms RTT)
+    One round (narrow range): the answer is known when the smallest dying gap d >= T expires:
+    2.1 s + 0.1 s per earlier slot + d + spread + grace, i.e. T + 2.5 s to T + 6.5 s.
+    Wide range: about 2T - F, where F (the look-ahead the freed slots build above L) grows with the
+    number of resolved gaps: default range, T = 30 -> ~50 s, T = 120 -> ~205 s (see the tests).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum, auto
+from itertools import pairwise
+from random import Random
+
+Address = tuple[str, int]
+
+DEFAULT_KEEPALIVE_S = 25
+_KEEPALIVE_DEFAULT_RANGE = (5, 120)
+_KEEPALIVE_MAX_S = 65535  # wg(8): persistent-keepalive is 1..65535
+_EPS = 1e-9
+_PREEMPT_GUARD_S = 0.5  # never re-arm a slot whose fire is this close: copies may be in flight
+_REUSE_MARGIN_S = 1.0
+_MIN_SLOTS = 4
+_MAX_FAILED_SLOTS = 8
+_INCONSISTENT_BEFORE_RESET = 2
+
+
+@dataclass(frozen=True, slots=True)
+class OpenSlot:
+    """Open a new local UDP socket; its first packet creates a new NAT mapping."""
+
+    slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class CloseSlot:
+    slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendBinding:
+    """Ask the responder which address it sees (answer: on_binding)."""
+
+    slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendCondition:
+    """A request the responder answers at once (answer: on_reply)."""
+
+    slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class Arm:
+    """Responder: ack now, then send ``copies`` fires starting ``gap_s`` after receipt."""
+
+    slot: int
+    token: int
+    gap_s: float
+    copies: int
+    spacing_s: float
+    from_other_port: bool = False
+
+
+Action = OpenSlot | CloseSlot | SendBinding | SendCondition | Arm
+
+
+@dataclass(frozen=True, slots=True)
+class NatResult:
+    nat: bool
+    mapped_address: Address
+    local_address: Address
+    port_preserved: bool
+    stateful_filter: bool
+    mapping_lifetime_s: float | None  # lower bound L; None: nothing expired (or nothing to expire)
+    resolution_s: float | None  # the lifetime lies in (L, L + resolution_s]
+    keepalive_s: int
+    elapsed_s: float
+    mappings_used: int
+    gap_tests: int
+    inconsistent_results: int  # a gap died while a longer one survived
+    restarts: int  # with half the mappings, on suspected table pressure
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class NatFailed:
+    reason: str
+    elapsed_s: float
+
+
+NatEvent = NatResult | NatFailed
+
+
+def keepalive_for(
+    lifetime_s: float | None,
+    nat: bool,
+    stateful_filter: bool,
+    *,
+    default_s: int = DEFAULT_KEEPALIVE_S,
+    lower_bound_s: float | None = None,
+) -> tuple[int, str]:
+    """Keepalive interval (s, 0 = off) and its reason, from a measured mapping lifetime.
+
+    K = floor((T - d) / 2) with d = max(2 s, T / 10): one lost keepalive is survived
+    (reference.md, "Keepalive rule").  ``lifetime_s`` None means nothing expired up to
+    ``lower_bound_s`` (or unknown): ``default_s`` clamped to [5, 120], lowered to the rule's
+    value at ``lower_bound_s`` if that is smaller.
+    """
+    if not nat and not stateful_filter:
+        return 0, "no NAT and no stateful filter: nothing expires, keepalive off"
+    what = "NAT" if nat else "stateful filter"
+    if lifetime_s is None:
+        low, high = _KEEPALIVE_DEFAULT_RANGE
+        keepalive = min(max(default_s, low), high)
+        reason = f"{what} present, mapping lifetime unknown: default keepalive {keepalive} s"
+        if lower_bound_s is not None:
+            reason = f"{what} present, no mapping expired within {lower_bound_s:g} s: "
+            bound, _ = keepalive_for(lower_bound_s, nat, stateful_filter)
+            if bound < keepalive:
+                return bound, reason + f"keepalive {bound} s, the rule at {lower_bound_s:g} s"
+            reason += f"default keepalive {keepalive} s"
+        return keepalive, reason
+    margin = max(2.0, lifetime_s / 10)
+    keepalive = math.floor((lifetime_s - margin) / 2)
+    if keepalive < 1:
+        return 1, f"{what} mapping lifetime {lifetime_s:g} s is below the rule's range: 1 s"
+    keepalive = min(keepalive, _KEEPALIVE_MAX_S)
+    return keepalive, (
+        f"keepalive {keepalive} s = floor(({lifetime_s:g} - {margin:g}) / 2): {what} mapping "
+        f"lifetime {lifetime_s:g} s, margin max(2 s, T/10), survives one lost keepalive"
+    )
+
+
+def gap_comb(
+    low_s: float,
+    high_s: float,
+    count: int,
+    resolution_s: float = 1.0,
+    max_step_s: float = math.inf,
+) -> list[float]:
+    """At most ``count`` increasing gaps from ``low_s`` to ``high_s`` (both included).
+
+    ``resolution_s`` apart when that fits (one round brackets T); else geometric, each step at
+    least ``resolution_s`` and at most ``max_step_s`` (linear if even that cannot reach
+    ``high_s``), with the ratio solved so that the last gap lands on ``high_s``.
+    """
+    if count < 2 or high_s - low_s <= _EPS:
+        return [high_s]
+    steps = math.ceil((high_s - low_s) / resolution_s - _EPS)
+    if steps <= count - 1:
+        return [round(low_s + i * resolution_s, 6) for i in range(steps)] + [high_s]
+    max_step_s = max(max_step_s, (high_s - low_s) / (count - 1), resolution_s)
+
+    def comb(ratio: float) -> list[float]:
+        gaps = [low_s]
+        for _ in range(count - 1):
+            gaps.append(gaps[-1] + min(max(gaps[-1] * (ratio - 1), resolution_s), max_step_s))
+        return gaps
+
+    slow, fast = 1.0, high_s / low_s
+    for _ in range(60):
+        middle = (slow + fast) / 2
+        slow, fast = (slow, middle) if comb(middle)[-1] >= high_s - _EPS else (middle, fast)
+    return [round(g, 2) for g in comb(fast)[:-1] if g < high_s - _EPS] + [high_s]
+
+
+class _Phase(Enum):
+    IDLE = auto()
+    DISCOVERY = auto()
+    SEARCH = auto()
+    DONE = auto()
+
+
+class _State(Enum):
+    BINDING = auto()  # discovery slot: binding request out
+    FILTER = auto()  # discovery slot: other-port check running
+    CONDITIONING = auto()  # first request out, waiting for its reply
+    WAITING = auto()  # replied; waiting for created + stream_delay_s
+    READY = auto()  # established and idle: may be armed now
+    ARMING = auto()  # Arm out, waiting for the ack
+    TESTING = auto()  # armed; waiting for a fire or the deadline
+
+
+@dataclass(slots=True)
+class _Slot:
+    slot: int
+    created_at: float
+    state: _State
+    due: float | None = None
+    sent_at: float = 0.0
+    tries: int = 1
+    token: int = 0
+    gap_s: float = 0.0
+    armed_at: float = 0.0
+    repeat: bool = False  # a re-test below the largest survival: exempt from pre-emption
+
+
+class NatLifetimeSearch:
+    """One NAT mapping lifetime measurement against one cooperating responder."""
+
+    def __init__(
+        self,
+        rng: Random,
+        *,
+        max_lifetime_s: float = 300.0,
+        min_gap_s: float = 5.0,
+        resolution_s: float = 1.0,
+        max_slots: int = 32,
+        max_new_per_s: int = 10,
+        copies: int = 3,
+        copy_spacing_s: float = 0.05,
+        grace_s: float = 0.3,
+        reply_timeout_s: float = 1.0,
+        tries: int = 3,
+        stream_delay_s: float = 2.1,
+        default_keepalive_s: int = DEFAULT_KEEPALIVE_S,
+    ) -> None:
+        if not 0 < min_gap_s < max_lifetime_s:
+            raise ValueError("need 0 < min_gap_s < max_lifetime_s")
+        if resolution_s <= 0 or copy_spacing_s < 0 or grace_s < 0 or reply_timeout_s <= 0:
+            raise ValueError("resolution_s and reply_timeout_s must be > 0, spacing and grace >= 0")
+        if max_slots < 2 or max_new_per_s < 1 or copies < 1 or tries < 1:
+            raise ValueError("need max_slots >= 2, max_new_per_s >= 1, copies >= 1, tries >= 1")
+        self._rng = rng
+        self._max_lifetime_s = max_lifetime_s
+        self._min_gap_s = min_gap_s
+        self._resolution_s = resolution_s
+        self._cap = max_slots
+        self._max_new_per_s = max_new_per_s
+        self._copies = copies
+        self._spacing_s = copy_spacing_s
+        self._grace_s = grace_s
+        self._reply_timeout_s = reply_timeout_s
+        self._tries = tries
+        self._stream_delay_s = stream_delay_s
+        self._default_keepalive_s = default_keepalive_s
+
+        self._phase = _Phase.IDLE
+        self._started_at = 0.0
+        self._slots: dict[int, _Slot] = {}
+        self._next_slot = 0
+        self._created: deque[float] = deque(maxlen=max_new_per_s)
+        self._next_open_at: float | None = None
+        self._actions: list[Action] = []
+        self._events: deque[NatEvent] = deque()
+        self._rtt_s = 0.0
+        self._failed_in_row = 0
+        self._mappings_used = 0
+        self._gap_tests = 0
+
+        self._mapped: Address = ("", 0)
+        self._local: Address = ("", 0)
+        self._nat = False
+        self._filter: bool | None = None
+        self._filter_acked = False
+        self._filter_note = ""
+
+        self._queue: list[float] = []
+        self._repeats: list[float] = []
+        self._repeated: set[float] = set()
+        self._survived: list[float] = []
+        self._died: list[float] = []
+        self._flagged: set[int] = set()  # indexes into _died already counted as inconsistent
+        self._inconsistent = 0
+        self._inconsistent_this_round = 0
+        self._resets = 0
+        self._reset_notes: list[str] = []
+
+    # ---- inputs -------------------------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        if self._phase is not _Phase.IDLE:
+            raise RuntimeError("start() called twice")
+        self._phase = _Phase.DISCOVERY
+        self._started_at = now
+        slot = self._open(now, _State.BINDING)
+        self._send(slot, now, SendBinding(slot.slot))
+
+    def on_binding(self, slot: int, mapped_addr: Address, local_addr: Address, now: float) -> None:
+        s = self._slots.get(slot)
+        if s is None or s.state is not _State.BINDING:
+            return
+        self._sample_rtt(s, now)
+        self._mapped, self._local = mapped_addr, local_addr
+        self._nat = mapped_addr != local_addr
+        s.state, s.tries = _State.FILTER, 1
+        self._arm(s, now, 0.0, from_other_port=True)
+        if self._nat:  # the filter check only matters for the report: search right away
+            self._begin_search(now)
+
+    def on_reply(self, slot: int, now: float) -> None:
+        s = self._slots.get(slot)
+        if s is None or s.state is not _State.CONDITIONING:
+            return
+        self._sample_rtt(s, now)
+        self._failed_in_row = 0
+        s.state, s.due = _State.WAITING, max(now, s.created_at + self._stream_delay_s)
+        self._plan(now)
+
+    def on_armed(self, slot: int, token: int, now: float) -> None:
+        s = self._slots.get(slot)
+        if s is None or token != s.token:
+            return
+        if s.state is _State.FILTER and not self._filter_acked:
+            self._sample_rtt(s, now)
+            self._filter_acked = True
+            s.due = now + self._spread_s() + self._grace()
+        elif s.state is _State.ARMING:
+            self._sample_rtt(s, now)
+            self._failed_in_row = 0
+            s.state, s.armed_at = _State.TESTING, now
+            s.due = now + s.gap_s + self._spread_s() + self._grace()
+            self._plan(now)
+
+    def on_fire(self, slot: int, token: int, now: float, from_other_port: bool = False) -> None:
+        s = self._slots.get(slot)
+        if s is None or token != s.token:
+            return
+        if s.state is _State.FILTER:
+            if from_other_port:
+                self._filter_note = "a packet from a never-contacted responder port arrived"
+                self._filter_done(now, filtered=False)
+        elif s.state in (_State.ARMING, _State.TESTING) and not from_other_port:
+            # Also valid while ARMING (ack lost): the NAT then idled at least gap_s too.
+            self._survived.append(s.gap_s)
+            self._gap_tests += 1
+            s.state, s.due, s.repeat = _State.READY, None, False
+            self._after_result(now)
+
+    def on_send_error(self, slot: int, now: float) -> None:
+        s = self._slots.get(slot)
+        if s is None:
+            return
+        waiting = (_State.BINDING, _State.CONDITIONING, _State.ARMING)
+        if s.state in waiting or (s.state is _State.FILTER and not self._filter_acked):
+            s.due = now
+            self.handle_timer(now)
+
+    def handle_timer(self, now: float) -> None:
+        if self._phase in (_Phase.IDLE, _Phase.DONE):
+            return
+        for s in list(self._slots.values()):
+            if s.due is not None and s.due <= now and self._slots.get(s.slot) is s:
+                self._expire(s, now)
+                if self.done:
+                    return
+        self._plan(now)
+
+    # ---- outputs ------------------------------------------------------------------------
+
+    def actions_to_send(self, now: float) -> list[Action]:
+        self._plan(now)
+        actions, self._actions = self._actions, []
+        return actions
+
+    def next_event(self) -> NatEvent | None:
+        return self._events.popleft() if self._events else None
+
+    def get_timer(self) -> float | None:
+        if self._phase in (_Phase.IDLE, _Phase.DONE):
+            return None
+        dues = [s.due for s in self._slots.values() if s.due is not None]
+        if self._next_open_at is not None:
+            dues.append(self._next_open_at)
+        return min(dues, default=None)
+
+    @property
+    def done(self) -> bool:
+        return self._phase is _Phase.DONE
+
+    # ---- slot life ----------------------------------------------------------------------
+
+    def _open(self, now: float, state: _State) -> _Slot:
+        s = _Slot(self._next_slot, now, state)
+        self._next_slot += 1
+        self._slots[s.slot] = s
+        self._created.append(now)
+        self._mappings_used += 1
+        self._actions.append(OpenSlot(s.slot))
+        return s
+
+    def _close(self, s: _Slot) -> None:
+        if self._slots.pop(s.slot, None) is not None:
+            self._actions.append(CloseSlot(s.slot))
+
+    def _send(self, s: _Slot, now: float, action: Action) -> None:
+        s.sent_at, s.due = now, now + self._reply_timeout_s * 2 ** (s.tries - 1)
+        self._actions.append(action)
+
+    def _arm(self, s: _Slot, now: float, gap_s: float, from_other_port: bool = False) -> None:
+        s.token, s.gap_s = self._rng.getrandbits(32), gap_s
+        arm = Arm(s.slot, s.token, gap_s, self._copies, self._spacing_s, from_other_port)
+        s.sent_at, s.due = now, now + self._reply_timeout_s
+        self._actions.append(arm)
+
+    def _next_creation_at(self) -> float:
+        if not self._created:
+            return -math.inf
+        at = self._created[-1] + 1.0 / self._max_new_per_s
+        if len(self._created) == self._max_new_per_s:
+            at = max(at, self._created[0] + 1.0)
+        return at
+
+    def _sample_rtt(self, s: _Slot, now: float) -> None:
+        if s.tries == 1:  # Karn: a retried exchange says nothing about the RTT
+            self._rtt_s = max(self._rtt_s, min(now - s.sent_at, self._reply_timeout_s))
+
+    def _grace(self) -> float:
+        return self._grace_s + self._rtt_s
+
+    def _spread_s(self) -> float:
+        return (self._copies - 1) * self._spacing_s
+
+    def _expire(self, s: _Slot, now: float) -> None:
+        retry = s.tries < self._tries
+        if s.state is _State.BINDING:
+            if not retry:
+                self._fail(now, f"responder never answered the binding request ({s.tries} tries)")
+                return
+            s.tries += 1
+            self._send(s, now, SendBinding(s.slot))
+        elif s.state is _State.FILTER:
+            if not self._filter_acked and retry:
+                s.tries += 1
+                self._arm(s, now, 0.0, from_other_port=True)
+                return
+            self._filter_note = (
+                "no packet from a never-contacted responder port arrived"
+                if self._filter_acked
+                else "assumed: the responder never acknowledged the other-port check"
+            )
+            self._filter_done(now, filtered=True)
+        elif s.state is _State.CONDITIONING:
+            if retry:
+                s.tries += 1
+                s.sent_at, s.due = now, now + self._reply_timeout_s
+                self._actions.append(SendCondition(s.slot))
+            else:
+                self._drop(s, now)
+        elif s.state is _State.WAITING:
+            s.state, s.due = _State.READY, None
+        elif s.state is _State.ARMING:
+            if retry:
+                s.tries += 1
+                self._arm(s, now, s.gap_s)
+            else:
+                if s.gap_s not in self._queue and not s.repeat:
+                    self._queue = sorted([*self._queue, s.gap_s])
+                self._drop(s, now)
+        elif s.state is _State.TESTING:
+            self._died.append(s.gap_s)
+            self._gap_tests += 1
+            self._close(s)
+            self._after_result(now)
+
+    def _drop(self, s: _Slot, now: float) -> None:
+        self._close(s)
+        self._failed_in_row += 1
+        if self._failed_in_row >= _MAX_FAILED_SLOTS:
+            self._fail(now, f"responder stopped answering: {self._failed_in_row} slots in a row")
+
+    # ---- discovery ----------------------------------------------------------------------
+
+    def _filter_done(self, now: float, filtered: bool) -> None:
+        self._filter = filtered
+        s = self._slots[0]
+        s.state, s.due = _State.WAITING, max(now, s.created_at + self._stream_delay_s)
+        if self._phase is _Phase.DISCOVERY:
+            if not filtered:
+                self._finish(now)
+                return
+            self._begin_search(now)
+        self._plan(now)
+
+    def _begin_search(self, now: float) -> None:
+        self._phase = _Phase.SEARCH
+        self._queue = self._first_comb(self._min_gap_s)
+        self._plan(now)
+
+    def _first_comb(self, start_s: float) -> list[float]:
+        top, resolution = self._max_lifetime_s, self._resolution_s
+        if start_s >= top:
+            return [top]
+        if (top - start_s) / resolution <= self._cap - 1 + _EPS:
+            return gap_comb(start_s, top, self._cap, resolution)  # one round is enough
+        # 5/8 of the slots carry the comb; the rest start the 1 s window at start_s.  Steps stay
+        # within the window the freed slots can build (~3/4 of them), so it reaches the next gap.
+        count = max(2, self._cap * 5 // 8)
+        return gap_comb(start_s, top, count, resolution, max_step_s=0.75 * self._cap * resolution)
+
+    # ---- search -------------------------------------------------------------------------
+
+    def _lo(self) -> float:
+        return max(self._survived, default=0.0)
+
+    def _hi(self, lo: float) -> float | None:
+        return min((g for g in self._died if g > lo), default=None)
+
+    def _after_result(self, now: float) -> None:
+        lo = self._lo()
+        for i, gap in enumerate(self._died):
+            if gap <= lo and i not in self._flagged:
+                self._flagged.add(i)
+                self._inconsistent += 1
+                self._inconsistent_this_round += 1
+                if gap not in self._repeated:
+                    self._repeated.add(gap)
+                    self._repeats.append(gap)
+        # Everything dying down to min_gap_s is more likely eviction than a real lifetime.
+        implausible = not self._survived and min(self._died, default=math.inf) <= self._min_gap_s
+        suspect = implausible or self._inconsistent_this_round >= _INCONSISTENT_BEFORE_RESET
+        if suspect and self._cap > _MIN_SLOTS:
+            self._reset_notes.append(
+                f"every gap down to {self._min_gap_s:g} s died"
+                if implausible
+                else f"{self._inconsistent_this_round} inconsistent results"
+            )
+            self._reset(lo)
+        self._plan(now)
+
+    def _reset(self, lo: float) -> None:
+        """Suspected table pressure: start over above ``lo`` with half the mappings."""
+        for s in list(self._slots.values()):
+            self._close(s)
+        self._resets += 1
+        self._cap = max(_MIN_SLOTS, self._cap // 2)
+        self._died.clear()
+        self._flagged.clear()
+        self._repeats.clear()
+        self._inconsistent_this_round = 0
+        self._queue = self._first_comb(max(self._min_gap_s, lo + self._resolution_s))
+
+    def _plan(self, now: float) -> None:
+        if self._phase is not _Phase.SEARCH:
+            return
+        lo = self._lo()
+        hi = self._hi(lo)
+        settled = lo >= self._max_lifetime_s or (
+            hi is not None and hi - lo <= self._resolution_s + _EPS
+        )
+        if settled and self._filter is not None:
+            self._finish(now)
+            return
+        self._queue = [g for g in self._queue if g > lo and (hi is None or g < hi)]
+        for s in list(self._slots.values()):
+            if s.state is not _State.TESTING or s.repeat:
+                continue
+            if s.gap_s <= lo and s.armed_at + s.gap_s - now > _PREEMPT_GUARD_S:
+                s.state, s.due = _State.READY, None  # known to survive: re-arm it
+            elif hi is not None and s.gap_s >= hi:
+                if now - s.armed_at < lo - _REUSE_MARGIN_S:  # idle < L < T: still alive
+                    s.state, s.due = _State.READY, None
+                else:
+                    self._close(s)
+        ready = [s for s in self._slots.values() if s.state is _State.READY]
+        wanted = self._wanted(lo, hi, limit=len(ready) + self._cap)
+        for s in ready:
+            if not wanted or len(self._slots) > self._cap:
+                self._close(s)
+                continue
+            gap = wanted.pop(0)
+            if gap in self._repeats:
+                self._repeats.remove(gap)
+            elif gap in self._queue:
+                self._queue.remove(gap)
+            s.state, s.tries, s.repeat = _State.ARMING, 1, gap <= lo
+            self._arm(s, now, gap)
+        pending = (_State.FILTER, _State.CONDITIONING, _State.WAITING)
+        needed = len(wanted) - sum(1 for s in self._slots.values() if s.state in pending)
+        self._next_open_at = None
+        while needed > 0 and len(self._slots) < self._cap:
+            at = self._next_creation_at()
+            if at > now:
+                self._next_open_at = at
+                break
+            s = self._open(now, _State.CONDITIONING)
+            s.sent_at, s.due = now, now + self._reply_timeout_s
+            self._actions.append(SendCondition(s.slot))
+            needed -= 1
+
+    def _wanted(self, lo: float, hi: float | None, limit: int) -> list[float]:
+        """Gaps worth a test now, most urgent first: repeats, the comb, then the lowest holes."""
+        top = hi if hi is not None else self._max_lifetime_s
+        wanted = [*self._repeats, *self._queue]
+        testing = (_State.ARMING, _State.TESTING)
+        active = {s.gap_s for s in self._slots.values() if s.state in testing and not s.repeat}
+        # Below min_gap_s only once a gap that small has died.
+        start = max(lo, self._min_gap_s if hi is None or hi > self._min_gap_s else 0.0)
+        points = sorted({start, top} | {g for g in active | set(self._queue) if start < g < top})
+        for low, high in pairwise(points):
+            gap = low + self._resolution_s
+            while high - low > self._resolution_s + _EPS and len(wanted) < limit:
+                wanted.append(round(gap, 6))
+                low, gap = gap, gap + self._resolution_s
+        return wanted
+
+    # ---- the end ------------------------------------------------------------------------
+
+    def _finish(self, now: float) -> None:
+        searched = self._phase is _Phase.SEARCH
+        stateful_filter = bool(self._filter)
+        lifetime: float | None = None
+        resolution: float | None = None
+        lo = self._lo()
+        if searched and lo < self._max_lifetime_s:
+            lifetime, resolution = lo, (self._hi(lo) or lo) - lo
+        bound = self._max_lifetime_s if searched and lifetime is None else None
+        keepalive, why = keepalive_for(
+            lifetime,
+            self._nat,
+            stateful_filter,
+            default_s=self._default_keepalive_s,
+            lower_bound_s=bound,
+        )
+        elapsed = now - self._started_at
+        parts = [self._discovery_reason(stateful_filter)]
+        if not searched:
+            parts.append("no lifetime search")
+        elif lifetime is None:
+            parts.append(f"no mapping expired within {self._max_lifetime_s:g} s")
+        else:
+            parts.append(
+                f"mapping lifetime {lifetime:g} s (largest idle gap that survived; expiry within "
+                f"({lifetime:g}, {lifetime + (resolution or 0.0):g}] s)"
+            )
+        if searched:
+            parts.append(
+                f"{self._gap_tests} gap tests on {self._mappings_used} mappings in {elapsed:.1f} s"
+            )
+        parts.append(why)
+        if self._inconsistent:
+            parts.append(
+                f"{self._inconsistent} inconsistent result(s) (a shorter gap died while a longer "
+                "one survived: loss or table pressure), re-tested"
+            )
+        if self._resets:
+            parts.append(
+                f"table pressure suspected ({' then '.join(self._reset_notes)}): restarted "
+                f"{self._resets} time(s), ending with at most {self._cap} mappings at once"
+            )
+        result = NatResult(
+            nat=self._nat,
+            mapped_address=self._mapped,
+            local_address=self._local,
+            port_preserved=self._mapped[1] == self._local[1],
+            stateful_filter=stateful_filter,
+            mapping_lifetime_s=lifetime,
+            resolution_s=resolution,
+            keepalive_s=keepalive,
+            elapsed_s=elapsed,
+            mappings_used=self._mappings_used,
+            gap_tests=self._gap_tests,
+            inconsistent_results=self._inconsistent,
+            restarts=self._resets,
+            reason="; ".join(parts),
+        )
+        self._end(result)
+
+    def _discovery_reason(self, stateful_filter: bool) -> str:
+        mapped = f"{self._mapped[0]}:{self._mapped[1]}"
+        local = f"{self._local[0]}:{self._local[1]}"
+        if not self._nat:
+            nat = f"no NAT (the responder sees the local address {local})"
+        elif self._mapped[0] == self._local[0]:
+            nat = f"NAT: port translated ({local} seen as {mapped})"
+        else:
+            preserved = "port preserved" if self._mapped[1] == self._local[1] else "port changed"
+            nat = f"NAT ({local} seen as {mapped}, {preserved})"
+        verdict = "stateful filter" if stateful_filter else "no stateful filter"
+        return f"{nat}; {verdict}: {self._filter_note}"
+
+    def _fail(self, now: float, reason: str) -> None:
+        self._end(NatFailed(reason=reason, elapsed_s=now - self._started_at))
+
+    def _end(self, event: NatEvent) -> None:
+        for s in list(self._slots.values()):
+            self._close(s)
+        self._phase = _Phase.DONE
+        self._next_open_at = None
+        self._events.append(event)

@@ -1,0 +1,405 @@
+"""NAT lifetime engine on virtual time against simulated NATs, firewalls and a responder."""
+
+from __future__ import annotations
+
+import ast
+import heapq
+import itertools
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fleetvpn.engines import natlife
+from fleetvpn.engines.natlife import (
+    Arm,
+    CloseSlot,
+    NatEvent,
+    NatFailed,
+    NatLifetimeSearch,
+    NatResult,
+    OpenSlot,
+    SendBinding,
+    SendCondition,
+    gap_comb,
+    keepalive_for,
+)
+
+Key = tuple[str, int]
+
+
+@dataclass
+class _Entry:
+    created: float
+    expires: float = 0.0
+    seen_reply: bool = False
+
+
+class Conntrack:
+    """One NAT or stateful firewall, per 5-tuple, like nf_conntrack_proto_udp.
+
+    An entry is created by an outbound packet and lives ``unreplied_s`` until it has seen a reply
+    and a packet more than 2 s after its creation; from then on each packet gives it
+    ``stream_s``.  Packets either way refresh it; it expires exactly at last packet + timeout.
+    With ``table_size`` the oldest entries are evicted to make room for a new one.
+    """
+
+    def __init__(
+        self, stream_s: float, unreplied_s: float = 30.0, table_size: int | None = None
+    ) -> None:
+        self.stream_s, self.unreplied_s, self.table_size = stream_s, unreplied_s, table_size
+        self.entries: dict[Key, _Entry] = {}
+        self.evictions = 0
+
+    def _alive(self, key: Key, now: float) -> _Entry | None:
+        entry = self.entries.get(key)
+        # "Exactly at" expiry, robust to float noise in sums of delays.
+        if entry is not None and now >= entry.expires - 1e-9:
+            del self.entries[key]
+            return None
+        return entry
+
+    def _touch(self, entry: _Entry, now: float, inbound: bool) -> None:
+        stream = entry.seen_reply and now - entry.created > 2.0
+        entry.expires = now + (self.stream_s if stream else self.unreplied_s)
+        entry.seen_reply = entry.seen_reply or inbound
+
+    def outbound(self, key: Key, now: float) -> None:
+        entry = self._alive(key, now)
+        if entry is None:
+            if self.table_size is not None:
+                live = [k for k in list(self.entries) if self._alive(k, now) is not None]
+                while len(live) >= self.table_size:
+                    oldest = min(live, key=lambda k: self.entries[k].created)
+                    del self.entries[oldest]
+                    live.remove(oldest)
+                    self.evictions += 1
+            entry = self.entries[key] = _Entry(created=now)
+        self._touch(entry, now, inbound=False)
+
+    def inbound(self, key: Key, now: float) -> bool:
+        entry = self._alive(key, now)
+        if entry is None:
+            return False
+        self._touch(entry, now, inbound=True)
+        return True
+
+
+@dataclass
+class World:
+    """Client (the engine's adapter) -- NATs (inner first) -- internet -- responder."""
+
+    engine: NatLifetimeSearch
+    nats: Sequence[Conntrack] = ()
+    translate: bool = True
+    loss: float = 0.0
+    seed: int = 0
+    owd_s: float = 0.01
+    responder_alive: bool = True
+    condition_silent_slots: frozenset[int] = frozenset()
+    now: float = 0.0
+    open_slots: set[int] = field(default_factory=set)
+    creations: list[float] = field(default_factory=list)
+    max_open: int = 0
+    arms: list[Arm] = field(default_factory=list)
+    _heap: list[tuple[float, int, Callable[[], None]]] = field(default_factory=list)
+    _seq: itertools.count[int] = field(default_factory=itertools.count)
+    _schedule: dict[int, int] = field(default_factory=dict)  # responder: slot -> current token
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    def local(self, slot: int) -> tuple[str, int]:
+        return ("192.168.1.10" if self.translate else "198.18.5.5", 40000 + slot)
+
+    def mapped(self, slot: int) -> tuple[str, int]:
+        return ("198.18.0.2", 50000 + slot) if self.translate else self.local(slot)
+
+    def _at(self, when: float, action: Callable[[], None]) -> None:
+        heapq.heappush(self._heap, (when, next(self._seq), action))
+
+    def _lost(self) -> bool:
+        return self.loss > 0 and self.rng.random() < self.loss
+
+    def _up(self, slot: int, at_responder: Callable[[], None]) -> None:
+        for nat in self.nats:
+            nat.outbound(("main", slot), self.now)
+        if self.responder_alive and not self._lost():
+            self._at(self.now + self.owd_s, at_responder)
+
+    def _down(self, slot: int, deliver: Callable[[], None], other_port: bool = False) -> None:
+        if self._lost():
+            return
+
+        def arrive() -> None:
+            key = ("other" if other_port else "main", slot)
+            passed = all(nat.inbound(key, self.now) for nat in reversed(self.nats))
+            if passed and slot in self.open_slots:
+                deliver()
+
+        self._at(self.now + self.owd_s, arrive)
+
+    def _responder_arm(self, arm: Arm) -> None:
+        self._schedule[arm.slot] = arm.token
+        engine = self.engine
+        self._down(arm.slot, lambda: engine.on_armed(arm.slot, arm.token, self.now))
+        for copy in range(arm.copies):
+
+            def fire() -> None:
+                if self._schedule.get(arm.slot) == arm.token:  # not replaced by a newer Arm
+                    self._down(
+                        arm.slot,
+                        lambda: engine.on_fire(arm.slot, arm.token, self.now, arm.from_other_port),
+                        other_port=arm.from_other_port,
+                    )
+
+            self._at(self.now + arm.gap_s + copy * arm.spacing_s, fire)
+
+    def _perform(self, action: natlife.Action) -> None:
+        engine = self.engine
+        if isinstance(action, OpenSlot):
+            assert action.slot not in self.open_slots
+            self.open_slots.add(action.slot)
+            self.creations.append(self.now)
+            self.max_open = max(self.max_open, len(self.open_slots))
+            return
+        if isinstance(action, CloseSlot):
+            self.open_slots.remove(action.slot)
+            return
+        slot = action.slot
+        assert slot in self.open_slots, action
+        if isinstance(action, SendBinding):
+            mapped, local = self.mapped(slot), self.local(slot)
+            self._up(
+                slot,
+                lambda: self._down(slot, lambda: engine.on_binding(slot, mapped, local, self.now)),
+            )
+        elif isinstance(action, SendCondition):
+            if slot not in self.condition_silent_slots:
+                self._up(slot, lambda: self._down(slot, lambda: engine.on_reply(slot, self.now)))
+        else:
+            self.arms.append(action)
+            self._up(slot, lambda: self._responder_arm(action))
+
+    def run(self, limit_s: float = 5000.0) -> NatEvent:
+        self.engine.start(self.now)
+        while True:
+            for action in self.engine.actions_to_send(self.now):
+                self._perform(action)
+            event = self.engine.next_event()
+            if event is not None:
+                assert not self.open_slots, "every slot is closed before the event"
+                assert self.engine.get_timer() is None
+                return event
+            timer = self.engine.get_timer()
+            next_packet = self._heap[0][0] if self._heap else math.inf
+            when = min(math.inf if timer is None else timer, next_packet)
+            assert when < limit_s, "engine stalled"
+            self.now = max(self.now, when)
+            if next_packet <= when:
+                heapq.heappop(self._heap)[2]()
+            else:
+                self.engine.handle_timer(self.now)
+
+    def max_creations_per_second(self) -> int:
+        return max(
+            (sum(1 for u in self.creations if t <= u < t + 1.0) for t in self.creations), default=0
+        )
+
+
+def measure(
+    nats: Sequence[Conntrack],
+    *,
+    translate: bool = True,
+    seed: int = 0,
+    loss: float = 0.0,
+    **options: float,
+) -> tuple[NatResult, World]:
+    engine = NatLifetimeSearch(random.Random(seed), **options)  # type: ignore[arg-type]
+    world = World(engine, nats, translate=translate, loss=loss, seed=seed)
+    event = world.run()
+    assert isinstance(event, NatResult), event
+    assert world.max_open <= 32
+    assert world.max_creations_per_second() <= 10
+    return event, world
+
+
+def assert_found(result: NatResult, lifetime_s: float) -> None:
+    assert result.mapping_lifetime_s is not None, result.reason
+    assert result.resolution_s is not None and result.resolution_s <= 1.0 + 1e-9
+    # The report is the largest surviving gap: T lies in (L, L + resolution].
+    assert result.mapping_lifetime_s < lifetime_s <= result.mapping_lifetime_s + result.resolution_s
+    assert abs(result.mapping_lifetime_s - lifetime_s) <= 1.0
+
+
+# ---- keepalive rule ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lifetime_s", "keepalive_s"),
+    [(20, 9), (30, 13), (120, 54), (10, 4), (60, 27), (300, 135), (29.6, 13), (3, 0 + 1)],
+)
+def test_keepalive_rule(lifetime_s: float, keepalive_s: int) -> None:
+    value, reason = keepalive_for(lifetime_s, nat=True, stateful_filter=False)
+    assert value == keepalive_s
+    assert "NAT" in reason
+
+
+def test_keepalive_off_without_nat_or_filter() -> None:
+    assert keepalive_for(30, nat=False, stateful_filter=False)[0] == 0
+    assert keepalive_for(None, nat=False, stateful_filter=False) == (
+        0,
+        "no NAT and no stateful filter: nothing expires, keepalive off",
+    )
+    assert keepalive_for(30, nat=False, stateful_filter=True)[0] == 13
+
+
+def test_keepalive_default_when_nothing_expired() -> None:
+    value, reason = keepalive_for(None, nat=True, stateful_filter=False, lower_bound_s=300)
+    assert value == 25 and "no mapping expired within 300 s" in reason
+    assert keepalive_for(None, nat=True, stateful_filter=False, lower_bound_s=40)[0] == 18
+    assert keepalive_for(None, nat=True, stateful_filter=False, default_s=1)[0] == 5
+    assert keepalive_for(None, nat=True, stateful_filter=False, default_s=600)[0] == 120
+
+
+# ---- the comb ---------------------------------------------------------------------------
+
+
+def test_comb_is_one_round_when_the_range_is_narrow() -> None:
+    assert gap_comb(10, 25, 32) == [float(g) for g in range(10, 26)]
+
+
+def test_comb_is_geometric_and_bounded_on_a_wide_range() -> None:
+    comb = gap_comb(5, 300, 32)
+    assert len(comb) == 32 and comb[0] == 5 and comb[-1] == 300
+    steps = [b - a for a, b in itertools.pairwise(comb)]
+    assert min(steps) >= 1.0 - 1e-9 and steps == sorted(steps)
+
+
+# ---- discovery --------------------------------------------------------------------------
+
+
+def test_public_address_no_filter_needs_no_search() -> None:
+    result, world = measure([], translate=False)
+    assert (result.nat, result.stateful_filter, result.keepalive_s) == (False, False, 0)
+    assert result.mapping_lifetime_s is None and result.mappings_used == 1
+    assert result.mapped_address == result.local_address and result.port_preserved
+    assert [a.from_other_port for a in world.arms] == [True]
+    assert result.elapsed_s < 1.0
+    assert "no lifetime search" in result.reason
+
+
+def test_firewall_without_nat_is_a_stateful_filter_with_a_lifetime() -> None:
+    result, _ = measure([Conntrack(30.0)], translate=False)
+    assert (result.nat, result.stateful_filter) == (False, True)
+    assert_found(result, 30.0)
+    assert result.keepalive_s == 13
+    assert "stateful filter" in result.reason
+
+
+def test_nat_reports_mapped_address_and_filter() -> None:
+    result, world = measure([Conntrack(20.0)])
+    assert result.nat and result.stateful_filter
+    assert result.mapped_address == world.mapped(0) and result.local_address == world.local(0)
+    assert not result.port_preserved
+    assert_found(result, 20.0)
+    # The lower bound L in (19, 20) gives floor((L - 2) / 2) = 8, one below the rule at T = 20.
+    assert result.keepalive_s == 8
+
+
+def test_silent_responder_fails_after_backoff() -> None:
+    engine = NatLifetimeSearch(random.Random(1))
+    event = World(engine, responder_alive=False).run()
+    assert isinstance(event, NatFailed)
+    assert event.elapsed_s == pytest.approx(7.0)  # 1 + 2 + 4 s
+    assert "binding" in event.reason
+
+
+def test_start_twice_and_bad_parameters() -> None:
+    engine = NatLifetimeSearch(random.Random(1))
+    engine.start(0.0)
+    with pytest.raises(RuntimeError):
+        engine.start(1.0)
+    with pytest.raises(ValueError):
+        NatLifetimeSearch(random.Random(1), min_gap_s=400, max_lifetime_s=300)
+
+
+# ---- the lifetime search ----------------------------------------------------------------
+
+LIFETIMES = [10, 15, 20, 30, 45, 60, 90, 120, 180, 300]
+
+
+@pytest.mark.parametrize("lifetime_s", LIFETIMES)
+def test_lifetime_found_within_one_second(lifetime_s: float) -> None:
+    result, world = measure([Conntrack(float(lifetime_s))])
+    assert_found(result, lifetime_s)
+    # One coarse pass plus a continuous refinement: never more than twice T plus overhead.
+    assert result.elapsed_s <= 2 * lifetime_s + 10
+    assert world.max_open <= 32
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.floats(min_value=6.0, max_value=295.0).map(lambda t: round(t, 2)))
+def test_lifetime_found_for_drawn_timeouts(lifetime_s: float) -> None:
+    result, _ = measure([Conntrack(lifetime_s)])
+    assert_found(result, lifetime_s)
+
+
+@pytest.mark.parametrize("lifetime_s", [10.5, 12.0, 17.3, 20.0, 24.5])
+def test_narrow_range_needs_one_round(lifetime_s: float) -> None:
+    result, world = measure([Conntrack(lifetime_s)], min_gap_s=10.0, max_lifetime_s=25.0)
+    assert_found(result, lifetime_s)
+    assert result.elapsed_s <= lifetime_s + 5.0
+    assert all(a.gap_s in gap_comb(10.0, 25.0, 32) for a in world.arms if not a.from_other_port)
+
+
+def test_nothing_expires_within_the_range() -> None:
+    result, _ = measure([Conntrack(400.0)], max_lifetime_s=120.0)
+    assert result.nat and result.mapping_lifetime_s is None
+    assert result.keepalive_s == 25
+    assert "no mapping expired within 120 s" in result.reason
+
+
+def test_double_nat_reports_the_shorter_lifetime() -> None:
+    for inner, outer in [(45.0, 60.0), (60.0, 45.0)]:
+        result, _ = measure([Conntrack(inner), Conntrack(outer)])
+        assert_found(result, 45.0)
+
+
+@pytest.mark.parametrize("lifetime_s", [20.0, 45.0, 120.0])
+def test_five_percent_loss_over_many_seeds(lifetime_s: float) -> None:
+    for seed in range(12):
+        result, _ = measure([Conntrack(lifetime_s)], seed=seed, loss=0.05)
+        assert_found(result, lifetime_s)
+
+
+def test_conditioning_without_replies_is_retried_then_dropped() -> None:
+    engine = NatLifetimeSearch(random.Random(3))
+    world = World(engine, [Conntrack(30.0)], condition_silent_slots=frozenset({1, 2, 5}))
+    event = world.run()
+    assert isinstance(event, NatResult)
+    assert_found(event, 30.0)
+
+
+@pytest.mark.parametrize(("table_size", "restarts"), [(33, 0), (24, 1), (12, 2)])
+def test_small_table_nat_is_detected_and_still_measured(table_size: int, restarts: int) -> None:
+    nat = Conntrack(60.0, table_size=table_size)
+    result, _ = measure([nat])
+    assert_found(result, 60.0)
+    assert result.restarts == restarts
+    assert ("table pressure" in result.reason) == (restarts > 0)
+    assert (nat.evictions > 0) == (restarts > 0)
+
+
+def test_engine_imports_no_io() -> None:
+    tree = ast.parse(Path(natlife.__file__).read_text())
+    nodes = list(ast.walk(tree))
+    names = {alias.name for n in nodes if isinstance(n, ast.Import) for alias in n.names}
+    names |= {n.module or "" for n in nodes if isinstance(n, ast.ImportFrom)}
+    imported = {name.split(".")[0] for name in names}
+    assert not imported & {"socket", "asyncio", "time", "subprocess", "os", "select"}
