@@ -1,11 +1,14 @@
-"""Small pieces shared by the sans-IO probe engines: RTT/timeout estimation, probe ids, and the
-k-ary split of an integer interval. Pure: no I/O, no clock, randomness only when injected.
+"""Small pieces shared by the sans-IO probe engines: RTT/timeout estimation, the book of sent
+probes, and the k-ary split of an integer interval.
+
+Pure: no I/O, no clock; randomness only from an injected ``random.Random``.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -36,16 +39,92 @@ class RttEstimator:
         self.srtt = None
 
 
-class ProbeIds:
-    """32-bit probe ids: a random start (from the injected rng), then consecutive, wrapping."""
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """Send one datagram whose whole IP packet is ``size`` bytes, tagged with ``probe_id``.
+
+    ``probe_id`` fits in 32 bits. Payload bytes = size - 28 (IPv4) or size - 48 (IPv6).
+    """
+
+    probe_id: int
+    size: int
+
+
+@dataclass(slots=True)
+class SentProbe:
+    size: int
+    sent_at: float
+    acked: bool = False
+    refused: bool = False  # the local stack refused it (EMSGSIZE): it never left the host
+
+    @property
+    def lost(self) -> bool:
+        """Not (yet) acked and not refused; final only once its round is over."""
+        return not self.acked and not self.refused
+
+
+class ProbeBook:
+    """Probes queued for sending and the fate of each one sent, by 32-bit probe id.
+
+    ``queue`` registers copies of sizes under fresh ids (random start from the injected rng,
+    then consecutive) in random order: a burst that overflows a queue loses its tail, and a
+    fixed order would make that tail drop look like a size limit. ``drain`` hands them out and
+    stamps the send time. ``get`` finds a probe for an ack (None if unknown or forgotten).
+    """
 
     def __init__(self, rng: random.Random) -> None:
-        self._next = rng.getrandbits(32)
+        self._rng = rng
+        self._next_id = rng.getrandbits(32)
+        self._queued: list[Probe] = []
+        self._sent: dict[int, SentProbe] = {}
+        self.probes_sent = 0
+        self.bytes_sent = 0
 
-    def new(self) -> int:
-        probe_id = self._next
-        self._next = (self._next + 1) & 0xFFFFFFFF
-        return probe_id
+    def queue(self, sizes: Iterable[tuple[int, int]], now: float) -> list[int]:
+        """Queue ``copies`` probes of each ``(size, copies)``; returns their ids."""
+        probes: list[Probe] = []
+        for size, copies in sizes:
+            for _ in range(copies):
+                probes.append(Probe(self._next_id, size))
+                self._sent[self._next_id] = SentProbe(size, now)
+                self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+        self._rng.shuffle(probes)
+        self._queued.extend(probes)
+        return [p.probe_id for p in probes]
+
+    def drain(self, now: float) -> list[Probe]:
+        out, self._queued = self._queued, []
+        for probe in out:
+            sent = self._sent.get(probe.probe_id)
+            if sent is not None:
+                sent.sent_at = now
+            self.probes_sent += 1
+            self.bytes_sent += probe.size
+        return out
+
+    @property
+    def has_queued(self) -> bool:
+        return bool(self._queued)
+
+    def get(self, probe_id: int) -> SentProbe | None:
+        return self._sent.get(probe_id)
+
+    def of(self, probe_ids: Iterable[int]) -> list[SentProbe]:
+        return [self._sent[i] for i in probe_ids if i in self._sent]
+
+    def forget_before(self, t: float) -> None:
+        """Drop records of probes sent before ``t``: late acks for them are then ignored."""
+        self._sent = {i: p for i, p in self._sent.items() if p.sent_at >= t}
+
+    def drop_queued(self) -> None:
+        for probe in self._queued:
+            self._sent.pop(probe.probe_id, None)
+        self._queued.clear()
+
+    def clear(self) -> None:
+        """Drop the queue and every record (e.g. the path changed)."""
+        self._queued.clear()
+        self._sent.clear()
 
 
 def split_points(base: int, upper: int, fixed: list[int], k: int) -> list[int]:
