@@ -1,77 +1,65 @@
 """NAT mapping lifetime search: a sans-IO, sans-clock engine.
 
-What it measures
-    Whether there is a NAT (the responder sees another address than the local one) and whether
-    there is a stateful filter (a packet from a never-contacted responder port is dropped); then
-    the idle time T after which an *established* UDP mapping stops letting the responder's packets
-    in.  Established = it carried traffic both ways and a packet at least 2 s after it was created,
-    which is when Linux conntrack switches a flow to ``nf_conntrack_udp_timeout_stream`` (a
-    WireGuard flow is in this state).  The *unreplied* timeout is not measured: after a new mapping
-    the first keepalive must still arrive within it (reference.md, "NAT mapping lifetime").
+Measures whether there is a NAT (the responder sees another address than the local one), whether
+there is a stateful filter (a packet from a never-contacted responder port is dropped), and the
+idle time T after which an *established* UDP mapping stops letting the responder's packets in.
+Established = traffic both ways plus a packet >= 2 s after creation, when Linux conntrack moves a
+flow to ``udp_timeout_stream``; a WireGuard flow is in this state.  The *unreplied* timeout is not
+measured: after a new mapping the first keepalive must still arrive within it (reference.md).
 
-Contract (inputs carry ``now``: seconds on one monotonic clock; the engine never reads a clock)
-    Inputs                                          Meaning
-    start(now)                                      begin; call once
-    on_binding(slot, mapped_addr, local_addr, now)  answer to SendBinding: the responder's view
-    on_reply(slot, now)                             answer to SendCondition
-    on_armed(slot, token, now)                      the responder's ack of Arm (sent on receipt)
-    on_fire(slot, token, now, from_other_port)      one copy of a fire
-    on_send_error(slot, now)                        the adapter could not send on ``slot``
-    handle_timer(now)                               call at (or after) get_timer()
-    Outputs
-    actions_to_send(now) -> list[Action]            OpenSlot, CloseSlot, SendBinding,
-                                                    SendCondition, Arm -- perform in order
-    get_timer() -> float | None                     next deadline; None once done
-    next_event() -> NatResult | NatFailed | None    exactly one event ends the search
-    Errors: ValueError for bad parameters; RuntimeError if start() is called twice.  Inputs for
-    unknown or closed slots, stale tokens and duplicate copies are ignored (normal on UDP).
-    NatFailed when the binding request gets no answer after ``tries`` sends (backoff 1, 2, 4 s)
-    or when 8 slots in a row get no answer while conditioning or arming.  A slot whose exchange
-    gets no answer is retried (``tries`` sends, ``reply_timeout_s`` apart), then closed and its
-    gap put back in the queue.  Every slot is closed before the event is emitted.
+Contract -- inputs carry ``now`` (seconds, one monotonic clock; the engine reads no clock):
+    start(now)                                       once
+    on_binding(slot, mapped_addr, local_addr, now)   answer to SendBinding: the responder's view
+    on_reply(slot, now)                              answer to SendCondition
+    on_armed(slot, token, now)                       the responder's ack of an Arm
+    on_fire(slot, token, now, from_other_port)       one copy of a fire
+    on_send_error(slot, now)                         the adapter could not send on ``slot``
+    handle_timer(now)                                at (or after) get_timer()
+  outputs:
+    actions_to_send(now) -> list[Action]   perform in order: OpenSlot / CloseSlot a UDP socket,
+                                           SendBinding, SendCondition (any request answered at
+                                           once, e.g. a binding request), Arm
+    get_timer() -> float | None            the next deadline; None once done
+    next_event() -> NatResult | NatFailed | None   exactly one, after every slot was closed
+  errors: ValueError (bad config), RuntimeError (start twice).  Inputs for unknown or closed
+    slots, stale tokens and duplicate copies are ignored: normal on UDP.  NatFailed when the
+    binding request gets no answer after ``tries`` sends (1, 2, 4 s) or 8 slots in a row get
+    no answer.  A slot whose exchange goes unanswered is re-sent ``tries`` times, then closed;
+    its gap goes back to the queue.
 
-Slots (the adapter owns sockets)
-    A slot is one local UDP socket, i.e. one NAT mapping once it sends.  OpenSlot(n) opens it,
-    CloseSlot(n) closes it; ids are never reused.  A fire must come from the responder address the
-    slot talks to (the same 5-tuple), except fires armed with ``from_other_port``.  An Arm replaces
-    any schedule the responder holds for that slot; ack and fires echo the Arm's token.
+A slot is one local UDP socket, so one mapping once it sends; ids are never reused.  Fires come
+from the address the slot talks to (the same 5-tuple), except with ``from_other_port``.  The
+responder must let an Arm *replace* the schedule it holds for that source address (re-arming
+re-uses slots), and echo the Arm's token in the ack and in every fire.
 
-Clock reference
-    The responder fires ``gap_s`` after it *receives* the Arm and sends the ack at that moment.
-    The engine takes the ack's arrival (on_armed) as the start of the gap: ack and fire cross the
-    NAT on the same path, so the NAT sees an idle time of exactly ``gap_s`` whatever the one-way
-    delays; only jitter between the two differs.  Copies follow at ``spacing_s`` intervals; a gap
-    survived if any copy arrives, died if none arrives by ack + gap + spread + grace (grace =
-    ``grace_s`` + the largest RTT seen).  A survival is proof that T > gap; a death is weaker
-    evidence (all copies lost), which is why deaths below a survival trigger repetition.
+Clock reference: the responder acks on receipt and fires ``gap_s`` after receipt; the engine
+starts the gap at the ack's arrival.  Ack and fire cross the NAT on the same path, so the NAT
+idles exactly ``gap_s`` whatever the one-way delays (only jitter differs).  A gap survived if
+any copy arrives; it died if none arrives by ack + gap + (copies - 1) * spacing + grace (grace =
+``grace_s`` + the largest RTT seen).  A survival proves T > gap; a death may be loss.
 
-Schedule
-    1. Discovery on slot 0: binding request, then an Arm with ``from_other_port`` (the filter
-       check).  No NAT and the other-port fire arrives: done, no mapping is searched.
-    2. Search: each new slot sends a condition request, then at created + ``stream_delay_s``
-       (2.1 s: conntrack wants a packet 2 s after creation) the Arm, whose ack completes the
-       conditioning.  Slots are opened only while there is work, at most ``max_slots`` at once
-       and ``max_new_per_s`` in any 1 s window (RFC 5780 §5; small routers have small tables).
-    3. First round: a comb of ``max_slots`` gaps over [min_gap_s, max_lifetime_s] -- 1 s apart
-       when the range is that narrow (one round suffices), else geometric with steps of at least
-       ``resolution_s``.  Ready slots take gaps in increasing order.
-    4. Refinement is continuous: a slot whose fire arrived is still established and alive, so it
-       is re-armed at once with the lowest untested point ``resolution_s`` above the largest
-       surviving gap.  Tests made moot by a new survival are re-armed, tests above a death are
-       cancelled (reused when their mapping is provably alive, else closed).  Each slot tests one
-       gap at a time, because inbound packets refresh the mapping too.
-    5. Done when the largest surviving gap L and the smallest death above it are at most
-       ``resolution_s`` apart.  Reported lifetime: L, a lower bound; T lies in
-       (L, L + resolution_s].  Nothing died up to max_lifetime_s: lifetime None.
-    Two inconsistent results (a gap died below a surviving one) suggest a NAT under table
-    pressure: all slots are closed, deaths forgotten (survivals stay proven), concurrency halved
-    and a new comb starts above L.  Each inconsistent gap is also re-tested once.
+Schedule.  Discovery on slot 0: binding request, then an Arm ``from_other_port`` (the filter
+check).  No NAT and that fire arrives: done, nothing searched.  Otherwise each new slot sends a
+condition request and, ``stream_delay_s`` after creation, its Arm, whose ack completes the
+conditioning.  Slots open only while there is work: at most ``max_slots`` at once and
+``max_new_per_s`` in any 1 s window.  The first comb covers [min_gap_s, max_lifetime_s]:
+``resolution_s`` apart on all slots when that fits (one round), else geometric on 5/8 of the
+slots with steps of at most 3/4 slots x resolution, the other slots starting a ``resolution_s``
+window at min_gap_s.  A slot whose fire arrived is still established and alive, so it is re-armed
+at once: refinement is continuous, each free slot taking the lowest untested point one
+resolution above the largest survival L (each slot tests one gap at a time: inbound packets
+refresh a mapping too).  Tests made moot by a survival are re-armed; tests above a death are
+reused if their mapping is provably alive (idle < L), else closed.  Done when the smallest
+death above L is within ``resolution_s``: the reported lifetime is L, a lower bound, with T in
+(L, L + resolution_s].  Nothing died up to max_lifetime_s: lifetime None.  A death below a
+survival is re-tested once; two of them, or every gap dying down to min_gap_s, suggest eviction
+(table pressure): all slots close, deaths are forgotten (survivals stay proven), max_slots halves
+and a new comb starts above L.
 
-Wall time (virtual, 20 ms RTT)
-    One round (narrow range): the answer is known when the smallest dying gap d >= T expires:
-    2.1 s + 0.1 s per earlier slot + d + spread + grace, i.e. T + 2.5 s to T + 6.5 s.
-    Wide range: about 2T - F, where F (the look-ahead the freed slots build above L) grows with the
-    number of resolved gaps: default range, T = 30 -> ~50 s, T = 120 -> ~205 s (see the tests).
+Wall time (virtual, 20 ms RTT): the answer is known when the smallest dying gap has died.  One
+round: T + 2.5 s to T + 6.5 s (2.1 s conditioning + 0.1 s per earlier slot + copies + grace).
+Default range: about T + 5 s up to T = 15 s, then about 2T - 10 s: the 1 s window the freed
+slots build above L is ~20 s wide, and a gap armed at time a answers at a + gap.
 """
 
 from __future__ import annotations
@@ -221,7 +209,7 @@ def gap_comb(
         return [high_s]
     steps = math.ceil((high_s - low_s) / resolution_s - _EPS)
     if steps <= count - 1:
-        return [round(low_s + i * resolution_s, 6) for i in range(steps)] + [high_s]
+        return [round(low_s + i * resolution_s, 3) for i in range(steps)] + [high_s]
     max_step_s = max(max_step_s, (high_s - low_s) / (count - 1), resolution_s)
 
     def comb(ratio: float) -> list[float]:
@@ -268,51 +256,46 @@ class _Slot:
     repeat: bool = False  # a re-test below the largest survival: exempt from pre-emption
 
 
+@dataclass(frozen=True, slots=True)
+class NatSearchConfig:
+    """The search's knobs; the defaults are the product's."""
+
+    max_lifetime_s: float = 300.0  # top of the range: nothing dies below it -> lifetime None
+    min_gap_s: float = 5.0  # first gap; shorter ones are tried only once it has died
+    resolution_s: float = 1.0  # width of the final bracket
+    max_slots: int = 32  # mappings open at once
+    max_new_per_s: int = 10  # new mappings in any 1 s window (RFC 5780 §5)
+    copies: int = 3  # fires per gap, against loss
+    copy_spacing_s: float = 0.05
+    grace_s: float = 0.3  # wait this (plus the largest RTT seen) after the last copy is due
+    reply_timeout_s: float = 1.0  # per try; the binding request backs off 1, 2, 4 s
+    tries: int = 3
+    stream_delay_s: float = 2.1  # conntrack: stream timer after a packet >= 2 s from creation
+    default_keepalive_s: int = DEFAULT_KEEPALIVE_S
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_gap_s < self.max_lifetime_s:
+            raise ValueError("need 0 < min_gap_s < max_lifetime_s")
+        if min(self.resolution_s, self.reply_timeout_s) <= 0:
+            raise ValueError("resolution_s and reply_timeout_s must be > 0")
+        if min(self.copy_spacing_s, self.grace_s, self.stream_delay_s) < 0:
+            raise ValueError("copy_spacing_s, grace_s and stream_delay_s must be >= 0")
+        if self.max_slots < 2 or min(self.max_new_per_s, self.copies, self.tries) < 1:
+            raise ValueError("need max_slots >= 2 and max_new_per_s, copies, tries >= 1")
+
+
 class NatLifetimeSearch:
     """One NAT mapping lifetime measurement against one cooperating responder."""
 
-    def __init__(
-        self,
-        rng: Random,
-        *,
-        max_lifetime_s: float = 300.0,
-        min_gap_s: float = 5.0,
-        resolution_s: float = 1.0,
-        max_slots: int = 32,
-        max_new_per_s: int = 10,
-        copies: int = 3,
-        copy_spacing_s: float = 0.05,
-        grace_s: float = 0.3,
-        reply_timeout_s: float = 1.0,
-        tries: int = 3,
-        stream_delay_s: float = 2.1,
-        default_keepalive_s: int = DEFAULT_KEEPALIVE_S,
-    ) -> None:
-        if not 0 < min_gap_s < max_lifetime_s:
-            raise ValueError("need 0 < min_gap_s < max_lifetime_s")
-        if resolution_s <= 0 or copy_spacing_s < 0 or grace_s < 0 or reply_timeout_s <= 0:
-            raise ValueError("resolution_s and reply_timeout_s must be > 0, spacing and grace >= 0")
-        if max_slots < 2 or max_new_per_s < 1 or copies < 1 or tries < 1:
-            raise ValueError("need max_slots >= 2, max_new_per_s >= 1, copies >= 1, tries >= 1")
+    def __init__(self, rng: Random, config: NatSearchConfig | None = None) -> None:
         self._rng = rng
-        self._max_lifetime_s = max_lifetime_s
-        self._min_gap_s = min_gap_s
-        self._resolution_s = resolution_s
-        self._cap = max_slots
-        self._max_new_per_s = max_new_per_s
-        self._copies = copies
-        self._spacing_s = copy_spacing_s
-        self._grace_s = grace_s
-        self._reply_timeout_s = reply_timeout_s
-        self._tries = tries
-        self._stream_delay_s = stream_delay_s
-        self._default_keepalive_s = default_keepalive_s
-
+        self._cfg = cfg = config or NatSearchConfig()
+        self._cap = cfg.max_slots  # halved on suspected table pressure
         self._phase = _Phase.IDLE
         self._started_at = 0.0
         self._slots: dict[int, _Slot] = {}
         self._next_slot = 0
-        self._created: deque[float] = deque(maxlen=max_new_per_s)
+        self._created: deque[float] = deque(maxlen=cfg.max_new_per_s)
         self._next_open_at: float | None = None
         self._actions: list[Action] = []
         self._events: deque[NatEvent] = deque()
@@ -328,7 +311,7 @@ class NatLifetimeSearch:
         self._filter_acked = False
         self._filter_note = ""
 
-        self._queue: list[float] = []
+        self._queue: list[float] = []  # the comb, and gaps whose slot was lost
         self._repeats: list[float] = []
         self._repeated: set[float] = set()
         self._survived: list[float] = []
@@ -336,7 +319,6 @@ class NatLifetimeSearch:
         self._flagged: set[int] = set()  # indexes into _died already counted as inconsistent
         self._inconsistent = 0
         self._inconsistent_this_round = 0
-        self._resets = 0
         self._reset_notes: list[str] = []
 
     # ---- inputs -------------------------------------------------------------------------
@@ -346,8 +328,7 @@ class NatLifetimeSearch:
             raise RuntimeError("start() called twice")
         self._phase = _Phase.DISCOVERY
         self._started_at = now
-        slot = self._open(now, _State.BINDING)
-        self._send(slot, now, SendBinding(slot.slot))
+        self._request(self._open(now, _State.BINDING), now)
 
     def on_binding(self, slot: int, mapped_addr: Address, local_addr: Address, now: float) -> None:
         s = self._slots.get(slot)
@@ -356,8 +337,8 @@ class NatLifetimeSearch:
         self._sample_rtt(s, now)
         self._mapped, self._local = mapped_addr, local_addr
         self._nat = mapped_addr != local_addr
-        s.state, s.tries = _State.FILTER, 1
-        self._arm(s, now, 0.0, from_other_port=True)
+        s.state, s.tries, s.gap_s = _State.FILTER, 1, 0.0
+        self._request(s, now)
         if self._nat:  # the filter check only matters for the report: search right away
             self._begin_search(now)
 
@@ -367,7 +348,7 @@ class NatLifetimeSearch:
             return
         self._sample_rtt(s, now)
         self._failed_in_row = 0
-        s.state, s.due = _State.WAITING, max(now, s.created_at + self._stream_delay_s)
+        s.state, s.due = _State.WAITING, max(now, s.created_at + self._cfg.stream_delay_s)
         self._plan(now)
 
     def on_armed(self, slot: int, token: int, now: float) -> None:
@@ -377,12 +358,12 @@ class NatLifetimeSearch:
         if s.state is _State.FILTER and not self._filter_acked:
             self._sample_rtt(s, now)
             self._filter_acked = True
-            s.due = now + self._spread_s() + self._grace()
+            s.due = now + self._fire_wait_s()
         elif s.state is _State.ARMING:
             self._sample_rtt(s, now)
             self._failed_in_row = 0
             s.state, s.armed_at = _State.TESTING, now
-            s.due = now + s.gap_s + self._spread_s() + self._grace()
+            s.due = now + s.gap_s + self._fire_wait_s()
             self._plan(now)
 
     def on_fire(self, slot: int, token: int, now: float, from_other_port: bool = False) -> None:
@@ -456,75 +437,59 @@ class NatLifetimeSearch:
         if self._slots.pop(s.slot, None) is not None:
             self._actions.append(CloseSlot(s.slot))
 
-    def _send(self, s: _Slot, now: float, action: Action) -> None:
-        s.sent_at, s.due = now, now + self._reply_timeout_s * 2 ** (s.tries - 1)
-        self._actions.append(action)
-
-    def _arm(self, s: _Slot, now: float, gap_s: float, from_other_port: bool = False) -> None:
-        s.token, s.gap_s = self._rng.getrandbits(32), gap_s
-        arm = Arm(s.slot, s.token, gap_s, self._copies, self._spacing_s, from_other_port)
-        s.sent_at, s.due = now, now + self._reply_timeout_s
-        self._actions.append(arm)
+    def _request(self, s: _Slot, now: float) -> None:
+        """(Re)send the request the slot's state waits on; an Arm gets a fresh token."""
+        backoff = 2 ** (s.tries - 1) if s.state is _State.BINDING else 1
+        s.sent_at, s.due = now, now + self._cfg.reply_timeout_s * backoff
+        if s.state is _State.BINDING:
+            self._actions.append(SendBinding(s.slot))
+        elif s.state is _State.CONDITIONING:
+            self._actions.append(SendCondition(s.slot))
+        else:
+            s.token = self._rng.getrandbits(64)
+            copies, spacing = self._cfg.copies, self._cfg.copy_spacing_s
+            other_port = s.state is _State.FILTER
+            self._actions.append(Arm(s.slot, s.token, s.gap_s, copies, spacing, other_port))
 
     def _next_creation_at(self) -> float:
         if not self._created:
             return -math.inf
-        at = self._created[-1] + 1.0 / self._max_new_per_s
-        if len(self._created) == self._max_new_per_s:
+        at = self._created[-1] + 1.0 / self._cfg.max_new_per_s
+        if len(self._created) == self._cfg.max_new_per_s:
             at = max(at, self._created[0] + 1.0)
         return at
 
     def _sample_rtt(self, s: _Slot, now: float) -> None:
         if s.tries == 1:  # Karn: a retried exchange says nothing about the RTT
-            self._rtt_s = max(self._rtt_s, min(now - s.sent_at, self._reply_timeout_s))
+            self._rtt_s = max(self._rtt_s, min(now - s.sent_at, self._cfg.reply_timeout_s))
 
-    def _grace(self) -> float:
-        return self._grace_s + self._rtt_s
-
-    def _spread_s(self) -> float:
-        return (self._copies - 1) * self._spacing_s
+    def _fire_wait_s(self) -> float:
+        """From the expected first copy to giving up: the copies' spread plus grace."""
+        return (self._cfg.copies - 1) * self._cfg.copy_spacing_s + self._cfg.grace_s + self._rtt_s
 
     def _expire(self, s: _Slot, now: float) -> None:
-        retry = s.tries < self._tries
-        if s.state is _State.BINDING:
-            if not retry:
-                self._fail(now, f"responder never answered the binding request ({s.tries} tries)")
-                return
-            s.tries += 1
-            self._send(s, now, SendBinding(s.slot))
-        elif s.state is _State.FILTER:
-            if not self._filter_acked and retry:
-                s.tries += 1
-                self._arm(s, now, 0.0, from_other_port=True)
-                return
-            self._filter_note = (
-                "no packet from a never-contacted responder port arrived"
-                if self._filter_acked
-                else "assumed: the responder never acknowledged the other-port check"
-            )
-            self._filter_done(now, filtered=True)
-        elif s.state is _State.CONDITIONING:
-            if retry:
-                s.tries += 1
-                s.sent_at, s.due = now, now + self._reply_timeout_s
-                self._actions.append(SendCondition(s.slot))
-            else:
-                self._drop(s, now)
-        elif s.state is _State.WAITING:
+        if s.state is _State.WAITING:
             s.state, s.due = _State.READY, None
-        elif s.state is _State.ARMING:
-            if retry:
-                s.tries += 1
-                self._arm(s, now, s.gap_s)
-            else:
-                if s.gap_s not in self._queue and not s.repeat:
-                    self._queue = sorted([*self._queue, s.gap_s])
-                self._drop(s, now)
         elif s.state is _State.TESTING:
             self._died.append(s.gap_s)
             self._gap_tests += 1
             self._close(s)
             self._after_result(now)
+        elif s.state is _State.FILTER and self._filter_acked:
+            self._filter_note = "no packet from a never-contacted responder port arrived"
+            self._filter_done(now, filtered=True)
+        elif s.tries < self._cfg.tries:
+            s.tries += 1
+            self._request(s, now)
+        elif s.state is _State.BINDING:
+            self._fail(now, f"responder never answered the binding request ({s.tries} tries)")
+        elif s.state is _State.FILTER:
+            self._filter_note = "assumed: the responder never acknowledged the other-port check"
+            self._filter_done(now, filtered=True)
+        else:
+            if s.state is _State.ARMING and not s.repeat and s.gap_s not in self._queue:
+                self._queue = sorted([*self._queue, s.gap_s])
+            self._drop(s, now)
 
     def _drop(self, s: _Slot, now: float) -> None:
         self._close(s)
@@ -536,8 +501,8 @@ class NatLifetimeSearch:
 
     def _filter_done(self, now: float, filtered: bool) -> None:
         self._filter = filtered
-        s = self._slots[0]
-        s.state, s.due = _State.WAITING, max(now, s.created_at + self._stream_delay_s)
+        if (s := self._slots.get(0)) is not None:
+            s.state, s.due = _State.WAITING, max(now, s.created_at + self._cfg.stream_delay_s)
         if self._phase is _Phase.DISCOVERY:
             if not filtered:
                 self._finish(now)
@@ -547,11 +512,11 @@ class NatLifetimeSearch:
 
     def _begin_search(self, now: float) -> None:
         self._phase = _Phase.SEARCH
-        self._queue = self._first_comb(self._min_gap_s)
+        self._queue = self._first_comb(self._cfg.min_gap_s)
         self._plan(now)
 
     def _first_comb(self, start_s: float) -> list[float]:
-        top, resolution = self._max_lifetime_s, self._resolution_s
+        top, resolution = self._cfg.max_lifetime_s, self._cfg.resolution_s
         if start_s >= top:
             return [top]
         if (top - start_s) / resolution <= self._cap - 1 + _EPS:
@@ -580,11 +545,13 @@ class NatLifetimeSearch:
                     self._repeated.add(gap)
                     self._repeats.append(gap)
         # Everything dying down to min_gap_s is more likely eviction than a real lifetime.
-        implausible = not self._survived and min(self._died, default=math.inf) <= self._min_gap_s
+        implausible = (
+            not self._survived and min(self._died, default=math.inf) <= self._cfg.min_gap_s
+        )
         suspect = implausible or self._inconsistent_this_round >= _INCONSISTENT_BEFORE_RESET
         if suspect and self._cap > _MIN_SLOTS:
             self._reset_notes.append(
-                f"every gap down to {self._min_gap_s:g} s died"
+                f"every gap down to {self._cfg.min_gap_s:g} s died"
                 if implausible
                 else f"{self._inconsistent_this_round} inconsistent results"
             )
@@ -595,21 +562,20 @@ class NatLifetimeSearch:
         """Suspected table pressure: start over above ``lo`` with half the mappings."""
         for s in list(self._slots.values()):
             self._close(s)
-        self._resets += 1
         self._cap = max(_MIN_SLOTS, self._cap // 2)
         self._died.clear()
         self._flagged.clear()
         self._repeats.clear()
         self._inconsistent_this_round = 0
-        self._queue = self._first_comb(max(self._min_gap_s, lo + self._resolution_s))
+        self._queue = self._first_comb(max(self._cfg.min_gap_s, lo + self._cfg.resolution_s))
 
     def _plan(self, now: float) -> None:
         if self._phase is not _Phase.SEARCH:
             return
         lo = self._lo()
         hi = self._hi(lo)
-        settled = lo >= self._max_lifetime_s or (
-            hi is not None and hi - lo <= self._resolution_s + _EPS
+        settled = lo >= self._cfg.max_lifetime_s or (
+            hi is not None and hi - lo <= self._cfg.resolution_s + _EPS
         )
         if settled and self._filter is not None:
             self._finish(now)
@@ -636,8 +602,8 @@ class NatLifetimeSearch:
                 self._repeats.remove(gap)
             elif gap in self._queue:
                 self._queue.remove(gap)
-            s.state, s.tries, s.repeat = _State.ARMING, 1, gap <= lo
-            self._arm(s, now, gap)
+            s.state, s.tries, s.gap_s, s.repeat = _State.ARMING, 1, gap, gap <= lo
+            self._request(s, now)
         pending = (_State.FILTER, _State.CONDITIONING, _State.WAITING)
         needed = len(wanted) - sum(1 for s in self._slots.values() if s.state in pending)
         self._next_open_at = None
@@ -646,77 +612,71 @@ class NatLifetimeSearch:
             if at > now:
                 self._next_open_at = at
                 break
-            s = self._open(now, _State.CONDITIONING)
-            s.sent_at, s.due = now, now + self._reply_timeout_s
-            self._actions.append(SendCondition(s.slot))
+            self._request(self._open(now, _State.CONDITIONING), now)
             needed -= 1
 
     def _wanted(self, lo: float, hi: float | None, limit: int) -> list[float]:
         """Gaps worth a test now, most urgent first: repeats, the comb, then the lowest holes."""
-        top = hi if hi is not None else self._max_lifetime_s
+        top = hi if hi is not None else self._cfg.max_lifetime_s
         wanted = [*self._repeats, *self._queue]
         testing = (_State.ARMING, _State.TESTING)
         active = {s.gap_s for s in self._slots.values() if s.state in testing and not s.repeat}
         # Below min_gap_s only once a gap that small has died.
-        start = max(lo, self._min_gap_s if hi is None or hi > self._min_gap_s else 0.0)
+        start = max(lo, self._cfg.min_gap_s if hi is None or hi > self._cfg.min_gap_s else 0.0)
         points = sorted({start, top} | {g for g in active | set(self._queue) if start < g < top})
         for low, high in pairwise(points):
-            gap = low + self._resolution_s
-            while high - low > self._resolution_s + _EPS and len(wanted) < limit:
-                wanted.append(round(gap, 6))
-                low, gap = gap, gap + self._resolution_s
+            gap = low + self._cfg.resolution_s
+            while high - low > self._cfg.resolution_s + _EPS and len(wanted) < limit:
+                wanted.append(round(gap, 3))  # the wire carries milliseconds
+                low, gap = gap, gap + self._cfg.resolution_s
         return wanted
 
     # ---- the end ------------------------------------------------------------------------
 
     def _finish(self, now: float) -> None:
-        searched = self._phase is _Phase.SEARCH
-        stateful_filter = bool(self._filter)
-        lifetime: float | None = None
-        resolution: float | None = None
-        lo = self._lo()
-        if searched and lo < self._max_lifetime_s:
-            lifetime, resolution = lo, (self._hi(lo) or lo) - lo
-        bound = self._max_lifetime_s if searched and lifetime is None else None
+        searched, lo = self._phase is _Phase.SEARCH, self._lo()
+        lifetime = lo if searched and lo < self._cfg.max_lifetime_s else None
+        resolution = None if lifetime is None else (self._hi(lo) or lo) - lo
         keepalive, why = keepalive_for(
             lifetime,
             self._nat,
-            stateful_filter,
-            default_s=self._default_keepalive_s,
-            lower_bound_s=bound,
+            bool(self._filter),
+            default_s=self._cfg.default_keepalive_s,
+            lower_bound_s=self._cfg.max_lifetime_s if searched and lifetime is None else None,
         )
         elapsed = now - self._started_at
-        parts = [self._discovery_reason(stateful_filter)]
+        local, mapped = (f"{ip}:{port}" for ip, port in (self._local, self._mapped))
+        port = "port preserved" if self._mapped[1] == self._local[1] else "port changed"
+        parts = [
+            f"NAT ({local} seen as {mapped}, {port})" if self._nat else f"no NAT ({local})",
+            f"{'a' if self._filter else 'no'} stateful filter: {self._filter_note}",
+        ]
         if not searched:
             parts.append("no lifetime search")
-        elif lifetime is None:
-            parts.append(f"no mapping expired within {self._max_lifetime_s:g} s")
         else:
-            parts.append(
-                f"mapping lifetime {lifetime:g} s (largest idle gap that survived; expiry within "
-                f"({lifetime:g}, {lifetime + (resolution or 0.0):g}] s)"
-            )
-        if searched:
-            parts.append(
-                f"{self._gap_tests} gap tests on {self._mappings_used} mappings in {elapsed:.1f} s"
-            )
+            if lifetime is not None:
+                parts.append(
+                    f"mapping lifetime {lifetime:g} s (the largest idle gap that survived; it "
+                    f"expires within ({lifetime:g}, {lifetime + (resolution or 0.0):g}] s)"
+                )
+            parts.append(f"{self._gap_tests} gap tests on {self._mappings_used} mappings")
         parts.append(why)
         if self._inconsistent:
             parts.append(
-                f"{self._inconsistent} inconsistent result(s) (a shorter gap died while a longer "
-                "one survived: loss or table pressure), re-tested"
+                f"{self._inconsistent} inconsistent result(s) (a gap died while a longer one "
+                "survived: loss or table pressure), re-tested"
             )
-        if self._resets:
+        if self._reset_notes:
             parts.append(
-                f"table pressure suspected ({' then '.join(self._reset_notes)}): restarted "
-                f"{self._resets} time(s), ending with at most {self._cap} mappings at once"
+                f"table pressure suspected ({'; then '.join(self._reset_notes)}): restarted "
+                f"{len(self._reset_notes)} time(s), at most {self._cap} mappings at once"
             )
         result = NatResult(
             nat=self._nat,
             mapped_address=self._mapped,
             local_address=self._local,
             port_preserved=self._mapped[1] == self._local[1],
-            stateful_filter=stateful_filter,
+            stateful_filter=bool(self._filter),
             mapping_lifetime_s=lifetime,
             resolution_s=resolution,
             keepalive_s=keepalive,
@@ -724,23 +684,10 @@ class NatLifetimeSearch:
             mappings_used=self._mappings_used,
             gap_tests=self._gap_tests,
             inconsistent_results=self._inconsistent,
-            restarts=self._resets,
+            restarts=len(self._reset_notes),
             reason="; ".join(parts),
         )
         self._end(result)
-
-    def _discovery_reason(self, stateful_filter: bool) -> str:
-        mapped = f"{self._mapped[0]}:{self._mapped[1]}"
-        local = f"{self._local[0]}:{self._local[1]}"
-        if not self._nat:
-            nat = f"no NAT (the responder sees the local address {local})"
-        elif self._mapped[0] == self._local[0]:
-            nat = f"NAT: port translated ({local} seen as {mapped})"
-        else:
-            preserved = "port preserved" if self._mapped[1] == self._local[1] else "port changed"
-            nat = f"NAT ({local} seen as {mapped}, {preserved})"
-        verdict = "stateful filter" if stateful_filter else "no stateful filter"
-        return f"{nat}; {verdict}: {self._filter_note}"
 
     def _fail(self, now: float, reason: str) -> None:
         self._end(NatFailed(reason=reason, elapsed_s=now - self._started_at))

@@ -23,6 +23,7 @@ from fleetvpn.engines.natlife import (
     NatFailed,
     NatLifetimeSearch,
     NatResult,
+    NatSearchConfig,
     OpenSlot,
     SendBinding,
     SendCondition,
@@ -220,7 +221,7 @@ def measure(
     loss: float = 0.0,
     **options: float,
 ) -> tuple[NatResult, World]:
-    engine = NatLifetimeSearch(random.Random(seed), **options)  # type: ignore[arg-type]
+    engine = NatLifetimeSearch(random.Random(seed), NatSearchConfig(**options))  # type: ignore[arg-type]
     world = World(engine, nats, translate=translate, loss=loss, seed=seed)
     event = world.run()
     assert isinstance(event, NatResult), event
@@ -326,7 +327,9 @@ def test_start_twice_and_bad_parameters() -> None:
     with pytest.raises(RuntimeError):
         engine.start(1.0)
     with pytest.raises(ValueError):
-        NatLifetimeSearch(random.Random(1), min_gap_s=400, max_lifetime_s=300)
+        NatSearchConfig(min_gap_s=400, max_lifetime_s=300)
+    with pytest.raises(ValueError):
+        NatSearchConfig(max_slots=1)
 
 
 # ---- the lifetime search ----------------------------------------------------------------
