@@ -196,8 +196,48 @@ class Lab:
             write_inventory(self.plan, self.topo, self.paths, inventory)
             state.inventory = str(inventory)
         state.save(self.paths.state_file)
+        self.progress("waiting for every host to reach the internet and its sshd")
+        self._wait_for_paths()
         self._wait_for_sshd()
         return state
+
+    def _wait_for_paths(self, timeout_s: float = 10.0) -> None:
+        """Until every host's packets reach the core (IPv6 neighbour discovery on fresh links
+        drops the first packets for up to a second), so that `up` returns a usable lab."""
+        from fleetvpn.lab.plan import ANCHOR_V4, ANCHOR_V6
+
+        anchors = {socket.AF_INET: str(ANCHOR_V4), socket.AF_INET6: str(ANCHOR_V6)}
+        sinks = {}
+        for fam, addr in anchors.items():
+            sinks[fam] = netns.socket_in(self.plan.core, fam)
+            sinks[fam].bind((addr, 0))
+            sinks[fam].setblocking(False)
+        pending = {
+            (host, fam)
+            for host, hp in self.plan.hosts.items()
+            for fam in anchors
+            if fam == socket.AF_INET or hp.ipv6
+        }
+        senders = {key: netns.socket_in(self.plan.hosts[key[0]].ns, key[1]) for key in pending}
+        deadline = time.monotonic() + timeout_s
+        try:
+            while pending and time.monotonic() < deadline:
+                for host, fam in pending:
+                    sock = senders[(host, fam)]
+                    sock.sendto(host.encode(), (anchors[fam], sinks[fam].getsockname()[1]))
+                time.sleep(0.05)
+                for fam, sink in sinks.items():
+                    while True:
+                        try:
+                            pending.discard((sink.recv(64).decode(), fam))
+                        except BlockingIOError:
+                            break
+        finally:
+            for sock in [*senders.values(), *sinks.values()]:
+                sock.close()
+        if pending:
+            where = ", ".join(sorted(f"{h} (IPv{6 if f == socket.AF_INET6 else 4})" for h, f in pending))
+            raise LabError(f"no path to the internet from {where}")
 
     def _namespaces(self) -> None:
         existing = set(lab_namespaces(self.plan.lab))

@@ -118,6 +118,17 @@ def _probe_pair(tx: socket.socket, rx: socket.socket, dest: Addr, size: int) -> 
     return passed > 0, _describe_failure(errors + dfsock.read_errors(tx))
 
 
+def _warm_up(tx: socket.socket, rx: socket.socket, dest: Addr, wait_s: float = 3.0) -> bool:
+    """Small packets until one arrives: neighbour discovery on the way drops the first ones."""
+    deadline = time.monotonic() + wait_s
+    tok = _token("warm")
+    while time.monotonic() < deadline:
+        tx.sendto(tok, dest)
+        if _receive(rx, tok, 0.2, first=True)[0] is not None:
+            return True
+    return False
+
+
 def _expected_failure(limit_mode: str, mtu: int) -> str:
     return {"local": "refused locally", "silent": "dropped silently"}.get(
         limit_mode, f"ICMP says {mtu}"
@@ -140,13 +151,15 @@ def check_pmtu(plan: Plan, site: Site, family: int, direction: str) -> CheckResu
     try:
         core_addr: Addr = (_anchor(family), core.getsockname()[1])
         if direction == "out":
+            if not _warm_up(host, core, core_addr):
+                return CheckResult(site.name, f"path MTU out, {fam}", expected, "no path", False)
             ok_small, big = _probe_pair(host, core, core_addr, mtu)
         else:
             # Open the way in (NAT mapping / firewall state), then probe back towards the host.
             tok = _token("open")
             host.sendto(tok, core_addr)
             mapped, _ = _receive(core, tok, 2.0, first=True)
-            if mapped is None:
+            if mapped is None or not _warm_up(core, host, mapped):
                 return CheckResult(site.name, f"path MTU in, {fam}", expected, "no path", False)
             ok_small, big = _probe_pair(core, host, mapped, mtu)
     finally:

@@ -1,0 +1,131 @@
+"""The default lab, built for real: verified, explored, broken and repaired, then removed."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+from fleetvpn.lab.build import LabPaths, LabState, lab_namespaces
+
+from . import wgutil
+from .conftest import DEFAULT_TOPOLOGY, REPO, LabHandle, verify_json
+
+
+def test_verify_passes_on_the_default_lab(default_lab: LabHandle) -> None:
+    doc = verify_json("-t", str(DEFAULT_TOPOLOGY), "--name", default_lab.name)
+    bad = [c for c in doc["checks"] if not c["ok"]]  # type: ignore[union-attr]
+    assert doc["exit"] == 0 and doc["ok"] is True, bad
+    names = {(c["site"], c["check"]) for c in doc["checks"]}  # type: ignore[union-attr]
+    # Every kind of promise is checked, per site.
+    assert ("branch", "path MTU out, ipv4") in names
+    assert ("cloud", "path MTU in, ipv6") in names
+    assert ("branch", "NAT: established flow lifetime") in names
+    assert ("home", "carrier NAT: established flow lifetime") in names
+    assert ("office", "unsolicited UDP, ipv6") in names
+    assert sum(c["check"].startswith("sshd on") for c in doc["checks"]) == 7  # type: ignore[union-attr]
+    branch = next(c for c in doc["checks"] if c["check"] == "path MTU out, ipv4" and c["site"] == "branch")  # type: ignore[union-attr]
+    assert branch["observed"] == "1400 passes, 1401 dropped silently"
+    home = next(c for c in doc["checks"] if c["check"] == "path MTU out, ipv4" and c["site"] == "home")  # type: ignore[union-attr]
+    assert home["observed"] == "1492 passes, 1493 ICMP says 1492"
+
+
+def test_every_host_is_its_own_machine(default_lab: LabHandle) -> None:
+    branch1, hub = default_lab.lab.host_ns("branch1"), default_lab.lab.host_ns("hub")
+    marker = f"fvtest-{os.getpid()}"
+    wgutil.sh(branch1, f"echo {marker} > /etc/wireguard/marker; touch /run/wireguard/marker")
+    assert wgutil.sh(branch1, "cat /etc/wireguard/marker") == marker
+    assert wgutil.sh(hub, "ls /etc/wireguard /run/wireguard /etc/fleetvpn /var/lib/fleetvpn") .count("marker") == 0
+    assert not Path("/etc/wireguard/marker").exists()
+    assert not Path("/run/wireguard/marker").exists()
+    assert wgutil.sh(branch1, "hostname") == "branch1"
+    assert "eth0" in wgutil.sh(branch1, "ls /sys/class/net")  # its own sysfs view
+    wgutil.sh(branch1, "rm /etc/wireguard/marker /run/wireguard/marker")
+
+
+def test_exec_runs_inside_a_host_and_a_box(default_lab: LabHandle) -> None:
+    out = default_lab.cli("exec", "branch1", "--", "ip", "-o", "-4", "addr", "show", "eth0").stdout
+    assert "10.2.0.10/24" in out
+    out = default_lab.cli("exec", "branch-r", "--", "nft", "list", "ruleset").stdout
+    assert "masquerade" in out
+    bad = default_lab.cli("exec", "nosuch", "--", "true", check=False)
+    assert bad.returncode != 0 and "no lab host or box 'nosuch'" in bad.stderr
+
+
+def test_inventory_reaches_hosts_over_the_management_network(default_lab: LabHandle) -> None:
+    import yaml
+
+    inventory = REPO / f"inventories/lab/hosts-{default_lab.name}.yml"
+    doc = yaml.safe_load(inventory.read_text())
+    hosts = doc["all"]["hosts"]
+    assert set(hosts) == set(default_lab.plan.hosts)
+    assert hosts["branch1"]["ansible_host"] == default_lab.plan.hosts["branch1"].mgmt_ip
+    assert doc["all"]["vars"]["ansible_connection"] == "paramiko"
+    assert set(doc["all"]["children"]["controller"]["hosts"]) == {"controller"}
+    # The proxy command in the inventory really carries SSH to a host's sshd.
+    cmd = doc["all"]["vars"]["ansible_paramiko_proxy_command"]
+    cmd = cmd.replace("%h", hosts["hub"]["ansible_host"]).replace("%p", "22")
+    banner = subprocess.run(cmd, shell=True, input=b"", capture_output=True, timeout=10).stdout
+    assert banner.startswith(b"SSH-2.0-OpenSSH")
+
+
+def test_wireguard_stalls_at_1420_and_flows_at_the_right_mtu(default_lab: LabHandle) -> None:
+    """The mailing-list failure, reproduced: a 1400-byte path with its ICMP eaten."""
+    plan, lab = default_lab.plan, default_lab.lab
+    branch = wgutil.WgEnd(lab.host_ns("branch1"), plan.hosts["branch1"].ns, "10.99.0.1",
+                          plan.hosts["branch1"].public_ipv4)
+    hub = wgutil.WgEnd(lab.host_ns("hub"), plan.hosts["hub"].ns, "10.99.0.2", plan.hosts["hub"].ipv4)
+    try:
+        for end in (branch, hub):
+            wgutil.start(end, mtu=1420)
+        wgutil.connect(branch, hub, keepalive=1)
+        wgutil.wait_handshake(branch)
+        size = 4_000_000
+        out = wgutil.tcp_transfer(branch.netns_name, hub.netns_name, hub.tunnel_ip, size, 4, 5301)
+        back = wgutil.tcp_transfer(hub.netns_name, branch.netns_name, branch.tunnel_ip, size, 4, 5302)
+        # The handshake's small packets pass (connected), the full-size segments vanish.
+        assert out[0] and back[0]
+        assert out[1] < size // 20 and back[1] < size // 20, (out, back)
+        for end in (branch, hub):
+            wgutil.set_mtu(end, 1400 - 60)  # path MTU − WireGuard's IPv4 overhead
+        out = wgutil.tcp_transfer(branch.netns_name, hub.netns_name, hub.tunnel_ip, size, 20, 5303)
+        back = wgutil.tcp_transfer(hub.netns_name, branch.netns_name, branch.tunnel_ip, size, 20, 5304)
+        assert out == (True, size) and back == (True, size)
+    finally:
+        for end in (branch, hub):
+            wgutil.stop(end)
+
+
+def test_up_is_idempotent_and_repairs_a_half_built_lab(default_lab: LabHandle) -> None:
+    state = LabState.load(LabPaths(default_lab.name).state_file)
+    pids = dict(state.sshd)
+    default_lab.cli("up")  # nothing to do: same sshd processes, no errors
+    assert LabState.load(LabPaths(default_lab.name).state_file).sshd == pids
+
+    # Break it: a router gone (its hosts lose their LAN), an sshd killed.
+    subprocess.run(["ip", "netns", "del", f"{default_lab.name}-branch-r"], check=True)
+    os.kill(pids["hub"], signal.SIGKILL)
+    assert f"{default_lab.name}-branch-r" not in lab_namespaces(default_lab.name)
+    assert default_lab.cli("status", check=False).returncode == 1
+
+    default_lab.cli("up")
+    assert default_lab.cli("status").returncode == 0
+    doc = verify_json("-t", str(DEFAULT_TOPOLOGY), "--name", default_lab.name, "--no-timeouts")
+    assert doc["exit"] == 0, [c for c in doc["checks"] if not c["ok"]]  # type: ignore[union-attr]
+
+
+def test_zz_down_removes_everything(default_lab: LabHandle) -> None:
+    name = default_lab.name
+    paths = LabPaths(name)
+    default_lab.cli("down")
+    assert lab_namespaces(name) == []
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert str(paths.run_dir) not in mounts and f"/{name}-" not in mounts
+    assert not paths.run_dir.exists() and not paths.state_dir.exists()
+    assert not (REPO / f"inventories/lab/hosts-{name}.yml").exists()
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert not re.search(rf"fleetvpn-lab/{name}/|wireguard-go", ps)
+    root_sockets = os.listdir("/run/wireguard") if os.path.isdir("/run/wireguard") else []
+    assert "wg0.sock" not in root_sockets
