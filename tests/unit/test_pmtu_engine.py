@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import heapq
+import itertools
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fleetvpn.engines.common import RttEstimator, budgeted_round, split_points
 from fleetvpn.engines.pmtu import (
     PLATEAUS,
     PmtuBelowFloor,
@@ -425,6 +427,58 @@ def test_first_round_contains_plateaus_inside_the_interval_only() -> None:
 def test_bad_arguments(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         PmtuSearch(**kwargs)
+
+
+# ------------------------------------------------------------------ shared helpers
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    base=st.integers(1000, 1500),
+    width=st.integers(2, 600),
+    k=st.integers(0, 40),
+    fixed=st.lists(st.integers(1000, 2100), max_size=6),
+)
+def test_split_points_minimise_the_largest_untried_run(
+    base: int, width: int, k: int, fixed: list[int]
+) -> None:
+    upper = base + width
+    points = split_points(base, upper, fixed, k)
+    inside = {f for f in fixed if base < f < upper}
+    assert len(points) == len(set(points)) <= k
+    assert all(base < p < upper and p not in inside for p in points)
+    tried = sorted({base, upper, *inside, *points})
+    largest_run = max(b - a - 1 for a, b in itertools.pairwise(tried))
+    # Optimal: the smallest T such that giving each run between fixed points
+    # ceil((L - T) / (T + 1)) points (what it needs to get down to T) costs at most k.
+    runs = [b - a - 1 for a, b in itertools.pairwise(sorted({base, upper, *inside}))]
+    optimum = next(
+        t for t in range(width + 1) if sum(max(0, -(-(run - t) // (t + 1))) for run in runs) <= k
+    )
+    assert largest_run == optimum
+
+
+def test_budgeted_round_sheds_splits_then_optional_sizes() -> None:
+    sizes = budgeted_round(1280, 1501, [(1280, 1)], [1500, 1400], k=15, max_bytes=10**6)
+    assert len(sizes) == 1 + 2 + 15
+    small = budgeted_round(1280, 1501, [(1280, 1)], [1500, 1400], k=15, max_bytes=6000)
+    assert sum(s * c for s, c in small) <= 6000
+    assert (1500, 1) in small and (1400, 1) in small
+    tiny = budgeted_round(1280, 1501, [(1280, 1)], [1500, 1400], k=15, max_bytes=2800)
+    assert len(tiny) == 2 and sum(s * c for s, c in tiny) <= 2800
+
+
+def test_rtt_estimator_timeout() -> None:
+    rtt = RttEstimator(initial_s=1.0, min_s=0.2, max_s=10.0)
+    assert rtt.timeout() == 1.0
+    rtt.sample(0.01)
+    assert rtt.timeout() == 0.2
+    rtt.sample(-5.0)  # ignored
+    for _ in range(100):
+        rtt.sample(0.5)
+    assert rtt.timeout() == pytest.approx(1.5, rel=0.01)
+    assert rtt.timeout(backoff=2) == pytest.approx(6.0, rel=0.01)
+    assert rtt.timeout(backoff=9) == pytest.approx(12.0, rel=0.01)
 
 
 # ------------------------------------------------------------------ import rule
