@@ -1,4 +1,5 @@
 """The command line: one table of subcommands, each a thin handler."""
+
 from __future__ import annotations
 
 import click

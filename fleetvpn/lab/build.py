@@ -15,6 +15,7 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -32,7 +33,7 @@ import yaml
 from fleetvpn.lab import netns
 from fleetvpn.lab.plan import Namespace, Plan
 from fleetvpn.lab.topology import Topology
-from fleetvpn.runner import NETNS_DIR, CommandError, NsPath, Runner, netns_path
+from fleetvpn.runner import NETNS_DIR, NsPath, Runner, netns_path
 
 STATE_ROOT = Path("/var/lib/fleetvpn-lab")
 RUN_ROOT = Path("/run/fleetvpn-lab")
@@ -236,7 +237,9 @@ class Lab:
             for sock in [*senders.values(), *sinks.values()]:
                 sock.close()
         if pending:
-            where = ", ".join(sorted(f"{h} (IPv{6 if f == socket.AF_INET6 else 4})" for h, f in pending))
+            where = ", ".join(
+                sorted(f"{h} (IPv{6 if f == socket.AF_INET6 else 4})" for h, f in pending)
+            )
             raise LabError(f"no path to the internet from {where}")
 
     def _namespaces(self) -> None:
@@ -298,8 +301,18 @@ class Lab:
         if not key.exists():
             key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.run.run(
-                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"fleetvpn-lab-{self.plan.lab}",
-                 "-f", str(key)]
+                [
+                    "ssh-keygen",
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-C",
+                    f"fleetvpn-lab-{self.plan.lab}",
+                    "-f",
+                    str(key),
+                ]
             )
         auth = key.parent / "authorized_keys"
         auth.write_text(key.with_suffix(".pub").read_text())
@@ -344,8 +357,16 @@ class Lab:
                 ]
             )
             self.run.run(
-                ["unshare", f"--mount={mnt}", f"--uts={uts}", "--propagation", "private",
-                 "sh", "-c", script],
+                [
+                    "unshare",
+                    f"--mount={mnt}",
+                    f"--uts={uts}",
+                    "--propagation",
+                    "private",
+                    "sh",
+                    "-c",
+                    script,
+                ],
                 ns=NsPath(net=netns_path(hp.ns)),
             )
 
@@ -381,7 +402,7 @@ class Lab:
                 "Subsystem sftp internal-sftp\n"
                 "AcceptEnv LANG LC_*\n"
             )
-            argv = self.host_ns(host).prefix() + [SSHD, "-D", "-e", "-f", str(config)]
+            argv = [*self.host_ns(host).prefix(), SSHD, "-D", "-e", "-f", str(config)]
             if self.run.echo:
                 self.run.echo(f"[#] {' '.join(argv)} &")
             log = open(hdir / "sshd.log", "ab")  # noqa: SIM115 - handed to the child
@@ -463,24 +484,18 @@ def down(name: str, runner: Runner | None = None, paths: LabPaths | None = None)
     others = [p for p in paths.run_root.iterdir()] if paths.run_root.exists() else []
     if not others:
         for d in state.created_dirs:
-            try:
+            with contextlib.suppress(OSError):
                 os.rmdir(d)
                 removed.append(d)
-            except OSError:
-                pass
         for root in (paths.run_root, paths.state_root):
-            try:
+            with contextlib.suppress(OSError):
                 root.rmdir()
-            except OSError:
-                pass
     return removed
 
 
 def _signal(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _exists(pid: int) -> bool:
@@ -539,7 +554,8 @@ def write_inventory(plan: Plan, topo: Topology, paths: LabPaths, path: Path) -> 
                 "ansible_paramiko_host_key_checking": False,
                 # Hosts listen on the management network only; reach it from its namespace.
                 "ansible_paramiko_proxy_command": (
-                    f"nsenter --net={netns_path(plan.mgmt)} {sys.executable} -m fleetvpn.lab.proxy %h %p"
+                    f"nsenter --net={netns_path(plan.mgmt)} "
+                    f"{sys.executable} -m fleetvpn.lab.proxy %h %p"
                 ),
                 "fleetvpn_lab": plan.lab,
                 "fleetvpn_controller_address": plan.hosts[controller].public_ipv4,

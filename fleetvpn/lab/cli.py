@@ -155,13 +155,21 @@ def status(topology: Path, name: str | None, as_json: bool) -> None:
             name_cell = r["host"] + (" (controller)" if r["controller"] else "")
             sshd = "running" if r["sshd_running"] else ("[red]down[/]" if r["up"] else "-")
             table.add_row(
-                name_cell, r["site"], r["kind"], r["management_ip"], r["lan_ipv4"],
-                r["public_ipv4"], r["ipv6"] or "", sshd,
+                name_cell,
+                r["site"],
+                r["kind"],
+                r["management_ip"],
+                r["lan_ipv4"],
+                r["public_ipv4"],
+                r["ipv6"] or "",
+                sshd,
             )
         console = Console()
         console.print(table)
         if missing:
-            console.print(f"[red]missing namespaces:[/] {', '.join(missing)} — run `fleetvpn lab up`")
+            console.print(
+                f"[red]missing namespaces:[/] {', '.join(missing)} — run `fleetvpn lab up`"
+            )
     sys.exit(0 if not missing else 1)
 
 
@@ -211,7 +219,9 @@ def verify(topology: Path, name: str | None, as_json: bool, no_timeouts: bool) -
     topo, plan = load_lab(topology, name)
     missing = sorted(set(plan.namespaces) - set(lab_namespaces(topo.name)))
     if missing:
-        raise _fail(f"lab {topo.name} is not up (missing {', '.join(missing)}); run `fleetvpn lab up`")
+        raise _fail(
+            f"lab {topo.name} is not up (missing {', '.join(missing)}); run `fleetvpn lab up`"
+        )
     started = time.monotonic()
     results = run_checks(topo, plan, LabPaths(topo.name), timeouts=not no_timeouts)
     elapsed = time.monotonic() - started

@@ -135,7 +135,10 @@ def _v4(index: int, offset: int) -> ipaddress.IPv4Network:
 
 
 def _v6(index: int, sub: int) -> ipaddress.IPv6Network:
-    """Site <index> owns 2001:2:0:<index>0::/60; sub 0 core↔isp, 1 isp↔router, 2 cgn↔router, 3 LAN."""
+    """Site <index> owns 2001:2:0:<index>0::/60.
+
+    sub 0: core↔isp, 1: isp↔router, 2: cgn↔router, 3: LAN.
+    """
     return ipaddress.IPv6Network(f"2001:2:0:{index:x}{sub:x}::/64")
 
 

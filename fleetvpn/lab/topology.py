@@ -30,6 +30,7 @@ MAX_MTU = 9000  # jumbo frames; veth allows more, the product's probing stops he
 MAX_SITES = 200
 MAX_HOSTS = 240
 
+DEFAULT_MANAGEMENT = ipaddress.IPv4Network("10.254.0.0/24")
 INTERNET_V4 = ipaddress.IPv4Network("198.18.0.0/15")  # RFC 2544 benchmarking range
 INTERNET_V6 = ipaddress.IPv6Network("2001:2::/48")  # RFC 5180 benchmarking range
 
@@ -98,7 +99,7 @@ class Topology:
     sites: tuple[Site, ...]
     controller: str
     source: str = "<topology>"
-    management: ipaddress.IPv4Network = ipaddress.IPv4Network("10.254.0.0/24")
+    management: ipaddress.IPv4Network = DEFAULT_MANAGEMENT
     host_sites: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -217,7 +218,7 @@ def parse(text: str, source: str = "<topology>") -> Topology:
         if required not in top:
             raise r.fail(required, "is required")
     lab_name = r.name(top["name"], "name", LAB_NAME_MAX)
-    management = r.network(top.get("management", "10.254.0.0/24"), "management")
+    management = r.network(top.get("management", str(DEFAULT_MANAGEMENT)), "management")
 
     raw_sites = top["sites"]
     if not isinstance(raw_sites, dict) or not raw_sites:
@@ -246,7 +247,9 @@ def parse(text: str, source: str = "<topology>") -> Topology:
     if controller not in host_sites:
         raise r.fail("controller", f"{controller!r} is not a host of any site")
     if _kind_of(sites, host_sites[controller]) != "public":
-        raise r.fail("controller", f"{controller!r} must be in a public site (it needs a public address)")
+        raise r.fail(
+            "controller", f"{controller!r} must be in a public site (it needs a public address)"
+        )
 
     topo = Topology(
         name=lab_name,
@@ -293,7 +296,9 @@ def _site(r: _Reader, key: str, name: str, raw: Any) -> Site:
         raise r.fail(f"{key}.conntrack", "a public site has no stateful box to time out")
     if "carrier_conntrack" in m and kind != "double_nat":
         raise r.fail(f"{key}.carrier_conntrack", "only a double_nat site has a carrier NAT")
-    conntrack = None if kind == "public" else r.conntrack(m.get("conntrack", {}), f"{key}.conntrack")
+    conntrack = (
+        None if kind == "public" else r.conntrack(m.get("conntrack", {}), f"{key}.conntrack")
+    )
     carrier = (
         r.conntrack(m.get("carrier_conntrack", {}), f"{key}.carrier_conntrack")
         if kind == "double_nat"
@@ -303,7 +308,9 @@ def _site(r: _Reader, key: str, name: str, raw: Any) -> Site:
     if lan is not None and len(hosts) + 10 > lan.num_addresses - 2:
         raise r.fail(f"{key}.lan", f"{lan} is too small for {len(hosts)} hosts")
     if lan is not None and kind in ("public", "firewall") and not lan.subnet_of(INTERNET_V4):
-        raise r.fail(f"{key}.lan", f"a {kind} site's LAN is public: it must be inside {INTERNET_V4}")
+        raise r.fail(
+            f"{key}.lan", f"a {kind} site's LAN is public: it must be inside {INTERNET_V4}"
+        )
 
     return Site(
         name=name,

@@ -141,8 +141,11 @@ def check_pmtu(plan: Plan, site: Site, family: int, direction: str) -> CheckResu
     mtu = site.path_mtu
     core_if_mtu = max(1500, site.uplink_mtu)
     if direction == "out":
-        mode = "local" if site.uplink_mtu >= site.lan_mtu else (
-            "silent" if site.icmp_blackhole else "icmp")
+        mode = (
+            "local"
+            if site.uplink_mtu >= site.lan_mtu
+            else ("silent" if site.icmp_blackhole else "icmp")
+        )
     else:
         mode = "local" if mtu >= core_if_mtu else ("silent" if site.icmp_blackhole else "icmp")
     expected = f"{mtu} passes, {mtu + 1} {_expected_failure(mode, mtu)}"
@@ -166,8 +169,9 @@ def check_pmtu(plan: Plan, site: Site, family: int, direction: str) -> CheckResu
         host.close()
         core.close()
     observed = f"{mtu} {'passes' if ok_small else 'is lost'}, {mtu + 1} {big}"
-    return CheckResult(site.name, f"path MTU {direction}, {fam}", expected, observed,
-                       observed == expected)
+    return CheckResult(
+        site.name, f"path MTU {direction}, {fam}", expected, observed, observed == expected
+    )
 
 
 def check_unsolicited(plan: Plan, site: Site, family: int) -> CheckResult:
@@ -190,8 +194,9 @@ def check_unsolicited(plan: Plan, site: Site, family: int) -> CheckResult:
         for s in (host, core, stranger):
             s.close()
     observed = "gets in" if got else "is dropped"
-    return CheckResult(site.name, f"unsolicited UDP, {fam}", expected, observed,
-                       observed == expected)
+    return CheckResult(
+        site.name, f"unsolicited UDP, {fam}", expected, observed, observed == expected
+    )
 
 
 def flow_survives(source_ns: str, core_ns: str, gap_s: float, established: bool) -> bool | None:
@@ -282,19 +287,22 @@ def check_sshd(plan: Plan, paths: LabPaths, host: str) -> CheckResult:
     finally:
         client.close()
         sock.close()
-    return CheckResult(hp.site, f"sshd on {host} ({hp.mgmt_ip})", expected, observed,
-                       observed == expected)
+    return CheckResult(
+        hp.site, f"sshd on {host} ({hp.mgmt_ip})", expected, observed, observed == expected
+    )
 
 
 def _guarded(job: Callable[[], CheckResult]) -> CheckResult:
     """A check that crashes is a failed check with the error as its observation."""
     try:
         return job()
-    except Exception as e:  # noqa: BLE001 - reported, never swallowed
+    except Exception as e:
         return CheckResult("?", getattr(job, "__name__", "check"), "runs", f"error: {e!r}", False)
 
 
-def run_checks(topo: Topology, plan: Plan, paths: LabPaths, timeouts: bool = True) -> list[CheckResult]:
+def run_checks(
+    topo: Topology, plan: Plan, paths: LabPaths, timeouts: bool = True
+) -> list[CheckResult]:
     jobs: list[Callable[[], CheckResult]] = []
     for site in topo.sites:
         families = [socket.AF_INET] + ([socket.AF_INET6] if site.ipv6 else [])

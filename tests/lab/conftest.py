@@ -23,7 +23,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.lab)
 
 
-def fleetvpn(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def fleetvpn(
+    *args: str, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [sys.executable, "-m", "fleetvpn", *args],
         capture_output=True,
@@ -32,7 +34,9 @@ def fleetvpn(*args: str, check: bool = True, timeout: float = 300) -> subprocess
         timeout=timeout,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"fleetvpn {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"fleetvpn {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 

@@ -26,9 +26,13 @@ def test_verify_passes_on_the_default_lab(default_lab: LabHandle) -> None:
     assert ("home", "carrier NAT: established flow lifetime") in names
     assert ("office", "unsolicited UDP, ipv6") in names
     assert sum(c["check"].startswith("sshd on") for c in doc["checks"]) == 7  # type: ignore[union-attr]
-    branch = next(c for c in doc["checks"] if c["check"] == "path MTU out, ipv4" and c["site"] == "branch")  # type: ignore[union-attr]
+    branch = next(
+        c for c in doc["checks"] if c["check"] == "path MTU out, ipv4" and c["site"] == "branch"
+    )  # type: ignore[union-attr]
     assert branch["observed"] == "1400 passes, 1401 dropped silently"
-    home = next(c for c in doc["checks"] if c["check"] == "path MTU out, ipv4" and c["site"] == "home")  # type: ignore[union-attr]
+    home = next(
+        c for c in doc["checks"] if c["check"] == "path MTU out, ipv4" and c["site"] == "home"
+    )  # type: ignore[union-attr]
     assert home["observed"] == "1492 passes, 1493 ICMP says 1492"
 
 
@@ -37,7 +41,12 @@ def test_every_host_is_its_own_machine(default_lab: LabHandle) -> None:
     marker = f"fvtest-{os.getpid()}"
     wgutil.sh(branch1, f"echo {marker} > /etc/wireguard/marker; touch /run/wireguard/marker")
     assert wgutil.sh(branch1, "cat /etc/wireguard/marker") == marker
-    assert wgutil.sh(hub, "ls /etc/wireguard /run/wireguard /etc/fleetvpn /var/lib/fleetvpn") .count("marker") == 0
+    assert (
+        wgutil.sh(hub, "ls /etc/wireguard /run/wireguard /etc/fleetvpn /var/lib/fleetvpn").count(
+            "marker"
+        )
+        == 0
+    )
     assert not Path("/etc/wireguard/marker").exists()
     assert not Path("/run/wireguard/marker").exists()
     assert wgutil.sh(branch1, "hostname") == "branch1"
@@ -74,9 +83,15 @@ def test_inventory_reaches_hosts_over_the_management_network(default_lab: LabHan
 def test_wireguard_stalls_at_1420_and_flows_at_the_right_mtu(default_lab: LabHandle) -> None:
     """The mailing-list failure, reproduced: a 1400-byte path with its ICMP eaten."""
     plan, lab = default_lab.plan, default_lab.lab
-    branch = wgutil.WgEnd(lab.host_ns("branch1"), plan.hosts["branch1"].ns, "10.99.0.1",
-                          plan.hosts["branch1"].public_ipv4)
-    hub = wgutil.WgEnd(lab.host_ns("hub"), plan.hosts["hub"].ns, "10.99.0.2", plan.hosts["hub"].ipv4)
+    branch = wgutil.WgEnd(
+        lab.host_ns("branch1"),
+        plan.hosts["branch1"].ns,
+        "10.99.0.1",
+        plan.hosts["branch1"].public_ipv4,
+    )
+    hub = wgutil.WgEnd(
+        lab.host_ns("hub"), plan.hosts["hub"].ns, "10.99.0.2", plan.hosts["hub"].ipv4
+    )
     try:
         for end in (branch, hub):
             wgutil.start(end, mtu=1420)
@@ -84,14 +99,18 @@ def test_wireguard_stalls_at_1420_and_flows_at_the_right_mtu(default_lab: LabHan
         wgutil.wait_handshake(branch)
         size = 4_000_000
         out = wgutil.tcp_transfer(branch.netns_name, hub.netns_name, hub.tunnel_ip, size, 4, 5301)
-        back = wgutil.tcp_transfer(hub.netns_name, branch.netns_name, branch.tunnel_ip, size, 4, 5302)
+        back = wgutil.tcp_transfer(
+            hub.netns_name, branch.netns_name, branch.tunnel_ip, size, 4, 5302
+        )
         # The handshake's small packets pass (connected), the full-size segments vanish.
         assert out[0] and back[0]
         assert out[1] < size // 20 and back[1] < size // 20, (out, back)
         for end in (branch, hub):
             wgutil.set_mtu(end, 1400 - 60)  # path MTU − WireGuard's IPv4 overhead
         out = wgutil.tcp_transfer(branch.netns_name, hub.netns_name, hub.tunnel_ip, size, 20, 5303)
-        back = wgutil.tcp_transfer(hub.netns_name, branch.netns_name, branch.tunnel_ip, size, 20, 5304)
+        back = wgutil.tcp_transfer(
+            hub.netns_name, branch.netns_name, branch.tunnel_ip, size, 20, 5304
+        )
         assert out == (True, size) and back == (True, size)
     finally:
         for end in (branch, hub):

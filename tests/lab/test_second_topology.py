@@ -42,7 +42,9 @@ sites:
 """
 
 
-def test_a_second_topology_builds_verifies_and_coexists(tmp_path: Path, default_lab: LabHandle) -> None:
+def test_a_second_topology_builds_verifies_and_coexists(
+    tmp_path: Path, default_lab: LabHandle
+) -> None:
     topo_file = tmp_path / "alt.yml"
     topo_file.write_text(ALT)
     alt = LabHandle(topo_file, "fvalt")
@@ -52,11 +54,22 @@ def test_a_second_topology_builds_verifies_and_coexists(tmp_path: Path, default_
         doc = verify_json("-t", str(topo_file), "--name", "fvalt")
         checks = {(c["site"], c["check"]): c for c in doc["checks"]}  # type: ignore[union-attr]
         assert doc["exit"] == 0, [c for c in checks.values() if not c["ok"]]
-        assert checks[("shop", "path MTU out, ipv4")]["observed"] == "1280 passes, 1281 dropped silently"
-        assert checks[("dc", "path MTU out, ipv4")]["observed"] == "9000 passes, 9001 refused locally"
-        assert checks[("flat", "path MTU in, ipv4")]["observed"] == "1420 passes, 1421 ICMP says 1420"
-        assert checks[("flat", "home NAT + carrier NAT: established flow lifetime")]["expected"].startswith("9 s")
-        assert checks[("flat", "carrier NAT: established flow lifetime")]["expected"].startswith("9 s")
+        assert (
+            checks[("shop", "path MTU out, ipv4")]["observed"]
+            == "1280 passes, 1281 dropped silently"
+        )
+        assert (
+            checks[("dc", "path MTU out, ipv4")]["observed"] == "9000 passes, 9001 refused locally"
+        )
+        assert (
+            checks[("flat", "path MTU in, ipv4")]["observed"] == "1420 passes, 1421 ICMP says 1420"
+        )
+        assert checks[("flat", "home NAT + carrier NAT: established flow lifetime")][
+            "expected"
+        ].startswith("9 s")
+        assert checks[("flat", "carrier NAT: established flow lifetime")]["expected"].startswith(
+            "9 s"
+        )
         assert checks[("lab", "firewall: established flow lifetime")]["ok"]
         assert not any("ipv6" in check for _, check in checks)
         # Both labs are up side by side, each with its own namespaces.

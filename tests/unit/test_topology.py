@@ -38,10 +38,7 @@ def test_default_topology_reproduces_the_failure_it_promises() -> None:
 def test_plan_addresses_are_unique_and_inside_the_lab_ranges() -> None:
     plan = build_plan(topology.load(DEFAULT))
     addrs = [
-        a.split("/")[0]
-        for ns in plan.namespaces.values()
-        for i in ns.ifaces
-        for a in i.addresses
+        a.split("/")[0] for ns in plan.namespaces.values() for i in ns.ifaces for a in i.addresses
     ]
     assert len(addrs) == len(set(addrs))
     allowed = [
