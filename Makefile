@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/python -m fleetvpn demo
+	./scripts/demo
 
 test: setup lint
 	$(BIN)/pytest -q
