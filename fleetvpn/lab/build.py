@@ -469,7 +469,7 @@ def down(name: str, runner: Runner | None = None, paths: LabPaths | None = None)
                 run.run(["umount", str(f)])
         if _is_mountpoint(paths.ns_dir):
             run.run(["umount", str(paths.ns_dir)])
-        removed.append(f"{len(list(paths.ns_dir.iterdir()))} host mount/UTS namespaces")
+        removed.append(f"{len(list(paths.ns_dir.glob('*.mnt')))} hosts' mount and UTS namespaces")
     if namespaces:
         run.run(["ip", "-batch", "-"], input="".join(f"netns del {n}\n" for n in namespaces))
         removed.append(f"{len(namespaces)} network namespaces")
@@ -499,16 +499,15 @@ def _signal(pid: int, sig: int) -> None:
 
 
 def _exists(pid: int) -> bool:
+    """Is ``pid`` still running? A zombie is not: it only waits for its parent to reap it."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # our own child (a test's): reap it
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return False
-    # A zombie child of ours still "exists"; reap it.
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == 0
-    except ChildProcessError:
-        return True
+    return state != "Z"
 
 
 def _require_root_and_tools() -> None:
