@@ -1,13 +1,13 @@
 """NAT mapping lifetime search: a sans-IO, sans-clock engine.
 
-Measures whether there is a NAT (the responder sees another address than the local one), whether
-there is a stateful filter (a packet from a never-contacted responder port is dropped), and the
-idle time T after which an *established* UDP mapping stops letting the responder's packets in.
-Established = traffic both ways plus a packet >= 2 s after creation, when Linux conntrack moves a
-flow to ``udp_timeout_stream``; a WireGuard flow is in this state.  The *unreplied* timeout is not
+Measures: is there a NAT (the responder sees another address than the local one), a stateful
+filter (a packet from a never-contacted responder port is dropped), and the idle time T after
+which an *established* UDP mapping stops letting the responder's packets in.  Established =
+traffic both ways plus a packet >= 2 s after creation, when Linux conntrack moves a flow to
+``udp_timeout_stream``; a WireGuard flow is in this state.  The *unreplied* timeout is not
 measured: after a new mapping the first keepalive must still arrive within it (reference.md).
 
-Contract -- inputs carry ``now`` (seconds, one monotonic clock; the engine reads no clock):
+Contract.  Inputs carry ``now`` (seconds, one monotonic clock; the engine reads no clock):
     start(now)                                       once
     on_binding(slot, mapped_addr, local_addr, now)   answer to SendBinding: the responder's view
     on_reply(slot, now)                              answer to SendCondition
@@ -15,51 +15,45 @@ Contract -- inputs carry ``now`` (seconds, one monotonic clock; the engine reads
     on_fire(slot, token, now, from_other_port)       one copy of a fire
     on_send_error(slot, now)                         the adapter could not send on ``slot``
     handle_timer(now)                                at (or after) get_timer()
-  outputs:
-    actions_to_send(now) -> list[Action]   perform in order: OpenSlot / CloseSlot a UDP socket,
-                                           SendBinding, SendCondition (any request answered at
-                                           once, e.g. a binding request), Arm
-    get_timer() -> float | None            the next deadline; None once done
-    next_event() -> NatResult | NatFailed | None   exactly one, after every slot was closed
-  errors: ValueError (bad config), RuntimeError (start twice).  Inputs for unknown or closed
-    slots, stale tokens and duplicate copies are ignored: normal on UDP.  NatFailed when the
-    binding request gets no answer after ``tries`` sends (1, 2, 4 s) or 8 slots in a row get
-    no answer.  A slot whose exchange goes unanswered is re-sent ``tries`` times, then closed;
-    its gap goes back to the queue.
-
-A slot is one local UDP socket, so one mapping once it sends; ids are never reused.  Fires come
-from the address the slot talks to (the same 5-tuple), except with ``from_other_port``.  The
-responder must let an Arm *replace* the schedule it holds for that source address (re-arming
-re-uses slots), and echo the Arm's token in the ack and in every fire.
+  Outputs: actions_to_send(now) -> [OpenSlot | CloseSlot (a UDP socket) | SendBinding |
+    SendCondition (any request answered at once, e.g. a binding request) | Arm], to perform in
+    order; get_timer() -> float | None; next_event() -> NatResult | NatFailed | None (exactly
+    one, after every slot was closed).
+  Errors: ValueError (bad config), RuntimeError (start twice); inputs for unknown or closed
+    slots, stale tokens and duplicate copies are ignored (normal on UDP).  NatFailed when the
+    binding request goes unanswered ``tries`` times (1, 2, 4 s) or 8 slots in a row do.  Other
+    unanswered requests are re-sent ``tries`` times, then the slot closes and its gap is queued.
+  Slot = one local UDP socket = one mapping once it sends; ids are never reused.  Fires come from
+    the address the slot talks to, unless ``from_other_port``.  The responder must echo the Arm's
+    token in the ack and each fire, and let an Arm *replace* its schedule for that source.
 
 Clock reference: the responder acks on receipt and fires ``gap_s`` after receipt; the engine
 starts the gap at the ack's arrival.  Ack and fire cross the NAT on the same path, so the NAT
-idles exactly ``gap_s`` whatever the one-way delays (only jitter differs).  A gap survived if
-any copy arrives; it died if none arrives by ack + gap + (copies - 1) * spacing + grace (grace =
-``grace_s`` + the largest RTT seen).  A survival proves T > gap; a death may be loss.
+idles exactly ``gap_s`` whatever the one-way delays.  A gap survived if any copy arrives, died
+if none arrived by ack + gap + copy spread + grace (``grace_s`` + the largest RTT seen).  A
+survival proves T > gap; a death may be loss.
 
-Schedule.  Discovery on slot 0: binding request, then an Arm ``from_other_port`` (the filter
-check).  No NAT and that fire arrives: done, nothing searched.  Otherwise each new slot sends a
-condition request and, ``stream_delay_s`` after creation, its Arm, whose ack completes the
-conditioning.  Slots open only while there is work: at most ``max_slots`` at once and
-``max_new_per_s`` in any 1 s window.  The first comb covers [min_gap_s, max_lifetime_s]:
-``resolution_s`` apart on all slots when that fits (one round), else geometric on 5/8 of the
-slots with steps of at most 3/4 slots x resolution, the other slots starting a ``resolution_s``
-window at min_gap_s.  A slot whose fire arrived is still established and alive, so it is re-armed
-at once: refinement is continuous, each free slot taking the lowest untested point one
-resolution above the largest survival L (each slot tests one gap at a time: inbound packets
-refresh a mapping too).  Tests made moot by a survival are re-armed; tests above a death are
-reused if their mapping is provably alive (idle < L), else closed.  Done when the smallest
-death above L is within ``resolution_s``: the reported lifetime is L, a lower bound, with T in
-(L, L + resolution_s].  Nothing died up to max_lifetime_s: lifetime None.  A death below a
-survival is re-tested once; two of them, or every gap dying down to min_gap_s, suggest eviction
-(table pressure): all slots close, deaths are forgotten (survivals stay proven), max_slots halves
-and a new comb starts above L.
+Schedule.  Slot 0: binding request, then an Arm ``from_other_port`` (filter check); no NAT and
+that fire arrives: done, nothing searched.  Otherwise new slots send a condition request and,
+``stream_delay_s`` after creation, their Arm, whose ack completes the conditioning; at most
+``max_slots`` open, at most ``max_new_per_s`` created in any 1 s window, only while there is
+work.  First comb over [min_gap_s, max_lifetime_s]: ``resolution_s`` apart on all slots when that
+fits (one round), else geometric on 5/8 of them (steps <= 3/4 slots x resolution) while the rest
+start a 1 s window at min_gap_s.  Refinement is continuous: a slot whose fire arrived is still
+established and alive, so it is re-armed at once with the lowest untested point one resolution
+above the largest survival L (one gap per slot at a time: inbound packets refresh a mapping).
+Tests made moot by a survival are re-armed; tests above a death are reused if provably alive
+(idle < L), else closed.  Done when the smallest death above L is within ``resolution_s``: the
+lifetime reported is L, a lower bound (T in (L, L + resolution_s]); None if nothing died up to
+max_lifetime_s.  A death below a survival is re-tested; two, or every gap dying down to
+min_gap_s, suggest eviction (table pressure): all slots close, deaths are forgotten (survivals
+stay proven), max_slots halves and a new comb starts above L.
 
-Wall time (virtual, 20 ms RTT): the answer is known when the smallest dying gap has died.  One
-round: T + 2.5 s to T + 6.5 s (2.1 s conditioning + 0.1 s per earlier slot + copies + grace).
-Default range: about T + 5 s up to T = 15 s, then about 2T - 10 s: the 1 s window the freed
-slots build above L is ~20 s wide, and a gap armed at time a answers at a + gap.
+Wall time (virtual, 20 ms RTT), known when the smallest dying gap has died.  One round: T + 2.5 s
+to T + 6.5 s (conditioning 2.1 s + 0.1 s per earlier slot + copies + grace).  Default range,
+measured: T + 4.3..5.5 s for T < 15 s, T + 6..12 s for 15..25 s, ~1.6 T for 25..40 s, ~1.8 T for
+40..80 s, ~1.93 T (at most 2 T + 4 s) beyond: a gap armed at time a answers at a + gap, and the
+1 s window the freed slots keep above L is ~20 s wide.
 """
 
 from __future__ import annotations
@@ -171,16 +165,15 @@ def keepalive_for(
         return 0, "no NAT and no stateful filter: nothing expires, keepalive off"
     what = "NAT" if nat else "stateful filter"
     if lifetime_s is None:
-        low, high = _KEEPALIVE_DEFAULT_RANGE
-        keepalive = min(max(default_s, low), high)
-        reason = f"{what} present, mapping lifetime unknown: default keepalive {keepalive} s"
-        if lower_bound_s is not None:
-            reason = f"{what} present, no mapping expired within {lower_bound_s:g} s: "
-            bound, _ = keepalive_for(lower_bound_s, nat, stateful_filter)
-            if bound < keepalive:
-                return bound, reason + f"keepalive {bound} s, the rule at {lower_bound_s:g} s"
-            reason += f"default keepalive {keepalive} s"
-        return keepalive, reason
+        keepalive = min(max(default_s, _KEEPALIVE_DEFAULT_RANGE[0]), _KEEPALIVE_DEFAULT_RANGE[1])
+        if lower_bound_s is None:
+            return keepalive, f"{what} present, lifetime unknown: default keepalive {keepalive} s"
+        bound = keepalive_for(lower_bound_s, nat, stateful_filter)[0]
+        how = f"the rule at {lower_bound_s:g} s" if bound < keepalive else "the default"
+        return min(bound, keepalive), (
+            f"{what} present, no mapping expired within {lower_bound_s:g} s: keepalive "
+            f"{min(bound, keepalive)} s, {how}"
+        )
     margin = max(2.0, lifetime_s / 10)
     keepalive = math.floor((lifetime_s - margin) / 2)
     if keepalive < 1:
@@ -274,14 +267,17 @@ class NatSearchConfig:
     default_keepalive_s: int = DEFAULT_KEEPALIVE_S
 
     def __post_init__(self) -> None:
-        if not 0 < self.min_gap_s < self.max_lifetime_s:
-            raise ValueError("need 0 < min_gap_s < max_lifetime_s")
-        if min(self.resolution_s, self.reply_timeout_s) <= 0:
-            raise ValueError("resolution_s and reply_timeout_s must be > 0")
+        counts = (
+            self.resolution_s,
+            self.reply_timeout_s,
+            self.max_new_per_s,
+            self.copies,
+            self.tries,
+        )
+        if not 0 < self.min_gap_s < self.max_lifetime_s or self.max_slots < 2 or min(counts) <= 0:
+            raise ValueError("need 0 < min_gap_s < max_lifetime_s, max_slots >= 2, others > 0")
         if min(self.copy_spacing_s, self.grace_s, self.stream_delay_s) < 0:
             raise ValueError("copy_spacing_s, grace_s and stream_delay_s must be >= 0")
-        if self.max_slots < 2 or min(self.max_new_per_s, self.copies, self.tries) < 1:
-            raise ValueError("need max_slots >= 2 and max_new_per_s, copies, tries >= 1")
 
 
 class NatLifetimeSearch:
@@ -634,32 +630,27 @@ class NatLifetimeSearch:
     # ---- the end ------------------------------------------------------------------------
 
     def _finish(self, now: float) -> None:
-        searched, lo = self._phase is _Phase.SEARCH, self._lo()
-        lifetime = lo if searched and lo < self._cfg.max_lifetime_s else None
+        searched, lo, cfg = self._phase is _Phase.SEARCH, self._lo(), self._cfg
+        lifetime = lo if searched and lo < cfg.max_lifetime_s else None
         resolution = None if lifetime is None else (self._hi(lo) or lo) - lo
+        bound = cfg.max_lifetime_s if searched and lifetime is None else None
+        filtered = bool(self._filter)
         keepalive, why = keepalive_for(
-            lifetime,
-            self._nat,
-            bool(self._filter),
-            default_s=self._cfg.default_keepalive_s,
-            lower_bound_s=self._cfg.max_lifetime_s if searched and lifetime is None else None,
+            lifetime, self._nat, filtered, default_s=cfg.default_keepalive_s, lower_bound_s=bound
         )
-        elapsed = now - self._started_at
-        local, mapped = (f"{ip}:{port}" for ip, port in (self._local, self._mapped))
-        port = "port preserved" if self._mapped[1] == self._local[1] else "port changed"
+        (lip, lport), (mip, mport) = self._local, self._mapped
         parts = [
-            f"NAT ({local} seen as {mapped}, {port})" if self._nat else f"no NAT ({local})",
-            f"{'a' if self._filter else 'no'} stateful filter: {self._filter_note}",
+            f"NAT ({lip}:{lport} seen as {mip}:{mport})" if self._nat else f"no NAT ({lip})",
+            f"{'a' if filtered else 'no'} stateful filter: {self._filter_note}",
+            f"{self._gap_tests} gap tests on {self._mappings_used} mappings"
+            if searched
+            else "no lifetime search",
         ]
-        if not searched:
-            parts.append("no lifetime search")
-        else:
-            if lifetime is not None:
-                parts.append(
-                    f"mapping lifetime {lifetime:g} s (the largest idle gap that survived; it "
-                    f"expires within ({lifetime:g}, {lifetime + (resolution or 0.0):g}] s)"
-                )
-            parts.append(f"{self._gap_tests} gap tests on {self._mappings_used} mappings")
+        if lifetime is not None:
+            parts.append(
+                f"mapping lifetime {lifetime:g} s: the largest idle gap that survived; it "
+                f"expires within ({lifetime:g}, {lifetime + (resolution or 0.0):g}] s idle"
+            )
         parts.append(why)
         if self._inconsistent:
             parts.append(
@@ -671,23 +662,24 @@ class NatLifetimeSearch:
                 f"table pressure suspected ({'; then '.join(self._reset_notes)}): restarted "
                 f"{len(self._reset_notes)} time(s), at most {self._cap} mappings at once"
             )
-        result = NatResult(
-            nat=self._nat,
-            mapped_address=self._mapped,
-            local_address=self._local,
-            port_preserved=self._mapped[1] == self._local[1],
-            stateful_filter=bool(self._filter),
-            mapping_lifetime_s=lifetime,
-            resolution_s=resolution,
-            keepalive_s=keepalive,
-            elapsed_s=elapsed,
-            mappings_used=self._mappings_used,
-            gap_tests=self._gap_tests,
-            inconsistent_results=self._inconsistent,
-            restarts=len(self._reset_notes),
-            reason="; ".join(parts),
+        self._end(
+            NatResult(
+                nat=self._nat,
+                mapped_address=self._mapped,
+                local_address=self._local,
+                port_preserved=mport == lport,
+                stateful_filter=filtered,
+                mapping_lifetime_s=lifetime,
+                resolution_s=resolution,
+                keepalive_s=keepalive,
+                elapsed_s=now - self._started_at,
+                mappings_used=self._mappings_used,
+                gap_tests=self._gap_tests,
+                inconsistent_results=self._inconsistent,
+                restarts=len(self._reset_notes),
+                reason="; ".join(parts),
+            )
         )
-        self._end(result)
 
     def _fail(self, now: float, reason: str) -> None:
         self._end(NatFailed(reason=reason, elapsed_s=now - self._started_at))

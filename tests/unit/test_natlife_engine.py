@@ -47,13 +47,19 @@ class Conntrack:
     An entry is created by an outbound packet and lives ``unreplied_s`` until it has seen a reply
     and a packet more than 2 s after its creation; from then on each packet gives it
     ``stream_s``.  Packets either way refresh it; it expires exactly at last packet + timeout.
-    With ``table_size`` the oldest entries are evicted to make room for a new one.
+    With ``table_size`` the oldest entries are evicted to make room for a new one.  With
+    ``endpoint_independent`` any responder port may use a mapping (a "full cone" NAT).
     """
 
     def __init__(
-        self, stream_s: float, unreplied_s: float = 30.0, table_size: int | None = None
+        self,
+        stream_s: float,
+        unreplied_s: float = 30.0,
+        table_size: int | None = None,
+        endpoint_independent: bool = False,
     ) -> None:
         self.stream_s, self.unreplied_s, self.table_size = stream_s, unreplied_s, table_size
+        self.endpoint_independent = endpoint_independent
         self.entries: dict[Key, _Entry] = {}
         self.evictions = 0
 
@@ -84,6 +90,8 @@ class Conntrack:
         self._touch(entry, now, inbound=False)
 
     def inbound(self, key: Key, now: float) -> bool:
+        if self.endpoint_independent:
+            key = ("main", key[1])
         entry = self._alive(key, now)
         if entry is None:
             return False
@@ -103,6 +111,7 @@ class World:
     owd_s: float = 0.01
     responder_alive: bool = True
     condition_silent_slots: frozenset[int] = frozenset()
+    arm_silent_slots: frozenset[int] = frozenset()
     now: float = 0.0
     open_slots: set[int] = field(default_factory=set)
     creations: list[float] = field(default_factory=list)
@@ -185,7 +194,8 @@ class World:
                 self._up(slot, lambda: self._down(slot, lambda: engine.on_reply(slot, self.now)))
         else:
             self.arms.append(action)
-            self._up(slot, lambda: self._responder_arm(action))
+            if slot not in self.arm_silent_slots:
+                self._up(slot, lambda: self._responder_arm(action))
 
     def run(self, limit_s: float = 5000.0) -> NatEvent:
         self.engine.start(self.now)
@@ -341,8 +351,8 @@ LIFETIMES = [10, 15, 20, 30, 45, 60, 90, 120, 180, 300]
 def test_lifetime_found_within_one_second(lifetime_s: float) -> None:
     result, world = measure([Conntrack(float(lifetime_s))])
     assert_found(result, lifetime_s)
-    # One coarse pass plus a continuous refinement: never more than twice T plus overhead.
-    assert result.elapsed_s <= 2 * lifetime_s + 10
+    # The documented wall time: ~T + 5 s while the first round is fine enough, ~2T at worst.
+    assert result.elapsed_s <= max(lifetime_s + 6, 2 * lifetime_s + 5)
     assert world.max_open <= 32
 
 
@@ -374,19 +384,63 @@ def test_double_nat_reports_the_shorter_lifetime() -> None:
         assert_found(result, 45.0)
 
 
-@pytest.mark.parametrize("lifetime_s", [20.0, 45.0, 120.0])
+@pytest.mark.parametrize("lifetime_s", [10.0, 20.0, 30.0, 45.0, 120.0])
 def test_five_percent_loss_over_many_seeds(lifetime_s: float) -> None:
-    for seed in range(12):
+    for seed in range(25):
         result, _ = measure([Conntrack(lifetime_s)], seed=seed, loss=0.05)
         assert_found(result, lifetime_s)
 
 
-def test_conditioning_without_replies_is_retried_then_dropped() -> None:
+@settings(max_examples=40, deadline=None)
+@given(
+    st.floats(min_value=6.0, max_value=295.0).map(lambda t: round(t, 2)),
+    st.integers(min_value=0, max_value=2**32),
+)
+def test_five_percent_loss_for_drawn_timeouts_and_seeds(lifetime_s: float, seed: int) -> None:
+    result, _ = measure([Conntrack(lifetime_s)], seed=seed, loss=0.05)
+    assert_found(result, lifetime_s)
+
+
+def test_lifetime_below_the_first_gap_is_found() -> None:
+    result, _ = measure([Conntrack(3.5)])
+    assert_found(result, 3.5)
+    assert result.keepalive_s == 1
+
+
+@pytest.mark.parametrize("silence", ["condition_silent_slots", "arm_silent_slots"])
+def test_unanswered_slots_are_retried_then_dropped(silence: str) -> None:
     engine = NatLifetimeSearch(random.Random(3))
-    world = World(engine, [Conntrack(30.0)], condition_silent_slots=frozenset({1, 2, 5}))
+    silent = frozenset({1, 2, 5})
+    world = World(engine, [Conntrack(30.0)], **{silence: silent})  # type: ignore[arg-type]
     event = world.run()
     assert isinstance(event, NatResult)
     assert_found(event, 30.0)
+    sent = [a for a in world.arms if a.slot in silent]
+    # Conditioning never answered: never armed.  Arms never answered: three tries, then closed.
+    assert len(sent) == (0 if silence == "condition_silent_slots" else 9)
+    assert len({a.token for a in sent}) == len(sent), "every try has a fresh token"
+
+
+def test_send_error_counts_as_a_lost_try() -> None:
+    engine = NatLifetimeSearch(random.Random(1))
+    engine.start(0.0)
+    assert engine.actions_to_send(0.0) == [OpenSlot(0), SendBinding(0)]
+    assert engine.get_timer() == 1.0
+    engine.on_send_error(0, 0.5)
+    assert engine.actions_to_send(0.5) == [SendBinding(0)]
+    assert engine.get_timer() == 2.5  # second try waits 2 s
+    engine.on_send_error(0, 0.6)
+    engine.on_send_error(0, 0.7)
+    event = engine.next_event()
+    assert isinstance(event, NatFailed) and event.elapsed_s == pytest.approx(0.7)
+    assert engine.actions_to_send(0.7)[-1] == CloseSlot(0) and engine.get_timer() is None
+
+
+def test_full_cone_nat_has_no_stateful_filter() -> None:
+    result, _ = measure([Conntrack(30.0, endpoint_independent=True)])
+    assert result.nat and not result.stateful_filter
+    assert_found(result, 30.0)
+    assert "no stateful filter" in result.reason
 
 
 @pytest.mark.parametrize(("table_size", "restarts"), [(33, 0), (24, 1), (12, 2)])
