@@ -45,6 +45,7 @@ sites:
 def test_a_second_topology_builds_verifies_and_coexists(
     tmp_path: Path, default_lab: LabHandle
 ) -> None:
+    default_lab.cli("up")  # idempotent; an earlier test may have taken it down
     topo_file = tmp_path / "alt.yml"
     topo_file.write_text(ALT)
     alt = LabHandle(topo_file, "fvalt")
