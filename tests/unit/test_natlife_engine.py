@@ -206,6 +206,8 @@ class World:
             if event is not None:
                 assert not self.open_slots, "every slot is closed before the event"
                 assert self.engine.get_timer() is None
+                assert self.max_open <= 32
+                assert self.max_creations_per_second() <= 10
                 return event
             timer = self.engine.get_timer()
             next_packet = self._heap[0][0] if self._heap else math.inf
@@ -235,8 +237,6 @@ def measure(
     world = World(engine, nats, translate=translate, loss=loss, seed=seed)
     event = world.run()
     assert isinstance(event, NatResult), event
-    assert world.max_open <= 32
-    assert world.max_creations_per_second() <= 10
     return event, world
 
 
