@@ -243,9 +243,9 @@ def flow_survives(source_ns: str, core_ns: str, gap_s: float, established: bool)
 def check_timer(plan: Plan, box: StatefulBox, established: bool) -> CheckResult:
     timeout = box.stream_timeout if established else box.unreplied_timeout
     what = "established" if established else "unreplied"
-    name = f"{box.label}: {what} flow lifetime"
+    name = f"{box.label}: {what} UDP timer"
     short, long = max(0.0, timeout - 1.0), timeout + 1.0
-    expected = f"{timeout} s (alive after {short:g} s idle, gone after {long:g} s)"
+    expected = f"{timeout} s: alive at {short:g} s idle, gone at {long:g} s"
     with ThreadPoolExecutor(max_workers=2) as pool:
         a = pool.submit(flow_survives, box.source_ns, plan.core, short, established)
         b = pool.submit(flow_survives, box.source_ns, plan.core, long, established)
@@ -253,8 +253,8 @@ def check_timer(plan: Plan, box: StatefulBox, established: bool) -> CheckResult:
     if alive is None or gone is None:
         return CheckResult(box.site, name, expected, "no path", False)
     observed = (
-        f"{'alive' if alive else 'gone'} after {short:g} s, {'alive' if gone else 'gone'} "
-        f"after {long:g} s"
+        f"{'alive' if alive else 'gone'} at {short:g} s idle, {'alive' if gone else 'gone'} "
+        f"at {long:g} s"
     )
     return CheckResult(box.site, name, expected, observed, alive and not gone)
 

@@ -22,8 +22,8 @@ def test_verify_passes_on_the_default_lab(default_lab: LabHandle) -> None:
     # Every kind of promise is checked, per site.
     assert ("branch", "path MTU out, ipv4") in names
     assert ("cloud", "path MTU in, ipv6") in names
-    assert ("branch", "NAT: established flow lifetime") in names
-    assert ("home", "carrier NAT: established flow lifetime") in names
+    assert ("branch", "NAT: established UDP timer") in names
+    assert ("home", "carrier NAT: established UDP timer") in names
     assert ("office", "unsolicited UDP, ipv6") in names
     assert sum(c["check"].startswith("sshd on") for c in doc["checks"]) == 7  # type: ignore[union-attr]
     branch = next(

@@ -65,13 +65,11 @@ def test_a_second_topology_builds_verifies_and_coexists(
         assert (
             checks[("flat", "path MTU in, ipv4")]["observed"] == "1420 passes, 1421 ICMP says 1420"
         )
-        assert checks[("flat", "home NAT + carrier NAT: established flow lifetime")][
+        assert checks[("flat", "home NAT + carrier NAT: established UDP timer")][
             "expected"
         ].startswith("9 s")
-        assert checks[("flat", "carrier NAT: established flow lifetime")]["expected"].startswith(
-            "9 s"
-        )
-        assert checks[("lab", "firewall: established flow lifetime")]["ok"]
+        assert checks[("flat", "carrier NAT: established UDP timer")]["expected"].startswith("9 s")
+        assert checks[("lab", "firewall: established UDP timer")]["ok"]
         assert not any("ipv6" in check for _, check in checks)
         # Both labs are up side by side, each with its own namespaces.
         assert lab_namespaces("fvalt") and lab_namespaces(default_lab.name)
