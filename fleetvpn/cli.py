@@ -6,6 +6,7 @@ import click
 
 from fleetvpn import __version__
 from fleetvpn.lab.cli import lab
+from fleetvpn.net.cli import probe
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,6 +21,7 @@ def cli() -> None:
 
 # The table of subcommands. Each group lives next to the code it drives.
 cli.add_command(lab)
+cli.add_command(probe)
 
 
 def main() -> None:

@@ -194,7 +194,12 @@ def exec_cmd(topology: Path, name: str | None, host: str, command: tuple[str, ..
         raise _fail(f"lab {topo.name} is not up (no namespace {ns}); run `fleetvpn lab up`")
     argv = ["nsenter", f"--net={netns_path(ns)}"]
     if host in plan.hosts:
-        argv += [f"--mount={paths.mount_ns(host)}", f"--uts={paths.uts_ns(host)}"]
+        # Entering a mount namespace resets the working directory; keep the caller's.
+        argv += [
+            f"--mount={paths.mount_ns(host)}",
+            f"--uts={paths.uts_ns(host)}",
+            f"--wd={os.getcwd()}",
+        ]
     argv += ["--", *(command or [os.environ.get("SHELL", "/bin/sh")])]
     os.execvp(argv[0], argv)
 

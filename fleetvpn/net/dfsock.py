@@ -14,6 +14,7 @@ Values from linux ``include/uapi/linux/in.h``, ``in6.h``, ``errqueue.h`` (refere
 from __future__ import annotations
 
 import errno
+import fcntl
 import socket
 import struct
 from dataclasses import dataclass
@@ -99,8 +100,32 @@ def _parse(ancdata: list[tuple[int, int, bytes]]) -> list[SocketError]:
     return out
 
 
+SIOCGIFMTU = 0x8921
+_IFREQ = struct.Struct("16si12x")  # struct ifreq: name, then the int MTU in the union
+
+
+def interface_mtus() -> dict[str, int]:
+    """MTU of every interface in this network namespace (loopback excluded)."""
+    mtus = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            if name == "lo":
+                continue
+            request = _IFREQ.pack(name.encode(), 0)
+            try:
+                reply = fcntl.ioctl(s.fileno(), SIOCGIFMTU, request)
+            except OSError:
+                continue
+            mtus[name] = _IFREQ.unpack(reply)[1]
+    return mtus
+
+
 def local_mtu(sock: socket.socket) -> int:
-    """The MTU of the route towards the connected peer (raises OSError(ENOTCONN) if unconnected)."""
+    """The MTU of the route towards the connected peer (raises OSError(ENOTCONN) if unconnected).
+
+    This includes a path MTU the kernel cached from ICMP, which may be stale: a prober takes
+    its ceiling from :func:`interface_mtus` instead, and lets a local EMSGSIZE say the rest.
+    """
     if sock.family == socket.AF_INET6:
         return sock.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU)
     return sock.getsockopt(socket.IPPROTO_IP, IP_MTU)
