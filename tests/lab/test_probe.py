@@ -60,7 +60,9 @@ def start_responder(lab: LabHandle, key_file: Path) -> subprocess.Popen[str]:
 
 
 @pytest.fixture(scope="module")
-def responder(default_lab: LabHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Responder]:
+def responder(
+    default_lab: LabHandle, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Responder]:
     default_lab.cli("up")
     key_file = tmp_path_factory.mktemp("probe") / "probe.key"
     keys.write_key(key_file)
@@ -82,7 +84,9 @@ def responder(default_lab: LabHandle, tmp_path_factory: pytest.TempPathFactory) 
         ("controller", 4, 1500, False),  # no bottleneck
     ],
 )
-def test_pmtu_is_exact(responder: Responder, host: str, family: int, path_mtu: int, icmp: bool) -> None:
+def test_pmtu_is_exact(
+    responder: Responder, host: str, family: int, path_mtu: int, icmp: bool
+) -> None:
     target = f"{responder.address}:{PORT}" if family == 4 else f"[{responder.address6}]:{PORT}"
     doc = responder.probe(host, "pmtu", target)
     assert doc["path_mtu"] == path_mtu, doc
@@ -106,7 +110,9 @@ def test_nat_lifetimes_filters_and_keepalives(responder: Responder) -> None:
         docs = dict(
             zip(
                 cases,
-                pool.map(lambda h: responder.probe(h, "nat", target, "--max-lifetime", "60"), cases),
+                pool.map(
+                    lambda h: responder.probe(h, "nat", target, "--max-lifetime", "60"), cases
+                ),
                 strict=True,
             )
         )
@@ -166,3 +172,42 @@ def test_responder_is_silent_to_what_it_cannot_authenticate(responder: Responder
         assert _returned_bytes(sock, 2.0) == 0
     finally:
         sock.close()
+
+
+LOSSY = """
+name: fvloss
+controller: hub
+sites:
+  hub: {kind: public, hosts: [hub]}
+  lossy:
+    kind: nat
+    uplink_mtu: 1400
+    icmp_blackhole: true
+    uplink_loss_percent: 5
+    conntrack: {udp_timeout: 10, udp_timeout_stream: 20}
+    hosts: [far]
+"""
+
+
+def test_pmtu_stays_exact_with_5_percent_loss(tmp_path: Path) -> None:
+    topo = tmp_path / "lossy.yml"
+    topo.write_text(LOSSY)
+    lab = LabHandle(topo, "fvloss")
+    lab.cli("down", check=False)
+    key_file = tmp_path / "probe.key"
+    keys.write_key(key_file)
+    try:
+        lab.cli("up")
+        proc = start_responder(lab, key_file)
+        try:
+            responder = Responder(lab, key_file, proc, lab.plan.hosts["hub"].ipv4, "")
+            found = [
+                responder.probe("far", "pmtu", f"{responder.address}:{PORT}")["path_mtu"]
+                for _ in range(10)
+            ]
+        finally:
+            proc.terminate()
+            proc.wait(5)
+    finally:
+        lab.cli("down")
+    assert found == [1400] * 10
