@@ -1,4 +1,4 @@
-"""`fleetvpn probe` against the lab's real paths: exact path MTUs, NAT lifetimes, a silent responder."""
+"""`fleetvpn probe` on the lab's real paths: exact path MTUs, NAT lifetimes, a silent responder."""
 
 from __future__ import annotations
 
