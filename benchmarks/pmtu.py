@@ -23,7 +23,8 @@ Figures per run and tool:
   probes    probes the site sent (tinc: its "Sending MTU probe" lines before the fix)
   bytes     IP bytes of the UDP the site host sent to the peer's port until the final value, from
             an nftables counter in the site host. tinc's include its echoes of the hub's own
-            probes: tinc 1.0 always searches from both ends, and the two are encrypted alike.
+            probes (about a tenth of the bytes here): tinc 1.0 always searches from both ends,
+            and requests and echoes look alike on the wire (encrypted).
 
 tinc's MTU and the IP path MTU: tinc's MTU m is the length of the Ethernet frame it tunnels (the
 14-byte header included). On the wire (legacy protocol, 1.0.36's defaults: AES-256-CBC, HMAC-SHA256
@@ -371,7 +372,8 @@ def run_fleetvpn(lab: Lab, size: int, key_file: Path) -> Measurement:
     done = subprocess.run(argv, capture_output=True, text=True)
     end = time.time()
     if done.returncode != 0:
-        raise RuntimeError(f"fleetvpn probe pmtu failed on {site}: {done.stderr.strip()}")
+        error = done.stderr.partition("\n")[2].strip()  # after the shell's time stamp
+        raise RuntimeError(f"fleetvpn probe pmtu failed on {site}: {error}")
     report = json.loads(done.stdout)
     return Measurement(
         search_s=float(report["elapsed_s"]),
@@ -412,12 +414,15 @@ def comparison(tinc: list[Measurement], fleet: list[Measurement]) -> str:
 
 
 def report(results: Results, sizes: list[int], hub_ip: str) -> None:
-    tools = [t for t in ("tinc", "fleetvpn") if results[t]]
-    print(f"\nPath MTU, site host -> hub {hub_ip}, black-holed bottleneck, IPv4")
-    print(f"tinc 1.0.36: {TINC_CONFIG}")
-    print(
-        "found/best: tinc's MTU (frame bytes; best = 16*floor((P-48)/16)+11), fleetvpn's path MTU"
-    )
+    tools = [t for t in ("tinc", "fleetvpn") if any(results[t].values())]
+    print(f"\nPath MTU, one direction: site host -> hub {hub_ip} (IPv4), ICMP black-holed")
+    print(f"tinc 1.0.36 (the baseline), a fresh daemon pair per run: {TINC_CONFIG}")
+    print("fleetvpn: `fleetvpn probe pmtu --json` (defaults) -> `fleetvpn probe responder` on hub")
+    print("search s: first probe -> final value; wall s: process start -> final value")
+    print("found/best: tinc's MTU (frame bytes, best = 16*floor((P-48)/16)+11 on a P-byte path),")
+    print("  fleetvpn's path MTU (IP bytes, best = P)")
+    print("bytes sent: IP bytes of the site's UDP to the peer (nftables counter; tinc's include")
+    print("  its echoes of the hub's own probes, about a tenth)")
     for size in sizes:
         print(f"\nbottleneck {size} (site {site_host(size)})")
         print("  run  tool       search s  wall s  found/best  exact probes bytes sent")
@@ -489,6 +494,8 @@ def main() -> None:
         sys.exit(f"benchmarks/pmtu.py: {' '.join(e.cmd)} failed: {e.stderr}")
     except RuntimeError as e:
         sys.exit(f"benchmarks/pmtu.py: {e}")
+    except KeyboardInterrupt:
+        sys.exit(f"benchmarks/pmtu.py: interrupted; lab {LAB} removed")
 
 
 if __name__ == "__main__":
