@@ -481,12 +481,12 @@ def down(name: str, runner: Runner | None = None, paths: LabPaths | None = None)
             shutil.rmtree(d)
             removed.append(str(d))
     # Mount points up created on the root filesystem go when no lab needs them any more.
-    others = [p for p in paths.run_root.iterdir()] if paths.run_root.exists() else []
+    others = list(paths.run_root.iterdir()) if paths.run_root.exists() else []
     if not others:
-        for d in state.created_dirs:
+        for created in state.created_dirs:
             with contextlib.suppress(OSError):
-                os.rmdir(d)
-                removed.append(d)
+                os.rmdir(created)
+                removed.append(created)
         for root in (paths.run_root, paths.state_root):
             with contextlib.suppress(OSError):
                 root.rmdir()

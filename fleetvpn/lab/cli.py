@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -116,7 +117,7 @@ def status(topology: Path, name: str | None, as_json: bool) -> None:
     topo, plan = load_lab(topology, name)
     present = set(lab_namespaces(topo.name))
     state = LabState.load(LabPaths(topo.name).state_file)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for host, hp in plan.hosts.items():
         pid = state.sshd.get(host)
         rows.append(

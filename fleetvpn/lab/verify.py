@@ -8,6 +8,7 @@ Checks run in parallel threads; the slowest is a NAT timer check, about T + 3 s.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
 import time
@@ -260,7 +261,7 @@ def check_timer(plan: Plan, box: StatefulBox, established: bool) -> CheckResult:
 
 
 def check_sshd(plan: Plan, paths: LabPaths, host: str) -> CheckResult:
-    import paramiko  # only the lab needs it
+    import paramiko  # type: ignore[import-untyped]  # only the lab needs it
 
     hp = plan.hosts[host]
     expected = f"key login as root, hostname {host}"
@@ -297,7 +298,8 @@ def _guarded(job: Callable[[], CheckResult]) -> CheckResult:
     try:
         return job()
     except Exception as e:
-        return CheckResult("?", getattr(job, "__name__", "check"), "runs", f"error: {e!r}", False)
+        name = getattr(getattr(job, "func", job), "__name__", "check")
+        return CheckResult("?", name, "runs", f"error: {e!r}", False)
 
 
 def run_checks(
@@ -308,14 +310,14 @@ def run_checks(
         families = [socket.AF_INET] + ([socket.AF_INET6] if site.ipv6 else [])
         for fam in families:
             for direction in ("out", "in"):
-                jobs.append(lambda s=site, f=fam, d=direction: check_pmtu(plan, s, f, d))
-            jobs.append(lambda s=site, f=fam: check_unsolicited(plan, s, f))
+                jobs.append(functools.partial(check_pmtu, plan, site, fam, direction))
+            jobs.append(functools.partial(check_unsolicited, plan, site, fam))
     if timeouts:
         for box in plan.boxes:
             for established in (True, False):
-                jobs.append(lambda b=box, e=established: check_timer(plan, b, e))
+                jobs.append(functools.partial(check_timer, plan, box, established))
     for host in plan.hosts:
-        jobs.append(lambda h=host: check_sshd(plan, paths, h))
+        jobs.append(functools.partial(check_sshd, plan, paths, host))
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         results = list(pool.map(_guarded, jobs))
     order = {s.name: i for i, s in enumerate(topo.sites)}
