@@ -385,6 +385,16 @@ def run_fleetvpn(lab: Lab, size: int, key_file: Path) -> Measurement:
     )
 
 
+def fleetvpn_round(lab: Lab, sizes: list[int], key_file: Path) -> dict[int, Measurement]:
+    """One fleetvpn run on every site, one at a time, against a fresh responder on the hub."""
+    listen = f"{lab.hub_ip}:{PROBE_PORT}"
+    argv = lab.exec_argv(
+        HUB, FLEETVPN, "probe", "responder", "--listen", listen, "--key-file", str(key_file)
+    )
+    with background(argv, lab.workdir / "responder.log", "responder on"):
+        return {size: run_fleetvpn(lab, size, key_file) for size in sizes}
+
+
 # --- output --------------------------------------------------------------------------------------
 
 Results = dict[str, dict[int, list[Measurement]]]  # tool -> size -> runs
@@ -451,16 +461,6 @@ def parse_args() -> argparse.Namespace:
         help="bottleneck MTUs, comma-separated (default %(default)s)",
     )
     return parser.parse_args()
-
-
-def fleetvpn_round(lab: Lab, sizes: list[int], key_file: Path) -> dict[int, Measurement]:
-    """One fleetvpn run on every site, one at a time, against a fresh responder on the hub."""
-    listen = f"{lab.hub_ip}:{PROBE_PORT}"
-    argv = lab.exec_argv(
-        HUB, FLEETVPN, "probe", "responder", "--listen", listen, "--key-file", str(key_file)
-    )
-    with background(argv, lab.workdir / "responder.log", "responder on"):
-        return {size: run_fleetvpn(lab, size, key_file) for size in sizes}
 
 
 def benchmark(lab: Lab, sizes: list[int], runs: int) -> Results:
