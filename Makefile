@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 		{ echo "fleetvpn needs Python 3.11 or newer ($(PYTHON) is older)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[lab,test]'
+	$(BIN)/pip install -q -e '.[lab,controller,test]'
 	touch $(STAMP)
 
 demo: setup

@@ -1,0 +1,524 @@
+"""The controller's store: SQLite by default (one file, WAL), PostgreSQL when given a URL.
+
+Contract (the port the API and the policy loop use):
+- ``Store.open(url)`` connects and applies pending schema migrations (numbered, each in its own
+  transaction, recorded in ``schema_migrations``); ``close()`` releases the pool.
+- Tokens: ``create_admin_token`` / ``create_enrollment_token`` return the secret once; only a
+  SHA-256 hash is stored (tokens are 32 random bytes, so a fast hash is enough). ``authenticate``
+  maps a presented token to a :class:`Principal` or None (unknown or revoked).
+- ``enroll(enrollment_token, name, public_key)`` creates a node and returns its node token; the
+  enrollment token is spent. Errors raise :class:`StoreError` subclasses with a message for the
+  client (``Conflict``, ``NotFound``, ``Forbidden``).
+- ``put_report(node, report_id, created_at, body, links, nat)`` stores a validated report and its
+  measurement rows in one transaction; a second put with the same ``report_id`` stores nothing
+  and returns False (replays are harmless).
+- Reads return plain dicts/dataclasses; nothing here decides anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+metadata = sa.MetaData()
+
+schema_migrations = sa.Table(
+    "schema_migrations",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False),
+)
+admin_tokens = sa.Table(
+    "admin_tokens",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("revoked_at", sa.DateTime(timezone=True)),
+)
+enrollment_tokens = sa.Table(
+    "enrollment_tokens",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("site", sa.String(63), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("used_at", sa.DateTime(timezone=True)),
+    sa.Column("used_by", sa.String(63)),
+)
+nodes = sa.Table(
+    "nodes",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(63), nullable=False, unique=True),
+    sa.Column("site", sa.String(63), nullable=False, index=True),
+    sa.Column("public_key", sa.String(44), nullable=False, unique=True),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("enrolled_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("revoked_at", sa.DateTime(timezone=True)),
+    sa.Column("last_report_at", sa.DateTime(timezone=True)),
+)
+reports = sa.Table(
+    "reports",
+    metadata,
+    sa.Column("report_id", sa.String(36), primary_key=True),
+    sa.Column("node_id", sa.ForeignKey("nodes.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("body", sa.Text, nullable=False),
+)
+link_measurements = sa.Table(
+    "link_measurements",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("report_id", sa.ForeignKey("reports.report_id", ondelete="CASCADE"), nullable=False),
+    sa.Column("node_id", sa.ForeignKey("nodes.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("peer", sa.String(63), nullable=False),
+    sa.Column("family", sa.SmallInteger, nullable=False),
+    sa.Column("measured_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("path_mtu", sa.Integer),
+    sa.Column("icmp_seen", sa.Boolean),
+    sa.Column("rtt_s", sa.Float),
+    sa.Column("loss_ratio", sa.Float),
+    sa.Column("handshake_age_s", sa.Float),
+    sa.Column("rx_bytes", sa.BigInteger),
+    sa.Column("tx_bytes", sa.BigInteger),
+    sa.Column("endpoint", sa.String(64)),
+    sa.Index("ix_link_latest", "node_id", "peer", "family", "measured_at"),
+)
+nat_measurements = sa.Table(
+    "nat_measurements",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("report_id", sa.ForeignKey("reports.report_id", ondelete="CASCADE"), nullable=False),
+    sa.Column("node_id", sa.ForeignKey("nodes.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("measured_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("nat", sa.Boolean, nullable=False),
+    sa.Column("mapped_address", sa.String(64)),
+    sa.Column("mapping_lifetime_s", sa.Float),
+    sa.Column("resolution_s", sa.Float),
+    sa.Column("stateful_filter", sa.Boolean, nullable=False),
+    sa.Index("ix_nat_latest", "node_id", "measured_at"),
+)
+overrides = sa.Table(
+    "overrides",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("scope", sa.String(8), nullable=False),  # site | node | link
+    sa.Column("target", sa.String(130), nullable=False),  # site, node, or "node>peer"
+    sa.Column("setting", sa.String(32), nullable=False),  # tunnel_mtu | keepalive_s
+    sa.Column("value", sa.Integer, nullable=False),
+    sa.Column("note", sa.String(200), nullable=False, default=""),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("scope", "target", "setting"),
+)
+policy_state = sa.Table(
+    "policy_state",
+    metadata,
+    sa.Column("key", sa.String(160), primary_key=True),  # e.g. "keepalive:site:branch"
+    sa.Column("state", sa.Text, nullable=False),  # JSON, owned by the policy
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+def _v1(conn: Connection) -> None:
+    metadata.create_all(conn)
+
+
+# Append-only: a released migration is never edited; a new schema change is a new function.
+MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1)]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+class StoreError(Exception):
+    pass
+
+
+class Conflict(StoreError):
+    pass
+
+
+class NotFound(StoreError):
+    pass
+
+
+class Forbidden(StoreError):
+    pass
+
+
+@dataclass(frozen=True)
+class Principal:
+    kind: str  # "admin" | "node"
+    name: str
+    node_id: int | None = None
+    site: str | None = None
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_urlsafe(32)}"
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything here is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def sqlite_url(path: str) -> str:
+    return f"sqlite+pysqlite:///{path}"
+
+
+class Store:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def open(cls, url: str) -> Store:
+        if url.startswith("postgresql://"):
+            url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+        engine = sa.create_engine(url, future=True, pool_pre_ping=True)
+        if engine.dialect.name == "sqlite":
+            sa.event.listen(engine, "connect", _sqlite_pragmas)
+        store = cls(engine)
+        store.migrate()
+        return store
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def tx(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    # --- schema -------------------------------------------------------------------------------
+
+    def migrate(self) -> list[int]:
+        """Apply pending migrations; returns the versions applied."""
+        with self.tx() as conn:
+            schema_migrations.create(conn, checkfirst=True)
+            done = set(conn.scalars(sa.select(schema_migrations.c.version)))
+        applied = []
+        for version, step in MIGRATIONS:
+            if version in done:
+                continue
+            with self.tx() as conn:
+                step(conn)
+                conn.execute(
+                    schema_migrations.insert().values(version=version, applied_at=utcnow())
+                )
+            applied.append(version)
+        return applied
+
+    def schema_version(self) -> int:
+        with self.tx() as conn:
+            return int(conn.scalar(sa.select(sa.func.max(schema_migrations.c.version))) or 0)
+
+    # --- tokens and nodes ---------------------------------------------------------------------
+
+    def create_admin_token(self, name: str = "admin") -> str:
+        token = new_token("fva")
+        with self.tx() as conn:
+            conn.execute(
+                admin_tokens.insert().values(
+                    token_hash=hash_token(token), name=name, created_at=utcnow()
+                )
+            )
+        return token
+
+    def create_enrollment_token(self, site: str, valid_for: timedelta = timedelta(days=1)) -> str:
+        token = new_token("fve")
+        now = utcnow()
+        with self.tx() as conn:
+            conn.execute(
+                enrollment_tokens.insert().values(
+                    token_hash=hash_token(token),
+                    site=site,
+                    created_at=now,
+                    expires_at=now + valid_for,
+                )
+            )
+        return token
+
+    def enroll(self, enrollment_token: str, name: str, public_key: str) -> tuple[str, str]:
+        """Spend an enrollment token on a new node; returns (node token, site)."""
+        now = utcnow()
+        with self.tx() as conn:
+            row = conn.execute(
+                sa.select(enrollment_tokens).where(
+                    enrollment_tokens.c.token_hash == hash_token(enrollment_token)
+                )
+            ).first()
+            if row is None:
+                raise Forbidden("unknown enrollment token")
+            if row.used_at is not None:
+                raise Forbidden(f"enrollment token already used by {row.used_by}")
+            expires = _aware(row.expires_at)
+            if expires is not None and expires < now:
+                raise Forbidden("enrollment token expired")
+            for column, value, what in (
+                (nodes.c.name, name, "node name"),
+                (nodes.c.public_key, public_key, "public key"),
+            ):
+                if conn.scalar(sa.select(nodes.c.id).where(column == value)) is not None:
+                    raise Conflict(f"{what} {value!r} is already enrolled")
+            token = new_token("fvn")
+            conn.execute(
+                nodes.insert().values(
+                    name=name,
+                    site=row.site,
+                    public_key=public_key,
+                    token_hash=hash_token(token),
+                    enrolled_at=now,
+                )
+            )
+            conn.execute(
+                enrollment_tokens.update()
+                .where(enrollment_tokens.c.id == row.id)
+                .values(used_at=now, used_by=name)
+            )
+        return token, str(row.site)
+
+    def authenticate(self, token: str) -> Principal | None:
+        digest = hash_token(token)
+        with self.tx() as conn:
+            admin = conn.execute(
+                sa.select(admin_tokens).where(
+                    admin_tokens.c.token_hash == digest, admin_tokens.c.revoked_at.is_(None)
+                )
+            ).first()
+            if admin is not None:
+                return Principal("admin", str(admin.name))
+            node = conn.execute(
+                sa.select(nodes).where(nodes.c.token_hash == digest, nodes.c.revoked_at.is_(None))
+            ).first()
+            if node is not None:
+                return Principal("node", str(node.name), int(node.id), str(node.site))
+        return None
+
+    def revoke_node(self, name: str) -> None:
+        with self.tx() as conn:
+            done = conn.execute(
+                nodes.update().where(nodes.c.name == name).values(revoked_at=utcnow())
+            )
+            if done.rowcount == 0:
+                raise NotFound(f"no node {name!r}")
+
+    def nodes(self) -> list[dict[str, Any]]:
+        with self.tx() as conn:
+            rows = conn.execute(
+                sa.select(
+                    nodes.c.name, nodes.c.site, nodes.c.public_key, nodes.c.enrolled_at,
+                    nodes.c.revoked_at, nodes.c.last_report_at,
+                ).order_by(nodes.c.site, nodes.c.name)
+            )  # fmt: skip
+            return [
+                {k: _aware(v) if isinstance(v, datetime) else v for k, v in r._mapping.items()}
+                for r in rows
+            ]
+
+    # --- reports ------------------------------------------------------------------------------
+
+    def put_report(
+        self,
+        principal: Principal,
+        report_id: str,
+        created_at: datetime,
+        body: dict[str, Any],
+        links: list[dict[str, Any]],
+        nat: dict[str, Any] | None,
+    ) -> bool:
+        """Store one report; False if this report_id was stored before (nothing changes)."""
+        if principal.kind != "node" or principal.node_id is None:
+            raise Forbidden("only a node writes reports")
+        now = utcnow()
+        with self.tx() as conn:
+            seen = conn.execute(
+                sa.select(reports.c.node_id).where(reports.c.report_id == report_id)
+            ).first()
+            if seen is not None:
+                if seen.node_id != principal.node_id:
+                    raise Forbidden(f"report {report_id} belongs to another node")
+                return False
+            conn.execute(
+                reports.insert().values(
+                    report_id=report_id,
+                    node_id=principal.node_id,
+                    created_at=created_at,
+                    received_at=now,
+                    body=json.dumps(body, sort_keys=True),
+                )
+            )
+            rows = [
+                {
+                    **link,
+                    "report_id": report_id,
+                    "node_id": principal.node_id,
+                    "measured_at": created_at,
+                }
+                for link in links
+            ]
+            if rows:
+                conn.execute(link_measurements.insert(), rows)
+            if nat is not None:
+                conn.execute(
+                    nat_measurements.insert().values(
+                        **nat,
+                        report_id=report_id,
+                        node_id=principal.node_id,
+                        measured_at=created_at,
+                    )
+                )
+            conn.execute(
+                nodes.update()
+                .where(nodes.c.id == principal.node_id)
+                .values(last_report_at=sa.func.coalesce(nodes.c.last_report_at, created_at))
+            )
+            conn.execute(
+                nodes.update()
+                .where(nodes.c.id == principal.node_id, nodes.c.last_report_at < created_at)
+                .values(last_report_at=created_at)
+            )
+        return True
+
+    def report_count(self, node: str | None = None) -> int:
+        query = sa.select(sa.func.count()).select_from(reports)
+        if node is not None:
+            query = query.join(nodes).where(nodes.c.name == node)
+        with self.tx() as conn:
+            return int(conn.scalar(query) or 0)
+
+    def latest_links(self) -> list[dict[str, Any]]:
+        """The newest measurement of every (node, peer, family), with node and site names."""
+        lm = link_measurements
+        newest = (
+            sa.select(
+                lm.c.node_id, lm.c.peer, lm.c.family, sa.func.max(lm.c.measured_at).label("at")
+            )
+            .group_by(lm.c.node_id, lm.c.peer, lm.c.family)
+            .subquery()
+        )
+        query = (
+            sa.select(lm, nodes.c.name.label("node"), nodes.c.site)
+            .join(
+                newest,
+                sa.and_(
+                    lm.c.node_id == newest.c.node_id,
+                    lm.c.peer == newest.c.peer,
+                    lm.c.family == newest.c.family,
+                    lm.c.measured_at == newest.c.at,
+                ),
+            )
+            .join(nodes, nodes.c.id == lm.c.node_id)
+            .where(nodes.c.revoked_at.is_(None))
+        )
+        with self.tx() as conn:
+            return [_row(r) for r in conn.execute(query)]
+
+    def latest_nat(self) -> list[dict[str, Any]]:
+        nm = nat_measurements
+        newest = (
+            sa.select(nm.c.node_id, sa.func.max(nm.c.measured_at).label("at"))
+            .group_by(nm.c.node_id)
+            .subquery()
+        )
+        query = (
+            sa.select(nm, nodes.c.name.label("node"), nodes.c.site)
+            .join(
+                newest, sa.and_(nm.c.node_id == newest.c.node_id, nm.c.measured_at == newest.c.at)
+            )
+            .join(nodes, nodes.c.id == nm.c.node_id)
+            .where(nodes.c.revoked_at.is_(None))
+        )
+        with self.tx() as conn:
+            return [_row(r) for r in conn.execute(query)]
+
+    def prune(self, older_than: timedelta) -> int:
+        """Drop reports (and their measurements) older than the retention; returns how many."""
+        cutoff = utcnow() - older_than
+        with self.tx() as conn:
+            old = sa.select(reports.c.report_id).where(reports.c.created_at < cutoff)
+            conn.execute(link_measurements.delete().where(link_measurements.c.report_id.in_(old)))
+            conn.execute(nat_measurements.delete().where(nat_measurements.c.report_id.in_(old)))
+            return int(conn.execute(reports.delete().where(reports.c.created_at < cutoff)).rowcount)
+
+    # --- overrides and policy state -----------------------------------------------------------
+
+    def set_override(
+        self, scope: str, target: str, setting: str, value: int, note: str = ""
+    ) -> None:
+        with self.tx() as conn:
+            conn.execute(
+                overrides.delete().where(
+                    overrides.c.scope == scope,
+                    overrides.c.target == target,
+                    overrides.c.setting == setting,
+                )
+            )
+            conn.execute(
+                overrides.insert().values(
+                    scope=scope, target=target, setting=setting, value=value, note=note,
+                    created_at=utcnow(),
+                )
+            )  # fmt: skip
+
+    def clear_override(self, scope: str, target: str, setting: str) -> bool:
+        with self.tx() as conn:
+            done = conn.execute(
+                overrides.delete().where(
+                    overrides.c.scope == scope,
+                    overrides.c.target == target,
+                    overrides.c.setting == setting,
+                )
+            )
+            return bool(done.rowcount)
+
+    def overrides(self) -> list[dict[str, Any]]:
+        with self.tx() as conn:
+            return [_row(r) for r in conn.execute(sa.select(overrides).order_by(overrides.c.id))]
+
+    def load_policy_state(self, key: str) -> dict[str, Any] | None:
+        with self.tx() as conn:
+            text = conn.scalar(sa.select(policy_state.c.state).where(policy_state.c.key == key))
+        return None if text is None else dict(json.loads(text))
+
+    def save_policy_state(self, key: str, state: dict[str, Any]) -> None:
+        with self.tx() as conn:
+            conn.execute(policy_state.delete().where(policy_state.c.key == key))
+            conn.execute(
+                policy_state.insert().values(
+                    key=key, state=json.dumps(state, sort_keys=True), updated_at=utcnow()
+                )
+            )
+
+
+def _row(row: sa.Row[Any]) -> dict[str, Any]:
+    return {k: _aware(v) if isinstance(v, datetime) else v for k, v in row._mapping.items()}
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
