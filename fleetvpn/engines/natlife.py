@@ -63,17 +63,20 @@ import math
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum, auto
-from itertools import pairwise
 from random import Random
+
+from fleetvpn.engines.comb import LIKELY_LIFETIMES_S as LIKELY_LIFETIMES_S
+from fleetvpn.engines.comb import first_comb, step_window, window_s
+from fleetvpn.engines.comb import gap_comb as gap_comb
+from fleetvpn.engines.keepalive import DEFAULT_KEEPALIVE_S as DEFAULT_KEEPALIVE_S
+from fleetvpn.engines.keepalive import keepalive_for as keepalive_for
 
 Address = tuple[str, int]
 
-DEFAULT_KEEPALIVE_S = 25
-_KEEPALIVE_DEFAULT_RANGE = (5, 120)
-_KEEPALIVE_MAX_S = 65535  # wg(8): persistent-keepalive is 1..65535
 _EPS = 1e-9
 _PREEMPT_GUARD_S = 0.5  # never re-arm a slot whose fire is this close: copies may be in flight
 _REUSE_MARGIN_S = 1.0
+_FAR_DUE_RATIO = 0.1
 _MIN_SLOTS = 4
 _MAX_FAILED_SLOTS = 8
 _INCONSISTENT_BEFORE_RESET = 2
@@ -147,78 +150,6 @@ class NatFailed:
 NatEvent = NatResult | NatFailed
 
 
-def keepalive_for(
-    lifetime_s: float | None,
-    nat: bool,
-    stateful_filter: bool,
-    *,
-    default_s: int = DEFAULT_KEEPALIVE_S,
-    lower_bound_s: float | None = None,
-) -> tuple[int, str]:
-    """Keepalive interval (s, 0 = off) and its reason, from a measured mapping lifetime.
-
-    K = floor((T - d) / 2) with d = max(2 s, T / 10): one lost keepalive is survived
-    (reference.md, "Keepalive rule").  ``lifetime_s`` None means nothing expired up to
-    ``lower_bound_s`` (or unknown): ``default_s`` clamped to [5, 120], lowered to the rule's
-    value at ``lower_bound_s`` if that is smaller.
-    """
-    if not nat and not stateful_filter:
-        return 0, "no NAT and no stateful filter: nothing expires, keepalive off"
-    what = "NAT" if nat else "stateful filter"
-    if lifetime_s is None:
-        keepalive = min(max(default_s, _KEEPALIVE_DEFAULT_RANGE[0]), _KEEPALIVE_DEFAULT_RANGE[1])
-        if lower_bound_s is None:
-            return keepalive, f"{what} present, lifetime unknown: default keepalive {keepalive} s"
-        bound = keepalive_for(lower_bound_s, nat, stateful_filter)[0]
-        how = f"the rule at {lower_bound_s:g} s" if bound < keepalive else "the default"
-        return min(bound, keepalive), (
-            f"{what} present, no mapping expired within {lower_bound_s:g} s: keepalive "
-            f"{min(bound, keepalive)} s, {how}"
-        )
-    margin = max(2.0, lifetime_s / 10)
-    keepalive = math.floor((lifetime_s - margin) / 2)
-    if keepalive < 1:
-        return 1, f"{what} mapping lifetime {lifetime_s:g} s is below the rule's range: 1 s"
-    keepalive = min(keepalive, _KEEPALIVE_MAX_S)
-    return keepalive, (
-        f"keepalive {keepalive} s = floor(({lifetime_s:g} - {margin:g}) / 2): {what} mapping "
-        f"lifetime {lifetime_s:g} s, margin max(2 s, T/10), survives one lost keepalive"
-    )
-
-
-def gap_comb(
-    low_s: float,
-    high_s: float,
-    count: int,
-    resolution_s: float = 1.0,
-    max_step_s: float = math.inf,
-) -> list[float]:
-    """At most ``count`` increasing gaps from ``low_s`` to ``high_s`` (both included).
-
-    ``resolution_s`` apart when that fits (one round brackets T); else geometric, each step at
-    least ``resolution_s`` and at most ``max_step_s`` (linear if even that cannot reach
-    ``high_s``), with the ratio solved so that the last gap lands on ``high_s``.
-    """
-    if count < 2 or high_s - low_s <= _EPS:
-        return [high_s]
-    steps = math.ceil((high_s - low_s) / resolution_s - _EPS)
-    if steps <= count - 1:
-        return [round(low_s + i * resolution_s, 3) for i in range(steps)] + [high_s]
-    max_step_s = max(max_step_s, (high_s - low_s) / (count - 1), resolution_s)
-
-    def comb(ratio: float) -> list[float]:
-        gaps = [low_s]
-        for _ in range(count - 1):
-            gaps.append(gaps[-1] + min(max(gaps[-1] * (ratio - 1), resolution_s), max_step_s))
-        return gaps
-
-    slow, fast = 1.0, high_s / low_s
-    for _ in range(60):
-        middle = (slow + fast) / 2
-        slow, fast = (slow, middle) if comb(middle)[-1] >= high_s - _EPS else (middle, fast)
-    return [round(g, 2) for g in comb(fast)[:-1] if g < high_s - _EPS] + [high_s]
-
-
 class _Phase(Enum):
     IDLE = auto()
     DISCOVERY = auto()
@@ -234,6 +165,7 @@ class _State(Enum):
     READY = auto()  # established and idle: may be armed now
     ARMING = auto()  # Arm out, waiting for the ack
     TESTING = auto()  # armed; waiting for a fire or the deadline
+    EXPIRING = auto()  # moot test kept open until its mapping has surely expired
 
 
 @dataclass(slots=True)
@@ -264,10 +196,15 @@ class NatSearchConfig:
     copies: int = 4
     copy_spacing_s: float = 0.033
     grace_s: float = 0.3  # wait this (plus the largest RTT seen) after the last copy is due
-    reply_timeout_s: float = 1.0  # per try; the binding request backs off 1, 2, 4 s
+    reply_timeout_s: float = 1.0  # per try; the binding request backs off 1, 2, 4, 4, ... s
     tries: int = 3
     stream_delay_s: float = 2.1  # conntrack: stream timer after a packet >= 2 s from creation
     default_keepalive_s: int = DEFAULT_KEEPALIVE_S
+    # Tries of the binding request, the one exchange whose loss ends the search: at 5 % loss
+    # each way a try fails 9.75 % of the time; 3 tries failed 1 run in ~1,000, 5 in ~100,000.
+    binding_tries: int = 5
+    # Tested first, as a tight pair each (see comb.LIKELY_LIFETIMES_S); () for none.
+    likely_lifetimes_s: tuple[float, ...] = LIKELY_LIFETIMES_S
 
     def __post_init__(self) -> None:
         counts = (
@@ -276,6 +213,8 @@ class NatSearchConfig:
             self.max_new_per_s,
             self.copies,
             self.tries,
+            self.binding_tries,
+            *self.likely_lifetimes_s,
         )
         if not 0 < self.min_gap_s < self.max_lifetime_s or self.max_slots < 2 or min(counts) <= 0:
             raise ValueError("need 0 < min_gap_s < max_lifetime_s, max_slots >= 2, others > 0")
@@ -314,7 +253,8 @@ class NatLifetimeSearch:
         self._filter_acked = False
         self._filter_note = ""
 
-        self._queue: list[float] = []  # the comb, and gaps whose slot was lost
+        self._queue: list[float] = []  # the first round, and gaps whose slot was lost
+        self._later: list[float] = []  # the comb's far points, after the holes near L
         self._repeats: list[float] = []
         self._repeated: set[float] = set()
         self._survived: list[float] = []
@@ -377,7 +317,7 @@ class NatLifetimeSearch:
             if from_other_port:
                 self._filter_note = "a packet from a never-contacted responder port arrived"
                 self._filter_done(now, filtered=False)
-        elif s.state in (_State.ARMING, _State.TESTING) and not from_other_port:
+        elif s.state in (_State.ARMING, _State.TESTING, _State.EXPIRING) and not from_other_port:
             # Also valid while ARMING (ack lost): the NAT then idled at least gap_s too.
             self._survived.append(s.gap_s)
             self._gap_tests += 1
@@ -442,7 +382,7 @@ class NatLifetimeSearch:
 
     def _request(self, s: _Slot, now: float) -> None:
         """(Re)send the request the slot's state waits on; an Arm gets a fresh token."""
-        backoff = 2 ** (s.tries - 1) if s.state is _State.BINDING else 1
+        backoff = min(2 ** (s.tries - 1), 4) if s.state is _State.BINDING else 1
         s.sent_at, s.due = now, now + self._cfg.reply_timeout_s * backoff
         if s.state is _State.BINDING:
             self._actions.append(SendBinding(s.slot))
@@ -471,8 +411,11 @@ class NatLifetimeSearch:
         return self._spread_s + self._cfg.grace_s + self._rtt_s
 
     def _expire(self, s: _Slot, now: float) -> None:
+        cfg = self._cfg
         if s.state is _State.WAITING:
             s.state, s.due = _State.READY, None
+        elif s.state is _State.EXPIRING:
+            self._close(s)
         elif s.state is _State.TESTING:
             self._died.append(s.gap_s)
             self._gap_tests += 1
@@ -481,7 +424,7 @@ class NatLifetimeSearch:
         elif s.state is _State.FILTER and self._filter_acked:
             self._filter_note = "no packet from a never-contacted responder port arrived"
             self._filter_done(now, filtered=True)
-        elif s.tries < self._cfg.tries:
+        elif s.tries < (cfg.binding_tries if s.state is _State.BINDING else cfg.tries):
             s.tries += 1
             self._request(s, now)
         elif s.state is _State.BINDING:
@@ -491,7 +434,7 @@ class NatLifetimeSearch:
             self._filter_done(now, filtered=True)
         else:
             if s.state is _State.ARMING and not s.repeat and s.gap_s not in self._queue:
-                self._queue = sorted([*self._queue, s.gap_s])
+                self._queue.insert(0, s.gap_s)  # it was armed first: it stays urgent
             self._drop(s, now)
 
     def _drop(self, s: _Slot, now: float) -> None:
@@ -515,19 +458,14 @@ class NatLifetimeSearch:
 
     def _begin_search(self, now: float) -> None:
         self._phase = _Phase.SEARCH
-        self._queue = self._first_comb(self._cfg.min_gap_s)
+        self._queue, self._later = self._first_comb(self._cfg.min_gap_s)
         self._plan(now)
 
-    def _first_comb(self, start_s: float) -> list[float]:
-        top, resolution = self._cfg.max_lifetime_s, self._step_s
-        if start_s >= top:
-            return [top]
-        if (top - start_s) / resolution <= self._cap - 1 + _EPS:
-            return gap_comb(start_s, top, self._cap, resolution)  # one round is enough
-        # 5/8 of the slots carry the comb; the rest start the 1 s window at start_s.  Steps stay
-        # within the window the freed slots can build (~3/4 of them), so it reaches the next gap.
-        count = max(2, self._cap * 5 // 8)
-        return gap_comb(start_s, top, count, resolution, max_step_s=0.75 * self._cap * resolution)
+    def _first_comb(self, start_s: float) -> tuple[list[float], list[float]]:
+        cfg = self._cfg
+        return first_comb(
+            start_s, cfg.max_lifetime_s, self._cap, self._step_s, cfg.likely_lifetimes_s
+        )
 
     # ---- search -------------------------------------------------------------------------
 
@@ -570,7 +508,7 @@ class NatLifetimeSearch:
         self._flagged.clear()
         self._repeats.clear()
         self._inconsistent_this_round = 0
-        self._queue = self._first_comb(max(self._cfg.min_gap_s, lo + self._step_s))
+        self._queue, self._later = self._first_comb(max(self._cfg.min_gap_s, lo + self._step_s))
 
     def _plan(self, now: float) -> None:
         if self._phase is not _Phase.SEARCH:
@@ -584,18 +522,23 @@ class NatLifetimeSearch:
             self._finish(now)
             return
         self._queue = [g for g in self._queue if g > lo and (hi is None or g < hi)]
+        self._later = [g for g in self._later if g > lo and (hi is None or g < hi)]
         for s in list(self._slots.values()):
-            if s.state is not _State.TESTING or s.repeat:
+            if s.state not in (_State.TESTING, _State.EXPIRING) or s.repeat:
                 continue
             if s.gap_s <= lo and s.armed_at + s.gap_s - now > _PREEMPT_GUARD_S:
                 s.state, s.due = _State.READY, None  # known to survive: re-arm it
             elif hi is not None and s.gap_s >= hi:
                 if now - s.armed_at < lo - _REUSE_MARGIN_S:  # idle < L < T: still alive
                     s.state, s.due = _State.READY, None
+                elif self._reset_notes:
+                    # Table pressure: closing would leave the mapping in the NAT, and the slot
+                    # opened instead would evict a test.  Keep it until T <= hi + spread is over.
+                    s.state, s.due = _State.EXPIRING, s.armed_at + hi + self._fire_wait_s()
                 else:
                     self._close(s)
         ready = [s for s in self._slots.values() if s.state is _State.READY]
-        wanted = self._wanted(lo, hi, limit=len(ready) + self._cap)
+        wanted = self._wanted(lo, hi, now, limit=len(ready) + self._cap)
         for s in ready:
             if not wanted or len(self._slots) > self._cap:
                 self._close(s)
@@ -605,6 +548,8 @@ class NatLifetimeSearch:
                 self._repeats.remove(gap)
             elif gap in self._queue:
                 self._queue.remove(gap)
+            elif gap in self._later:
+                self._later.remove(gap)
             s.state, s.tries, s.gap_s, s.repeat = _State.ARMING, 1, gap, gap <= lo
             self._request(s, now)
         pending = (_State.FILTER, _State.CONDITIONING, _State.WAITING)
@@ -618,21 +563,27 @@ class NatLifetimeSearch:
             self._request(self._open(now, _State.CONDITIONING), now)
             needed -= 1
 
-    def _wanted(self, lo: float, hi: float | None, limit: int) -> list[float]:
-        """Gaps worth a test now, most urgent first: repeats, the comb, then the lowest holes."""
+    def _wanted(self, lo: float, hi: float | None, now: float, limit: int) -> list[float]:
+        """Gaps worth a test now, most urgent first: repeats, the first round, far comb points
+        whose time has come, the holes within the window above ``lo``, the other far points,
+        the other holes.  A far point f is due ``_FAR_DUE_RATIO`` x f after the start: later
+        would delay a lifetime above f by that much, earlier takes slots from the holes."""
         top = hi if hi is not None else self._cfg.max_lifetime_s
-        wanted = [*self._repeats, *self._queue]
         testing = (_State.ARMING, _State.TESTING)
         active = {s.gap_s for s in self._slots.values() if s.state in testing and not s.repeat}
         # Below min_gap_s only once a gap that small has died.
         start = max(lo, self._cfg.min_gap_s if hi is None or hi > self._cfg.min_gap_s else 0.0)
-        points = sorted({start, top} | {g for g in active | set(self._queue) if start < g < top})
-        for low, high in pairwise(points):
-            gap = low + self._step_s
-            while high - low > self._step_s + _EPS and len(wanted) < limit:
-                wanted.append(round(gap, 3))  # the wire carries milliseconds
-                low, gap = gap, gap + self._step_s
-        return wanted
+        comb = {*active, *self._queue, *self._later}
+        points = sorted({start, top} | {g for g in comb if start < g < top})
+        elapsed = now - self._started_at
+        due = [g for g in self._later if g * _FAR_DUE_RATIO <= elapsed]
+        wanted = [*self._repeats, *self._queue, *due]
+        holes = step_window(points, self._step_s, max(0, limit - len(wanted)))
+        horizon = lo + window_s(self._cap, self._step_s)
+        far = [g for g in self._later if g not in due]
+        near = sorted([g for g in holes if g <= horizon] + [g for g in far if g <= horizon])
+        wanted += near + [g for g in far if g > horizon] + [g for g in holes if g > horizon]
+        return wanted[: max(limit, len(self._repeats) + len(self._queue))]
 
     # ---- the end ------------------------------------------------------------------------
 

@@ -325,10 +325,12 @@ def test_nat_reports_mapped_address_and_filter() -> None:
 
 def test_silent_responder_fails_after_backoff() -> None:
     engine = NatLifetimeSearch(random.Random(1))
-    event = World(engine, responder_alive=False).run()
+    world = World(engine, responder_alive=False)
+    event = world.run()
     assert isinstance(event, NatFailed)
-    assert event.elapsed_s == pytest.approx(7.0)  # 1 + 2 + 4 s
-    assert "binding" in event.reason
+    assert event.elapsed_s == pytest.approx(15.0)  # 1 + 2 + 4 + 4 + 4 s
+    assert "binding request (5 tries)" in event.reason
+    assert world.creations == [0.0]
 
 
 def test_start_twice_and_bad_parameters() -> None:
@@ -431,10 +433,15 @@ def test_send_error_counts_as_a_lost_try() -> None:
     assert engine.actions_to_send(0.5) == [SendBinding(0)]
     assert engine.get_timer() == 2.5  # second try waits 2 s
     engine.on_send_error(0, 0.6)
+    assert engine.get_timer() == 4.6  # then 4 s, and 4 s from there on
     engine.on_send_error(0, 0.7)
+    assert engine.get_timer() == 4.7
+    engine.on_send_error(0, 0.8)
+    assert engine.next_event() is None
+    engine.on_send_error(0, 0.9)
     event = engine.next_event()
-    assert isinstance(event, NatFailed) and event.elapsed_s == pytest.approx(0.7)
-    assert engine.actions_to_send(0.7)[-1] == CloseSlot(0) and engine.get_timer() is None
+    assert isinstance(event, NatFailed) and event.elapsed_s == pytest.approx(0.9)
+    assert engine.actions_to_send(0.9)[-1] == CloseSlot(0) and engine.get_timer() is None
 
 
 def test_full_cone_nat_has_no_stateful_filter() -> None:
