@@ -7,13 +7,16 @@ import asyncio
 import json
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from fleetvpn.net.keys import KeyFileError, generate_key, load_key
 from fleetvpn.net.responder import parse_endpoint
+
+T = TypeVar("T")
 
 key_option = click.option(
     "--key-file",
@@ -39,6 +42,35 @@ def _key(path: Path) -> bytes:
 
 def _emit_json(doc: dict[str, Any]) -> None:
     click.echo(json.dumps(doc, indent=2))
+
+
+class _ProgressLine:
+    """One self-rewriting status line on stderr, for people only (never with --json or a pipe)."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.enabled = not as_json and sys.stderr.isatty()
+        self.width = 0
+
+    def show(self, text: str) -> None:
+        if self.enabled:
+            self.width = max(self.width, len(text))
+            click.echo(f"\r{text:<{self.width}}", err=True, nl=False)
+
+    def clear(self) -> None:
+        if self.enabled and self.width:
+            click.echo("\r" + " " * self.width + "\r", err=True, nl=False)
+
+
+def _measure(coro: Coroutine[Any, Any, T], line: _ProgressLine) -> T:
+    """Run one measurement; its ProbeError becomes one clear line and exit 1."""
+    from fleetvpn.net.pmtuprobe import ProbeError
+
+    try:
+        return asyncio.run(coro)
+    except ProbeError as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        line.clear()
 
 
 @click.group()
@@ -103,29 +135,18 @@ def responder(listen: str, key_file: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def pmtu(target: str, key_file: Path, source: str | None, timeout_s: float, as_json: bool) -> None:
     """Measure the path MTU towards a responder, exact to the byte."""
-    from fleetvpn.net.pmtuprobe import ProbeError, measure_pmtu
+    from fleetvpn.net.pmtuprobe import measure_pmtu
 
     endpoint = _endpoint(target, "ADDR:PORT")
     key = _key(key_file)
-    show = not as_json and sys.stderr.isatty()
+    line = _ProgressLine(as_json)
 
     def progress(search: Any) -> None:
-        if show:
-            click.echo(
-                f"\r  probing {target}: round {search.rounds}, {search.probes_sent} probes   ",
-                err=True,
-                nl=False,
-            )
+        line.show(f"  probing {target}: round {search.rounds}, {search.probes_sent} probes")
 
-    try:
-        report = asyncio.run(
-            measure_pmtu(endpoint, key, source=source, timeout_s=timeout_s, progress=progress)
-        )
-    except ProbeError as e:
-        raise click.ClickException(str(e)) from None
-    finally:
-        if show:
-            click.echo("\r" + " " * 60 + "\r", err=True, nl=False)
+    report = _measure(
+        measure_pmtu(endpoint, key, source=source, timeout_s=timeout_s, progress=progress), line
+    )
     if as_json:
         _emit_json(report.as_json())
         return
@@ -156,34 +177,22 @@ def nat(
 ) -> None:
     """Find this host's NAT, its filtering, and how long an idle established mapping lives."""
     from fleetvpn.net.natprobe import measure_nat
-    from fleetvpn.net.pmtuprobe import ProbeError
 
     endpoint = _endpoint(target, "ADDR:PORT")
     key = _key(key_file)
-    show = not as_json and sys.stderr.isatty()
+    line = _ProgressLine(as_json)
 
     def progress(elapsed_s: float, mappings: int) -> None:
-        if show:
-            done = min(1.0, elapsed_s / max_lifetime_s)
-            bar = "#" * int(done * 30)
-            click.echo(
-                f"\r  [{bar:<30}] {elapsed_s:5.0f} s of at most ~{max_lifetime_s:.0f} s, "
-                f"{mappings} mappings open ",
-                err=True,
-                nl=False,
-            )
-
-    try:
-        report = asyncio.run(
-            measure_nat(
-                endpoint, key, source=source, max_lifetime_s=max_lifetime_s, progress=progress
-            )
+        bar = "#" * int(min(1.0, elapsed_s / max_lifetime_s) * 30)
+        line.show(
+            f"  [{bar:<30}] {elapsed_s:5.0f} s of at most ~{max_lifetime_s:.0f} s, "
+            f"{mappings} mappings open"
         )
-    except ProbeError as e:
-        raise click.ClickException(str(e)) from None
-    finally:
-        if show:
-            click.echo("\r" + " " * 78 + "\r", err=True, nl=False)
+
+    report = _measure(
+        measure_nat(endpoint, key, source=source, max_lifetime_s=max_lifetime_s, progress=progress),
+        line,
+    )
     if as_json:
         _emit_json(report.as_json())
         return
