@@ -1,0 +1,604 @@
+"""The wire model: what agents report and what the controller stores and decides.
+
+One set of types (style.md rule 5).  What a client *submits* (:class:`Report` and its parts,
+:class:`Override`) is separate from what the controller *stores* (:class:`StoredReport`,
+:class:`KeepaliveState`) and *decides* (:class:`LinkMtuDecision`, :class:`NodeMtuPlan`,
+:class:`SiteKeepalive`, :class:`PeerKeepalive`, :class:`LinkHealth`, …).  Absence is ``None``;
+keepalive ``0`` means off (as in ``wg set … persistent-keepalive 0``).
+
+Contract.
+  parse_report(obj) -> Report         ``obj`` is a decoded JSON value (dict/list/str/number/bool/
+                                      None); the report is validated field by field.
+  T.from_json(obj) -> T               the same validation, for every type T here.
+  x.to_json() -> dict                 JSON-ready: snake_case keys, units in names (``_s``,
+                                      ``_bytes``, ``_ratio``), timestamps RFC 3339 UTC
+                                      (``2024-05-01T12:00:00Z``), tuples as lists, None as null.
+  Round trip: ``T.from_json(x.to_json()) == x`` for every valid ``x``.
+  Errors: :class:`ReportError` (a ValueError) only, for any input: ``field_path`` names the exact
+    field (``measurements[3].path_mtu``; ``""`` for the top level) and ``problem`` says why:
+    wrong type, out of range, malformed name/id/timestamp/endpoint, unknown key (with a
+    did-you-mean), missing required key, duplicate peer, inconsistent fields.
+  Keys: a field with a Python default may be omitted; every other key is required.
+  Constructors do not validate (they are for trusted code); ``from_json`` is the trust boundary.
+Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import re
+import types
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from datetime import UTC, datetime
+from typing import Any, Final, Literal, Self, TypeVar, Union, get_args, get_origin, get_type_hints
+
+SCHEMA_VERSION: Final = 1
+
+Family = Literal[4, 6]
+Source = Literal["measured", "default", "override"]
+Setting = Literal["tunnel_mtu", "keepalive_s"]
+Scope = Literal["site", "node", "link"]
+HealthState = Literal["ok", "degraded", "blackhole", "stale", "down", "unmeasured"]
+
+NAME_PATTERN: Final = "[a-z0-9][a-z0-9-]{0,62}"  # node and site names: DNS-label-like
+MTU_RANGE: Final = (68, 65535)  # IPv4 minimum (RFC 791) .. the largest IP packet
+KEEPALIVE_RANGE: Final = (0, 65535)  # wg(8): 0 = off, else 1..65535 s
+RTT_LIMIT_S: Final = 3600.0  # exclusive: an hour-long RTT is a broken clock, not a path
+AGE_LIMIT_S: Final = 10 * 365 * 86400.0  # ten years: beyond is a bogus clock
+LIFETIME_LIMIT_S: Final = 86400.0  # NAT mapping lifetimes are searched up to hours, not days
+COUNTER_LIMIT: Final = 2**64 - 1  # WireGuard's rx/tx counters are u64
+MAX_PEERS: Final = 65535  # entries per list in one report; the API's body limit comes first
+MAX_TEXT: Final = 2000  # reasons, notes, evidence
+
+_NAME_RE: Final = re.compile(NAME_PATTERN)
+_UUID_RE: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_RFC3339_RE: Final = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})"
+)
+
+
+class ReportError(ValueError):
+    """Invalid input: ``field_path`` names the field ("" = top level), ``problem`` says why."""
+
+    def __init__(self, field_path: str, problem: str) -> None:
+        self.field_path = field_path
+        self.problem = problem
+        super().__init__(f"{field_path or '(top level)'}: {problem}")
+
+
+# --- field constraints ---------------------------------------------------------------------
+# A check takes the decoded (typed) value, never None, and returns a problem or None.
+
+Check = Callable[[Any], "str | None"]
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _range(lo: float, hi: float, *, below: bool = False) -> Check:
+    """lo <= v <= hi, or lo <= v < hi with ``below``."""
+
+    def check(value: float) -> str | None:
+        if value < lo or value > hi or (below and value == hi):
+            bound = f"{_num(lo)} <= value < {_num(hi)}" if below else f"{_num(lo)}..{_num(hi)}"
+            return f"{_show(value)} is out of range ({bound})"
+        return None
+
+    return check
+
+
+def _num(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
+
+def _positive(hi: float) -> Check:
+    def check(value: float) -> str | None:
+        if 0 < value <= hi:
+            return None
+        return f"{_show(value)} is out of range (0 < value <= {_num(hi)})"
+
+    return check
+
+
+def _name(value: str) -> str | None:
+    return None if _NAME_RE.fullmatch(value) else f"{_show(value)} is not a name ({NAME_PATTERN})"
+
+
+def _uuid(value: str) -> str | None:
+    if _UUID_RE.fullmatch(value):
+        return None
+    return f"{_show(value)} is not a lowercase UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)"
+
+
+def parse_endpoint(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """``"198.18.0.1:51820"`` or ``"[2001:db8::1]:51820"`` → (address, port); ValueError."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or len(port_text) > 5:
+        raise ValueError("expected ip:port or [ipv6]:port")
+    if host.startswith("[") and host.endswith("]"):
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv6Address(host[1:-1])
+    else:
+        address = ipaddress.IPv4Address(host)
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range (1..65535)")
+    return address, port
+
+
+def _endpoint(value: str) -> str | None:
+    try:
+        parse_endpoint(value)
+    except ValueError as e:
+        return f"{_show(value)} is not an endpoint: {e}"
+    return None
+
+
+def _meta(check: Check | None = None, *, max_items: int = MAX_PEERS) -> dict[str, Any]:
+    return {"check": check, "max_items": max_items}
+
+
+def _required_meta(check: Check | None = None) -> dict[str, Any]:
+    return {"check": check, "required": True}
+
+
+# --- timestamps ----------------------------------------------------------------------------
+
+
+def format_time(moment: datetime) -> str:
+    """RFC 3339 UTC with a ``Z``; microseconds only when nonzero.  ``moment`` must be aware."""
+    utc = moment.astimezone(UTC)
+    text = (
+        f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}"
+        f"T{utc.hour:02d}:{utc.minute:02d}:{utc.second:02d}"
+    )
+    return f"{text}.{utc.microsecond:06d}Z" if utc.microsecond else text + "Z"
+
+
+def parse_time(text: str) -> datetime:
+    """RFC 3339 with offset ``Z`` or ``+00:00`` (UTC only) → aware datetime; ValueError.
+    Fractions beyond microseconds are truncated."""
+    match = _RFC3339_RE.fullmatch(text)
+    if match is None:
+        raise ValueError("expected an RFC 3339 timestamp like 2024-05-01T12:00:00Z")
+    year, month, day, hour, minute, second, fraction, offset = match.groups()
+    if offset not in ("Z", "z", "+00:00", "-00:00"):
+        raise ValueError(f"offset {offset} is not UTC (end with Z)")
+    micros = int((fraction or "0")[:6].ljust(6, "0"))
+    return datetime(
+        int(year), int(month), int(day), int(hour), int(minute), int(second), micros, tzinfo=UTC
+    )
+
+
+# --- the generic decoder/encoder ------------------------------------------------------------
+
+W = TypeVar("W", bound="Wire")
+
+
+class Wire:
+    """Base of every wire type: ``to_json`` / ``from_json`` (see the module contract)."""
+
+    __slots__ = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: _encode(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
+
+    @classmethod
+    def from_json(cls, obj: object) -> Self:
+        return _decode_object(cls, obj, "")
+
+    def _cross_check(self, path: str) -> None:
+        """Consistency between fields, after each field was validated; raises ReportError."""
+
+
+def _encode(value: object) -> object:
+    if isinstance(value, Wire):
+        return value.to_json()
+    if isinstance(value, datetime):
+        return format_time(value)
+    if isinstance(value, tuple):
+        return [_encode(item) for item in value]
+    return value
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _decode_object(cls: type[W], obj: object, path: str) -> W:
+    if not isinstance(obj, dict):
+        raise ReportError(path, f"expected an object, got {_kind(obj)}")
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    for key in obj:
+        if not isinstance(key, str):
+            raise ReportError(path, f"keys must be strings, got {_show(key)}")
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ReportError(_join(path, key), f"unknown field{hint}")
+    hints = _hints(cls)
+    values: dict[str, Any] = {}
+    for name, spec in known.items():
+        where = _join(path, name)
+        optional = spec.default is not MISSING and not spec.metadata.get("required", False)
+        if name not in obj:
+            if optional:
+                continue
+            raise ReportError(where, "required field is missing")
+        value = _decode(hints[name], obj[name], where, spec.metadata.get("max_items", MAX_PEERS))
+        check: Check | None = spec.metadata.get("check")
+        if value is not None and check is not None:
+            problem = check(value)
+            if problem is not None:
+                raise ReportError(where, problem)
+        values[name] = value
+    result = cls(**values)
+    result._cross_check(path)
+    return result
+
+
+def _kind(value: object) -> str:
+    names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array"}
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "an object"
+    return f"{names.get(type(value), type(value).__name__)} {_show(value)}"
+
+
+def _decode(hint: Any, value: object, path: str, max_items: int) -> Any:
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = [a for a in get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        (inner,) = options  # the model only uses ``X | None``
+        return _decode(inner, value, path, max_items)
+    if value is None:
+        raise ReportError(path, f"expected {_expected(hint)}, got null")
+    if origin is Literal:
+        for allowed in get_args(hint):
+            if type(value) is type(allowed) and value == allowed:
+                return value
+        raise ReportError(path, f"expected {_expected(hint)}, got {_kind(value)}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ReportError(path, f"expected an array, got {_kind(value)}")
+        if len(value) > max_items:
+            raise ReportError(path, f"{len(value)} items is more than {max_items}")
+        item_hint = get_args(hint)[0]
+        return tuple(_decode(item_hint, v, f"{path}[{i}]", max_items) for i, v in enumerate(value))
+    if isinstance(hint, type) and is_dataclass(hint) and issubclass(hint, Wire):
+        return _decode_object(hint, value, path)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            as_float = float(value) if abs(value) < 1e300 else math.inf
+            if not math.isfinite(as_float):
+                raise ReportError(path, f"{_show(value)} is not a finite number")
+            return as_float
+    elif hint is str:
+        if isinstance(value, str):
+            if len(value) > MAX_TEXT:
+                raise ReportError(path, f"text of {len(value)} characters (at most {MAX_TEXT})")
+            return value
+    elif hint is datetime:
+        if isinstance(value, str):
+            try:
+                return parse_time(value)
+            except ValueError as e:
+                raise ReportError(path, f"{_show(value)}: {e}") from None
+    else:  # pragma: no cover - a model bug, not input
+        raise TypeError(f"unsupported type {hint!r} at {path}")
+    raise ReportError(path, f"expected {_expected(hint)}, got {_kind(value)}")
+
+
+def _expected(hint: Any) -> str:
+    if get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(hint))
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint, "an RFC 3339 timestamp" if hint is datetime else str(hint))
+
+
+# --- what an agent submits ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LinkMeasurement(Wire):
+    """One peer as seen by the reporting node.  The path MTU is the direction node → peer (the
+    sender's own probes); the reverse direction comes in the peer's report."""
+
+    peer: str = field(metadata=_meta(_name))
+    family: Family  # the underlay: 4 or 6
+    rx_bytes: int = field(metadata=_meta(_range(0, COUNTER_LIMIT)))
+    tx_bytes: int = field(metadata=_meta(_range(0, COUNTER_LIMIT)))
+    endpoint: str | None = field(default=None, metadata=_meta(_endpoint))  # in use by WireGuard
+    path_mtu: int | None = field(default=None, metadata=_meta(_range(*MTU_RANGE)))
+    icmp_seen: bool = False  # a "too big" ICMP arrived while probing
+    rtt_s: float | None = field(default=None, metadata=_meta(_range(0, RTT_LIMIT_S, below=True)))
+    loss_ratio: float | None = field(default=None, metadata=_meta(_range(0, 1)))
+    handshake_age_s: float | None = field(default=None, metadata=_meta(_range(0, AGE_LIMIT_S)))
+
+    def _cross_check(self, path: str) -> None:
+        if self.family == 6 and self.path_mtu is not None and self.path_mtu < 1280:
+            raise ReportError(
+                _join(path, "path_mtu"), f"{self.path_mtu} is below the IPv6 minimum 1280"
+            )
+        if self.endpoint is not None:
+            address, _ = parse_endpoint(self.endpoint)
+            if address.version != self.family:
+                raise ReportError(
+                    _join(path, "family"),
+                    f"{self.family} does not match endpoint {self.endpoint} (IPv{address.version})",
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class NatMeasurement(Wire):
+    """The reporting node's NAT, as the NAT-lifetime engine measured it at ``measured_at``."""
+
+    measured_at: datetime
+    nat: bool  # the responder saw another address than the local one
+    stateful_filter: bool  # unsolicited inbound from a never-contacted port was dropped
+    mapped_address: str | None = field(default=None, metadata=_meta(_endpoint))
+    # Lower bound L of the established-flow lifetime T ∈ (L, L + resolution_s]; None: nothing
+    # expired up to max_lifetime_s (or there is nothing to expire).
+    mapping_lifetime_s: float | None = field(
+        default=None, metadata=_meta(_positive(LIFETIME_LIMIT_S))
+    )
+    resolution_s: float | None = field(default=None, metadata=_meta(_range(0, LIFETIME_LIMIT_S)))
+    max_lifetime_s: float | None = field(default=None, metadata=_meta(_positive(LIFETIME_LIMIT_S)))
+
+
+@dataclass(frozen=True, slots=True)
+class ConfiguredPeer(Wire):
+    """What the agent currently applies towards one peer."""
+
+    peer: str = field(metadata=_meta(_name))
+    route_mtu: int | None = field(default=None, metadata=_meta(_range(*MTU_RANGE)))  # None: none
+    keepalive_s: int = field(default=0, metadata=_meta(_range(*KEEPALIVE_RANGE)))  # 0 = off
+
+
+@dataclass(frozen=True, slots=True)
+class Configured(Wire):
+    interface_mtu: int | None = field(default=None, metadata=_meta(_range(*MTU_RANGE)))
+    peers: tuple[ConfiguredPeer, ...] = ()
+
+    def _cross_check(self, path: str) -> None:
+        first: dict[str, int] = {}
+        for i, configured in enumerate(self.peers):
+            if configured.peer in first:
+                raise ReportError(
+                    f"{_join(path, 'peers')}[{i}].peer",
+                    f"duplicate peer {configured.peer!r} (also peers[{first[configured.peer]}])",
+                )
+            first[configured.peer] = i
+
+
+@dataclass(frozen=True, slots=True)
+class Report(Wire):
+    """One agent report.  ``report_id`` makes resubmission idempotent."""
+
+    schema_version: Literal[1] = field(default=1, kw_only=True, metadata=_required_meta())
+    report_id: str = field(metadata=_meta(_uuid))
+    node: str = field(metadata=_meta(_name))
+    site: str = field(metadata=_meta(_name))
+    created_at: datetime  # the agent's clock
+    measurements: tuple[LinkMeasurement, ...]  # at most one per (peer, family)
+    nat: NatMeasurement | None = None  # None: not measured yet
+    configured: Configured = field(default_factory=Configured)
+
+    def _cross_check(self, path: str) -> None:
+        seen: dict[tuple[str, int], int] = {}
+        endpoint_at: dict[str, int] = {}
+        for i, m in enumerate(self.measurements):
+            where = f"measurements[{i}]"
+            if m.peer == self.node:
+                raise ReportError(f"{where}.peer", f"{m.peer!r} is the node itself")
+            if (m.peer, m.family) in seen:
+                raise ReportError(
+                    f"{where}.family",
+                    f"a second IPv{m.family} measurement of peer {m.peer!r} "
+                    f"(also measurements[{seen[m.peer, m.family]}])",
+                )
+            seen[m.peer, m.family] = i
+            if m.endpoint is not None:
+                if m.peer in endpoint_at:
+                    raise ReportError(
+                        f"{where}.endpoint",
+                        f"peer {m.peer!r} has one endpoint in use "
+                        f"(also measurements[{endpoint_at[m.peer]}])",
+                    )
+                endpoint_at[m.peer] = i
+        if self.nat is not None and self.nat.measured_at > self.created_at:
+            raise ReportError("nat.measured_at", "is after the report's created_at")
+
+
+def parse_report(obj: object) -> Report:
+    """Validate a decoded JSON report; raises ReportError naming the field (module contract)."""
+    return Report.from_json(obj)
+
+
+# --- what the controller stores -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoredReport(Wire):
+    """A report as accepted: ``received_at`` is the controller's clock (agents' clocks skew)."""
+
+    received_at: datetime
+    report: Report
+
+
+@dataclass(frozen=True, slots=True)
+class Override(Wire):
+    """An admin's setting that beats measurements.  ``target``: a site (scope "site"), a node
+    ("node": everything that node applies), or ``"node>peer"`` ("link": what node applies
+    towards peer — directional, like a route MTU or a [Peer] keepalive)."""
+
+    scope: Scope
+    target: str
+    setting: Setting
+    value: int
+    note: str = ""
+
+    def _cross_check(self, path: str) -> None:
+        names = self.target.split(">") if self.scope == "link" else [self.target]
+        if len(names) != (2 if self.scope == "link" else 1) or any(_name(n) for n in names):
+            shape = "node>peer" if self.scope == "link" else f"a {self.scope} name"
+            raise ReportError(_join(path, "target"), f"{_show(self.target)} is not {shape}")
+        lo, hi = MTU_RANGE if self.setting == "tunnel_mtu" else KEEPALIVE_RANGE
+        if not lo <= self.value <= hi:
+            raise ReportError(_join(path, "value"), f"{self.value} is out of range ({lo}..{hi})")
+
+
+@dataclass(frozen=True, slots=True)
+class MappingLoss(Wire):
+    """Evidence that ``node``'s NAT mapping towards ``peer`` was lost at ``observed_at`` while
+    ``node`` sent keepalives every ``configured_keepalive_s`` (e.g. the peer saw the node's
+    endpoint port change)."""
+
+    node: str = field(metadata=_meta(_name))
+    peer: str = field(metadata=_meta(_name))
+    observed_at: datetime
+    configured_keepalive_s: int = field(metadata=_meta(_range(*KEEPALIVE_RANGE)))
+    evidence: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeepaliveState(Wire):
+    """The keepalive policy's memory of one site between evaluations (hysteresis, eviction)."""
+
+    site: str = field(metadata=_meta(_name))
+    updated_at: datetime
+    # the hysteresis-filtered value from lifetimes
+    measured_keepalive_s: int = field(metadata=_meta(_range(*KEEPALIVE_RANGE)))
+    measured_source: Source
+    pending_keepalive_s: int | None = None  # a raise waiting for confirmation
+    pending_since: datetime | None = None
+    eviction_cap_s: int | None = None  # lowered after evictions, raised again slowly
+    cap_changed_at: datetime | None = None
+    last_loss_at: datetime | None = None  # losses up to here are accounted for
+
+
+# --- what the controller decides ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LinkMtuDecision(Wire):
+    """One direction of a link: the tunnel MTU ``node`` may send towards ``peer``."""
+
+    node: str
+    peer: str
+    tunnel_mtu: int
+    source: Source
+    reason: str
+    path_mtu: int | None = None
+    family: Family | None = None
+    needs_fragmentation: bool = False  # the path cannot carry the tunnel's minimum MTU
+
+
+@dataclass(frozen=True, slots=True)
+class LinkMtu(Wire):
+    """A link's one number: the tunnel MTU that fits both directions."""
+
+    node_a: str
+    node_b: str
+    tunnel_mtu: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMtu(Wire):
+    """The MTU of ``node``'s route to ``peer``'s allowed IPs (what the kernel and TCP use)."""
+
+    peer: str
+    route_mtu: int
+    tunnel_mtu: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeMtuPlan(Wire):
+    node: str
+    interface_mtu: int
+    reason: str
+    routes: tuple[RouteMtu, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SiteKeepalive(Wire):
+    site: str
+    keepalive_s: int  # 0 = off
+    source: Source
+    reason: str
+    mapping_lifetime_s: float | None = None  # the smallest recent one, when measured
+
+
+@dataclass(frozen=True, slots=True)
+class PeerKeepalive(Wire):
+    """The PersistentKeepalive ``node`` sets in its [Peer] section for ``peer``."""
+
+    node: str
+    peer: str
+    keepalive_s: int  # 0 = off
+    source: Source
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class LinkHealth(Wire):
+    node: str
+    peer: str
+    state: HealthState
+    reason: str
+
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Configured",
+    "ConfiguredPeer",
+    "Family",
+    "HealthState",
+    "KeepaliveState",
+    "LinkHealth",
+    "LinkMeasurement",
+    "LinkMtu",
+    "LinkMtuDecision",
+    "MappingLoss",
+    "NatMeasurement",
+    "NodeMtuPlan",
+    "Override",
+    "PeerKeepalive",
+    "Report",
+    "ReportError",
+    "RouteMtu",
+    "Scope",
+    "Setting",
+    "SiteKeepalive",
+    "Source",
+    "StoredReport",
+    "Wire",
+    "format_time",
+    "parse_endpoint",
+    "parse_report",
+    "parse_time",
+]
