@@ -15,7 +15,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleetvpn.engines import natlife
+from fleetvpn.engines import comb, keepalive, natlife
+from fleetvpn.engines.comb import (
+    LIKELY_LIFETIMES_S,
+    first_comb,
+    likely_pairs,
+    split_runs,
+    step_window,
+)
 from fleetvpn.engines.natlife import (
     Arm,
     CloseSlot,
@@ -28,7 +35,6 @@ from fleetvpn.engines.natlife import (
     SendBinding,
     SendCondition,
     gap_comb,
-    keepalive_for,
 )
 
 Key = tuple[str, int]
@@ -231,7 +237,7 @@ def measure(
     translate: bool = True,
     seed: int = 0,
     loss: float = 0.0,
-    **options: float,
+    **options: object,
 ) -> tuple[NatResult, World]:
     engine = NatLifetimeSearch(random.Random(seed), NatSearchConfig(**options))  # type: ignore[arg-type]
     world = World(engine, nats, translate=translate, loss=loss, seed=seed)
@@ -248,36 +254,6 @@ def assert_found(result: NatResult, lifetime_s: float) -> None:
     assert abs(result.mapping_lifetime_s - lifetime_s) <= 1.0
 
 
-# ---- keepalive rule ---------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("lifetime_s", "keepalive_s"),
-    [(20, 9), (30, 13), (120, 54), (10, 4), (60, 27), (300, 135), (29.6, 13), (3, 0 + 1)],
-)
-def test_keepalive_rule(lifetime_s: float, keepalive_s: int) -> None:
-    value, reason = keepalive_for(lifetime_s, nat=True, stateful_filter=False)
-    assert value == keepalive_s
-    assert "NAT" in reason
-
-
-def test_keepalive_off_without_nat_or_filter() -> None:
-    assert keepalive_for(30, nat=False, stateful_filter=False)[0] == 0
-    assert keepalive_for(None, nat=False, stateful_filter=False) == (
-        0,
-        "no NAT and no stateful filter: nothing expires, keepalive off",
-    )
-    assert keepalive_for(30, nat=False, stateful_filter=True)[0] == 13
-
-
-def test_keepalive_default_when_nothing_expired() -> None:
-    value, reason = keepalive_for(None, nat=True, stateful_filter=False, lower_bound_s=300)
-    assert value == 25 and "no mapping expired within 300 s" in reason
-    assert keepalive_for(None, nat=True, stateful_filter=False, lower_bound_s=40)[0] == 18
-    assert keepalive_for(None, nat=True, stateful_filter=False, default_s=1)[0] == 5
-    assert keepalive_for(None, nat=True, stateful_filter=False, default_s=600)[0] == 120
-
-
 # ---- the comb ---------------------------------------------------------------------------
 
 
@@ -286,10 +262,63 @@ def test_comb_is_one_round_when_the_range_is_narrow() -> None:
 
 
 def test_comb_is_geometric_and_bounded_on_a_wide_range() -> None:
-    comb = gap_comb(5, 300, 32)
-    assert len(comb) == 32 and comb[0] == 5 and comb[-1] == 300
-    steps = [b - a for a, b in itertools.pairwise(comb)]
+    gaps = gap_comb(5, 300, 32)
+    assert len(gaps) == 32 and gaps[0] == 5 and gaps[-1] == 300
+    steps = [b - a for a, b in itertools.pairwise(gaps)]
     assert min(steps) >= 1.0 - 1e-9 and steps == sorted(steps)
+
+
+STEP = 1.0 - 3 * 0.033  # the default resolution minus the default copies' spread
+
+
+def test_likely_pairs_are_within_a_step_and_inside_the_range() -> None:
+    pairs = likely_pairs((300, 10, 45, 400, 5), 5.0, 300.0, STEP)
+    # 5 would need a gap below start, 400 is beyond the range; 300 is clipped at the top.
+    assert pairs == [(9.55, 10.45), (44.55, 45.45), (299.55, 300.0)]
+    for lower, upper in likely_pairs(LIKELY_LIFETIMES_S, 5.0, 300.0, STEP):
+        assert lower < upper and upper - lower <= STEP + 1e-9
+
+
+def test_likely_lifetimes_are_sourced_round_values() -> None:
+    assert LIKELY_LIFETIMES_S == (10, 15, 20, 30, 45, 60, 90, 120, 180, 300)
+    assert NatSearchConfig().likely_lifetimes_s == LIKELY_LIFETIMES_S
+
+
+def test_step_window_and_split_runs() -> None:
+    assert step_window([5.0, 7.0, 7.5, 9.0], 0.9, 10) == [5.9, 6.8, 8.4]
+    assert step_window([5.0, 9.0], 0.9, 2) == [5.9, 6.8]
+    assert split_runs([0.0, 10.0, 100.0], 10, 30.0) == [40.0, 70.0]
+    assert split_runs([0.0, 10.0, 100.0], 1, 30.0) == [55.0]
+    assert split_runs([0.0, 10.0], 5, 30.0) == []
+
+
+def test_first_comb_canaries_then_likely_pairs_then_the_step_window() -> None:
+    first, later = first_comb(5.0, 300.0, 32, STEP, LIKELY_LIFETIMES_S)
+    assert len(first) == 32
+    assert first[:2] == [5.0, 5.901]  # the oldest slots: eviction kills them first
+    pairs = [(first[i + 1], first[i]) for i in range(2, 22, 2)]  # upper armed first
+    assert pairs == likely_pairs(LIKELY_LIFETIMES_S, 5.0, 300.0, STEP)
+    window = first[22:]
+    assert window[:4] == [6.802, 7.703, 8.604, 9.505] and max(window) < 20
+    # Later points: every run between tested points fits the window freed slots build.
+    assert later == sorted(later) and set(later).isdisjoint(first)
+    points = sorted({*first, *later})
+    assert points[0] == 5.0 and points[-1] == 300.0
+    assert max(b - a for a, b in itertools.pairwise(points)) <= comb.window_s(32, STEP)
+
+
+def test_first_comb_without_likely_values_or_room() -> None:
+    assert first_comb(300.0, 300.0, 32, STEP) == ([300.0], [])
+    assert first_comb(10.0, 25.0, 32, STEP, LIKELY_LIFETIMES_S) == (
+        gap_comb(10.0, 25.0, 32, STEP),
+        [],
+    )
+    first, later = first_comb(5.0, 300.0, 32, STEP, ())
+    assert first == [5.0, *step_window([5.0, 300.0], STEP, 31)]  # the step window alone
+    assert later[0] == 300.0
+    # Few slots (after table pressure): at most 5/8 of them carry likely pairs.
+    first, _ = first_comb(5.0, 300.0, 8, STEP, LIKELY_LIFETIMES_S)
+    assert first == [5.0, 5.901, 10.45, 9.55, 15.45, 14.55, 6.802, 7.703]
 
 
 # ---- discovery --------------------------------------------------------------------------
@@ -342,23 +371,72 @@ def test_start_twice_and_bad_parameters() -> None:
         NatSearchConfig(min_gap_s=400, max_lifetime_s=300)
     with pytest.raises(ValueError):
         NatSearchConfig(max_slots=1)
+    with pytest.raises(ValueError):
+        NatSearchConfig(likely_lifetimes_s=(30, 0))
+    with pytest.raises(ValueError):
+        NatSearchConfig(binding_tries=0)
+
+
+@pytest.mark.parametrize("seed", [2804, 3449])
+def test_binding_survives_three_lost_tries(seed: int) -> None:
+    # With 5 % loss each way a binding try fails 9.75 % of the time; these seeds lose the
+    # first three (2804 four): the old 3-try limit gave up, 5 tries (15 s) get through.
+    result, _ = measure([Conntrack(30.0)], seed=seed, loss=0.05)
+    assert_found(result, 30.0)
+    engine = NatLifetimeSearch(random.Random(seed), NatSearchConfig(binding_tries=3))
+    event = World(engine, [Conntrack(30.0)], loss=0.05, seed=seed).run()
+    assert isinstance(event, NatFailed) and "(3 tries)" in event.reason
 
 
 # ---- the lifetime search ----------------------------------------------------------------
 
-LIFETIMES = [10, 15, 20, 30, 45, 60, 90, 120, 180, 300]
 
-
-@pytest.mark.parametrize("lifetime_s", LIFETIMES)
-def test_lifetime_found_within_one_second(lifetime_s: float) -> None:
+@pytest.mark.parametrize("lifetime_s", LIKELY_LIFETIMES_S)
+def test_likely_lifetime_found_by_t_plus_five_seconds(lifetime_s: float) -> None:
     result, world = measure([Conntrack(float(lifetime_s))])
     assert_found(result, lifetime_s)
-    # The documented wall time: ~T + 6 s while the first round is fine enough, ~2T at worst.
-    assert result.elapsed_s <= max(lifetime_s + 7, 2 * lifetime_s + 10)
+    # The pair around T answered: its lower gap survived, its upper one died.
+    assert result.mapping_lifetime_s == pytest.approx(lifetime_s - 0.45)
+    # T + 0.45 s + copy spread; at the top of the range the upper gap is 300 s itself.
+    assert result.resolution_s == pytest.approx(0.999 if lifetime_s < 300 else 0.549)
+    # Measured T + 3.2 .. 4.8 s: conditioning 2.1 s, 0.2 s per earlier pair, copies, grace.
+    assert result.elapsed_s <= lifetime_s + 5.0
     assert world.max_open <= 32
 
 
-@settings(max_examples=20, deadline=None)
+@pytest.mark.parametrize("lifetime_s", [7.0, 12.0, 17.0, 37.0, 52.0, 100.0, 250.0])
+def test_other_lifetimes_found_by_refinement(lifetime_s: float) -> None:
+    result, _ = measure([Conntrack(lifetime_s)])
+    assert_found(result, lifetime_s)
+    # T + ~6 s up to ~17 s (the first round's step window), else ~2 T (measured <= 2.2 T).
+    assert result.elapsed_s <= max(lifetime_s + 6.5, 2.25 * lifetime_s)
+
+
+def test_first_round_arms_the_first_comb_in_order() -> None:
+    _, world = measure([Conntrack(400.0)])
+    gaps = [a.gap_s for a in world.arms if not a.from_other_port]
+    step = 1.0 - 3 * 0.033
+    assert gaps[:32] == first_comb(5.0, 300.0, 32, step, LIKELY_LIFETIMES_S)[0]
+
+
+def test_configured_likely_lifetimes() -> None:
+    result, _ = measure([Conntrack(37.0)], likely_lifetimes_s=(37.0,))
+    assert_found(result, 37.0)
+    assert result.elapsed_s <= 37.0 + 5.0  # not a default likely value: ~1.9 T without it
+    result, _ = measure([Conntrack(30.0)], likely_lifetimes_s=())
+    assert_found(result, 30.0)
+
+
+def test_likely_lifetimes_beyond_the_range_are_left_out() -> None:
+    result, world = measure([Conntrack(90.0)], max_lifetime_s=100.0)
+    assert_found(result, 90.0)
+    assert result.elapsed_s <= 90.0 + 5.0
+    assert max(a.gap_s for a in world.arms) <= 100.0
+    result, _ = measure([Conntrack(150.0)], max_lifetime_s=100.0)
+    assert result.mapping_lifetime_s is None and "no mapping expired within 100 s" in result.reason
+
+
+@settings(max_examples=20, deadline=None, derandomize=True, database=None)
 @given(st.floats(min_value=6.0, max_value=295.0).map(lambda t: round(t, 2)))
 def test_lifetime_found_for_drawn_timeouts(lifetime_s: float) -> None:
     result, _ = measure([Conntrack(lifetime_s)])
@@ -392,9 +470,11 @@ def test_five_percent_loss_over_many_seeds(lifetime_s: float) -> None:
     for seed in range(25):
         result, _ = measure([Conntrack(lifetime_s)], seed=seed, loss=0.05)
         assert_found(result, lifetime_s)
+        # Likely values: a lost Arm or ack costs a 1 s retry (measured <= T + 6.5 s).
+        assert result.elapsed_s <= lifetime_s + 8.0
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)
 @given(
     st.floats(min_value=6.0, max_value=295.0).map(lambda t: round(t, 2)),
     st.integers(min_value=0, max_value=2**32),
@@ -461,8 +541,21 @@ def test_small_table_nat_is_detected_and_still_measured(table_size: int, restart
     assert (nat.evictions > 0) == (restarts > 0)
 
 
-def test_engine_imports_no_io() -> None:
-    tree = ast.parse(Path(natlife.__file__).read_text())
+@pytest.mark.parametrize(("table_size", "lifetime_s"), [(8, 60.0), (16, 90.0), (20, 90.0)])
+def test_evictions_after_a_restart_do_not_fake_a_lifetime(
+    table_size: int, lifetime_s: float
+) -> None:
+    # After a restart, closing a moot test left its mapping in the table, and the slot opened
+    # instead evicted a live test just above L: a clean-looking, wrong bracket.
+    nat = Conntrack(lifetime_s, table_size=table_size)
+    result, _ = measure([nat])
+    assert_found(result, lifetime_s)
+    assert result.restarts >= 1 and nat.evictions > 0
+
+
+@pytest.mark.parametrize("module", [natlife, comb, keepalive])
+def test_engine_imports_no_io(module: object) -> None:
+    tree = ast.parse(Path(str(getattr(module, "__file__", ""))).read_text())
     nodes = list(ast.walk(tree))
     names = {alias.name for n in nodes if isinstance(n, ast.Import) for alias in n.names}
     names |= {n.module or "" for n in nodes if isinstance(n, ast.ImportFrom)}
