@@ -1,0 +1,150 @@
+"""Link health: one state and its reason per link direction, for ``fleetvpn health``.  Pure.
+
+States, checked in this order (the first that holds wins; "degraded" lists every cause):
+  down        no report from the node, or the handshake is older than REJECT_AFTER_TIME_S (no
+              valid session: nothing passes).  Note: WireGuard handshakes only when it sends, so
+              an idle link with keepalive off on both ends also ends up here.
+  stale       the node's latest report is older than STALE_AFTER_S: what we know is too old.
+  unmeasured  the report has no measurement of this peer, or (after the checks below) no path MTU.
+  blackhole   the configured MTUs send outer packets (padding included) above the measured path
+              MTU and no ICMP "too big" was seen: big packets vanish while small ones pass.
+  degraded    loss above LOSS_DEGRADED_RATIO; the path too small but ICMP seen (big packets rely
+              on PMTU discovery or fragmentation); configured MTU more than MTU_SHORTFALL_BYTES
+              below the recommendation; keepalive above the site's mapping lifetime, or off where
+              one is recommended.
+  ok          none of the above.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Final
+
+from fleetvpn.controller.policy_mtu import overhead_for, padded_outer_bytes
+from fleetvpn.model import HealthState, LinkHealth, LinkMeasurement, StoredReport
+
+# WireGuard rejects a session's keys 180 s after its handshake (wireguard-go device/constants.go
+# RejectAfterTime); with traffic or keepalives a new handshake comes every ~120 s.
+REJECT_AFTER_TIME_S: Final = 180.0
+# Agents report about once a minute: five missed reports make what we show history.
+STALE_AFTER_S: Final = 300.0
+# Above 2 % loss TCP throughput collapses (Mathis: rate ∝ 1/√loss) and users notice.
+LOSS_DEGRADED_RATIO: Final = 0.02
+# 100 bytes below the recommendation wastes ~7 % of every full-size packet (1420 → 1320).
+MTU_SHORTFALL_BYTES: Final = 100
+
+# Worst first: a link row shows the worse of its two directions.
+SEVERITY: Final[tuple[HealthState, ...]] = (
+    "down",
+    "blackhole",
+    "stale",
+    "degraded",
+    "unmeasured",
+    "ok",
+)
+
+
+def _measurement(stored: StoredReport, peer: str) -> LinkMeasurement | None:
+    candidates = [m for m in stored.report.measurements if m.peer == peer]
+    in_use = [m for m in candidates if m.endpoint is not None]
+    chosen = in_use or candidates
+    return chosen[0] if chosen else None
+
+
+def classify_direction(
+    node: str,
+    peer: str,
+    stored: StoredReport | None,
+    *,
+    now: datetime,
+    recommended_route_mtu: int | None = None,
+    recommended_keepalive_s: int | None = None,
+    mapping_lifetime_s: float | None = None,
+) -> LinkHealth:
+    """The health of node → peer as ``node``'s latest report shows it.
+
+    ``stored``: node's latest accepted report (None: never reported).  ``now``: the controller's
+    clock (aware).  ``recommended_route_mtu`` / ``recommended_keepalive_s``: the policy's values
+    for what node applies towards peer (None: no comparison).  ``mapping_lifetime_s``: the
+    smallest recent lifetime at node's site (None: unknown or no NAT).  Never raises.
+    """
+
+    def health(state: HealthState, reason: str) -> LinkHealth:
+        return LinkHealth(node, peer, state, f"{state}: {reason}")
+
+    if stored is None:
+        return health("down", f"no report from {node}")
+    report_age_s = (now - stored.received_at).total_seconds()
+    if report_age_s > STALE_AFTER_S:
+        return health(
+            "stale", f"last report from {node} {report_age_s:.0f} s ago (> {STALE_AFTER_S:.0f} s)"
+        )
+    m = _measurement(stored, peer)
+    if m is None:
+        return health("unmeasured", f"{node}'s report has no measurement of {peer}")
+    if m.handshake_age_s is None:
+        return health("down", f"no handshake between {node} and {peer} yet")
+    handshake_age_s = m.handshake_age_s + max(0.0, report_age_s)
+    if handshake_age_s > REJECT_AFTER_TIME_S:
+        return health(
+            "down",
+            f"last handshake {handshake_age_s:.0f} s ago (> {REJECT_AFTER_TIME_S:.0f} s, "
+            f"REJECT_AFTER_TIME): no valid session",
+        )
+    configured = stored.report.configured
+    peer_config = next((p for p in configured.peers if p.peer == peer), None)
+    route_mtu = peer_config.route_mtu if peer_config else None
+    interface_mtu = configured.interface_mtu or route_mtu
+    problems: list[str] = []
+    if m.path_mtu is not None and interface_mtu is not None:
+        overhead = overhead_for(m.family)
+        outer = padded_outer_bytes(route_mtu, interface_mtu, overhead)
+        if outer > m.path_mtu:
+            effective = min(route_mtu or interface_mtu, interface_mtu)
+            sends = (
+                f"configured MTU {effective} sends up to {outer} bytes (padding and "
+                f"+{overhead} overhead) into a path MTU of {m.path_mtu}"
+            )
+            if not m.icmp_seen:
+                return health(
+                    "blackhole",
+                    f"{sends} and no ICMP was seen: packets above "
+                    f"{m.path_mtu - overhead} bytes vanish",
+                )
+            problems.append(f"{sends}; ICMP seen, so big packets rely on PMTU discovery")
+    if m.loss_ratio is not None and m.loss_ratio > LOSS_DEGRADED_RATIO:
+        problems.append(f"loss {m.loss_ratio:.1%} (> {LOSS_DEGRADED_RATIO:.0%})")
+    effective_mtu = route_mtu or interface_mtu
+    if (
+        recommended_route_mtu is not None
+        and effective_mtu is not None
+        and effective_mtu < recommended_route_mtu - MTU_SHORTFALL_BYTES
+    ):
+        problems.append(
+            f"MTU {effective_mtu} configured, {recommended_route_mtu} recommended "
+            f"(> {MTU_SHORTFALL_BYTES} bytes unused per packet)"
+        )
+    keepalive_s = peer_config.keepalive_s if peer_config else None
+    if keepalive_s and mapping_lifetime_s is not None and keepalive_s > mapping_lifetime_s:
+        problems.append(
+            f"keepalive {keepalive_s} s is above the site's mapping lifetime "
+            f"{mapping_lifetime_s:g} s: {peer} cannot reach {node} part of the time"
+        )
+    if keepalive_s == 0 and recommended_keepalive_s:
+        problems.append(f"keepalive off, {recommended_keepalive_s} s recommended (NAT)")
+    if problems:
+        return health("degraded", "; ".join(problems))
+    if m.path_mtu is None:
+        return health("unmeasured", f"path MTU {node}→{peer} not measured yet")
+    rtt = f", RTT {m.rtt_s * 1000:.0f} ms" if m.rtt_s is not None else ""
+    loss = f", loss {m.loss_ratio:.1%}" if m.loss_ratio is not None else ""
+    return health("ok", f"handshake {handshake_age_s:.0f} s ago{rtt}{loss}, path MTU {m.path_mtu}")
+
+
+def classify_link(a_to_b: LinkHealth, b_to_a: LinkHealth) -> LinkHealth:
+    """One row per link: the worse direction's state, with both directions' reasons."""
+    worse = min((a_to_b, b_to_a), key=lambda h: SEVERITY.index(h.state))
+    reason = f"{a_to_b.node}→{a_to_b.peer} {a_to_b.reason}; {b_to_a.node}→{b_to_a.peer} " + (
+        b_to_a.reason
+    )
+    return LinkHealth(a_to_b.node, a_to_b.peer, worse.state, reason)

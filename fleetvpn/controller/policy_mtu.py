@@ -1,0 +1,242 @@
+"""Tunnel MTU policy: per link direction, per node interface, per peer route.  Pure.
+
+Rules (design.md, "Numbers the product must get right"):
+- A direction node → peer gets tunnel MTU = path MTU − overhead (60 over an IPv4 underlay, 80
+  over IPv6), from the *sender's* own measurement.  Unmeasured: a safe 1280.
+- Never below 1280 while the tunnel carries IPv6 (RFC 8200 §5).  When the path cannot carry
+  1280 + overhead, the tunnel MTU stays 1280 and the decision says ``needs_fragmentation``:
+  packets above path − overhead then need outer fragmentation (kernel WireGuard over IPv4 clears
+  DF, routers fragment) or are dropped (wireguard-go sets DF; any IPv6 underlay) — the link needs
+  another path, or the tunnel must stop carrying IPv6.  An IPv4-only tunnel goes down to 576.
+- A link's one number is the smaller direction: it fits both ways, and it is what TCP across the
+  link uses anyway (each end advertises its MSS from its own route MTU).  Each sender's route
+  still follows its own direction, so one-way traffic on an asymmetric path is not held back.
+- Interface MTU of a node = the largest of its directions.  Each peer's route MTU: the exact value
+  where it equals the interface MTU, else floor16 of it — wireguard-go pads plaintext to a
+  multiple of 16 capped at the *interface* MTU, so a route MTU of 1329 under an interface MTU of
+  1420 sends 1344 + 60 = 1404 bytes into a 1400-byte path (measured; design.md).  floor16 is
+  safe for kernel WireGuard too (it caps padding at the route MTU) and costs at most 15 bytes.
+- Overrides (link > node > site) beat measurements; the padding rule still applies to them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Final
+
+from fleetvpn.controller.policy_overrides import describe, find_override
+from fleetvpn.model import (
+    Family,
+    LinkMeasurement,
+    LinkMtu,
+    LinkMtuDecision,
+    NodeMtuPlan,
+    Override,
+    Report,
+    RouteMtu,
+)
+
+OVERHEAD_BYTES: Final[dict[int, int]] = {4: 60, 6: 80}  # 32 WireGuard + 8 UDP + 20/40 IP
+PADDING_BYTES: Final = 16  # WireGuard pads plaintext to a multiple of 16 (wireguard-go send.go)
+IPV6_MIN_MTU: Final = 1280  # RFC 8200 §5: every IPv6 link carries 1280
+IPV4_MIN_MTU: Final = 576  # RFC 791: every IPv4 host accepts 576; the floor of IPv4-only tunnels
+SAFE_DEFAULT_MTU: Final = 1280  # unmeasured: fits any path >= 1360, the IPv6 minimum inside
+# The PMTU prober never probes above 9000 (net/pmtuprobe.py MAX_CEILING, jumbo frames), so a
+# larger path MTU is not proven; it is taken as 9000 (IPv4 tunnel 8940, IPv6 tunnel 8920).
+MAX_PATH_MTU: Final = 9000
+
+
+def floor16(size: int) -> int:
+    return size - size % PADDING_BYTES
+
+
+def padded_outer_bytes(route_mtu: int | None, interface_mtu: int, overhead: int) -> int:
+    """The largest outer packet a sender emits with these settings (wireguard-go's worst case:
+    padding to 16 capped at the interface MTU).  ``route_mtu`` None: no per-peer route MTU."""
+    inner = interface_mtu if route_mtu is None else min(route_mtu, interface_mtu)
+    padded = min(-(-inner // PADDING_BYTES) * PADDING_BYTES, interface_mtu)
+    return padded + overhead
+
+
+def direction_mtu(
+    node: str, peer: str, measurement: LinkMeasurement | None, *, carries_ipv6: bool = True
+) -> LinkMtuDecision:
+    """The measured (or default) tunnel MTU for node → peer, from node's own measurement.
+
+    ``measurement`` None or without a path MTU: the safe default.  Never raises.
+    """
+    where = f"{node}→{peer}"
+    if measurement is None or measurement.path_mtu is None:
+        return LinkMtuDecision(
+            node=node,
+            peer=peer,
+            tunnel_mtu=SAFE_DEFAULT_MTU,
+            source="default",
+            reason=f"MTU {SAFE_DEFAULT_MTU} {where}: unmeasured: safe default {SAFE_DEFAULT_MTU}",
+            family=None if measurement is None else measurement.family,
+        )
+    family = measurement.family
+    overhead = OVERHEAD_BYTES[family]
+    path_mtu = measurement.path_mtu
+    usable = min(path_mtu, MAX_PATH_MTU)
+    fits = usable - overhead
+    underlay = f"IPv{family} underlay, −{overhead}"
+    measured = f"path MTU {path_mtu} measured by {node}"
+    if usable < path_mtu:
+        measured += f", taken as {MAX_PATH_MTU} (the largest size probed)"
+    floor = IPV6_MIN_MTU if carries_ipv6 else IPV4_MIN_MTU
+    if fits >= floor:
+        jumbo = "; jumbo path" if path_mtu > 1500 else ""
+        reason = f"MTU {fits} {where}: {measured} ({underlay}{jumbo})"
+        return LinkMtuDecision(node, peer, fits, "measured", reason, path_mtu, family)
+    why = "the tunnel carries IPv6" if carries_ipv6 else "the IPv4 minimum"
+    reason = (
+        f"MTU {floor} {where}: {measured} ({underlay}) cannot carry {floor} + {overhead}; "
+        f"held at {floor} because of {why}: packets of {fits + 1}..{floor} bytes need outer "
+        f"fragmentation or are dropped — the link needs another path"
+    )
+    return LinkMtuDecision(node, peer, floor, "measured", reason, path_mtu, family, True)
+
+
+def apply_mtu_override(decision: LinkMtuDecision, override: Override | None) -> LinkMtuDecision:
+    """``decision`` replaced by ``override`` (source "override"), or unchanged if None."""
+    if override is None:
+        return decision
+    kind = "measured" if decision.source == "measured" else "default"
+    reason = (
+        f"MTU {override.value} {decision.node}→{decision.peer}: {describe(override)}: "
+        f"tunnel MTU {override.value} ({kind} would be {decision.tunnel_mtu})"
+    )
+    return replace(decision, tunnel_mtu=override.value, source="override", reason=reason)
+
+
+def link_mtu(a_to_b: LinkMtuDecision, b_to_a: LinkMtuDecision) -> LinkMtu:
+    """The link's tunnel MTU: the smaller direction, so it fits both ways (module docstring)."""
+    smaller = min(a_to_b.tunnel_mtu, b_to_a.tunnel_mtu)
+    a, b = a_to_b.node, a_to_b.peer
+    if (
+        a_to_b.tunnel_mtu == b_to_a.tunnel_mtu
+        and a_to_b.path_mtu == b_to_a.path_mtu
+        and a_to_b.family == b_to_a.family
+        and a_to_b.source == b_to_a.source == "measured"
+        and not a_to_b.needs_fragmentation
+    ):
+        reason = (
+            f"MTU {smaller}: path MTU {a_to_b.path_mtu} measured both ways "
+            f"(IPv{a_to_b.family} underlay, −{overhead_for(a_to_b.family)})"
+        )
+    elif a_to_b.tunnel_mtu == b_to_a.tunnel_mtu:
+        reason = f"MTU {smaller} both ways: {a_to_b.reason}; {b_to_a.reason}"
+    else:
+        reason = (
+            f"MTU {smaller}: the smaller direction of an asymmetric link ({a}→{b} "
+            f"{a_to_b.tunnel_mtu}, {b}→{a} {b_to_a.tunnel_mtu}); each sender's route follows "
+            f"its own direction, TCP uses the smaller both ways"
+        )
+    return LinkMtu(node_a=a, node_b=b, tunnel_mtu=smaller, reason=reason)
+
+
+def node_mtu_plan(node: str, directions: Sequence[LinkMtuDecision]) -> NodeMtuPlan:
+    """Interface MTU and per-peer route MTUs for ``node`` from its outgoing ``directions``
+    (each with ``decision.node == node``).  No directions: the safe default interface MTU."""
+    if not directions:
+        reason = f"interface MTU {SAFE_DEFAULT_MTU}: no links: safe default"
+        return NodeMtuPlan(node, SAFE_DEFAULT_MTU, reason, ())
+    largest = max(directions, key=lambda d: d.tunnel_mtu)
+    interface_mtu = largest.tunnel_mtu
+    reason = (
+        f"interface MTU {interface_mtu}: the largest of {len(directions)} link(s) "
+        f"(towards {largest.peer}: {largest.reason})"
+    )
+    routes = []
+    for d in sorted(directions, key=lambda d: d.peer):
+        if d.tunnel_mtu >= interface_mtu:
+            route_mtu = interface_mtu
+            why = "= the interface MTU: padding is capped there, the exact value is safe"
+        elif d.tunnel_mtu % PADDING_BYTES == 0:
+            route_mtu = d.tunnel_mtu
+            why = f"below the interface MTU {interface_mtu}, already a multiple of 16"
+        else:
+            route_mtu = floor16(d.tunnel_mtu)
+            padded = min(-(-d.tunnel_mtu // PADDING_BYTES) * PADDING_BYTES, interface_mtu)
+            why = (
+                f"= floor16({d.tunnel_mtu}): below the interface MTU {interface_mtu}, "
+                f"wireguard-go pads {d.tunnel_mtu} to {padded}"
+            )
+        routes.append(RouteMtu(d.peer, route_mtu, d.tunnel_mtu, f"route MTU {route_mtu} {why}"))
+    return NodeMtuPlan(node, interface_mtu, reason, tuple(routes))
+
+
+@dataclass(frozen=True, slots=True)
+class FleetMtu:
+    directions: dict[tuple[str, str], LinkMtuDecision]  # (node, peer) → decision
+    links: dict[tuple[str, str], LinkMtu]  # (a, b) as given in ``links``
+    nodes: dict[str, NodeMtuPlan]
+
+
+def decide_mtus(
+    links: Iterable[tuple[str, str]],
+    measurements: Mapping[tuple[str, str], LinkMeasurement],
+    node_sites: Mapping[str, str],
+    overrides: Iterable[Override] = (),
+    *,
+    carries_ipv6: bool = True,
+) -> FleetMtu:
+    """Every MTU decision of a fleet.
+
+    ``links``: unordered peerings (a, b).  ``measurements``: (sender, receiver) → the sender's
+    latest measurement (see :func:`latest_link_measurements`).  ``node_sites``: node → site
+    (for site overrides; unknown nodes have none).  ``carries_ipv6``: the tunnels carry IPv6.
+    Returns per-direction decisions, per-link values and per-node plans.  Never raises.
+    """
+    mtu_overrides = [o for o in overrides if o.setting == "tunnel_mtu"]
+    directions: dict[tuple[str, str], LinkMtuDecision] = {}
+    link_values: dict[tuple[str, str], LinkMtu] = {}
+    for a, b in links:
+        for node, peer in ((a, b), (b, a)):
+            if (node, peer) not in directions:
+                decision = direction_mtu(
+                    node, peer, measurements.get((node, peer)), carries_ipv6=carries_ipv6
+                )
+                found = find_override(mtu_overrides, "tunnel_mtu", node, peer, node_sites.get(node))
+                directions[node, peer] = apply_mtu_override(decision, found)
+        link_values[a, b] = link_mtu(directions[a, b], directions[b, a])
+    outgoing: dict[str, list[LinkMtuDecision]] = {}
+    for (node, _), decision in directions.items():
+        outgoing.setdefault(node, []).append(decision)
+    plans = {node: node_mtu_plan(node, ds) for node, ds in outgoing.items()}
+    return FleetMtu(directions, link_values, plans)
+
+
+def latest_link_measurements(reports: Iterable[Report]) -> dict[tuple[str, str], LinkMeasurement]:
+    """(node, peer) → the measurement to decide from; ``reports``: each node's latest one.
+
+    A report holds at most one measurement per (peer, family); the one whose endpoint is in use
+    wins, else the one with the smaller path MTU (either family may carry the tunnel).
+    """
+    chosen: dict[tuple[str, str], LinkMeasurement] = {}
+    for report in reports:
+        for m in report.measurements:
+            key = (report.node, m.peer)
+            other = chosen.get(key)
+            if other is None or _preferred(m, other):
+                chosen[key] = m
+    return chosen
+
+
+def _preferred(candidate: LinkMeasurement, current: LinkMeasurement) -> bool:
+    if (candidate.endpoint is None) != (current.endpoint is None):
+        return candidate.endpoint is not None
+    if current.path_mtu is None:
+        return candidate.path_mtu is not None
+    return candidate.path_mtu is not None and _tunnel(candidate) < _tunnel(current)
+
+
+def _tunnel(m: LinkMeasurement) -> int:
+    return (m.path_mtu or 0) - OVERHEAD_BYTES[m.family]
+
+
+def overhead_for(family: Family | None) -> int:
+    """The WireGuard overhead over ``family`` (None: unknown, the larger IPv6 figure)."""
+    return OVERHEAD_BYTES[6 if family is None else family]
