@@ -1,8 +1,9 @@
-"""Which idle gaps the NAT lifetime search tests first: pure arithmetic on seconds.
+"""Which idle gaps the NAT lifetime search tests, and in which order: arithmetic on seconds.
 
-No I/O, no clock, no state.  ``first_comb`` lays out the first round over [start, top]: a tight
-pair around each likely lifetime, the range's ends, and coverage points in between;
-``gap_comb`` is a plain comb (fine where that fits, else geometric).
+Pure: no I/O, no clock, no state.  ``first_comb`` lays out the search's start (canaries, a
+tight pair around each likely lifetime, a fine step window, far points for later);
+``step_window`` fills runs one step apart; ``gap_comb`` is a plain comb (fine where that fits,
+else geometric).
 """
 
 from __future__ import annotations
@@ -12,23 +13,23 @@ from itertools import pairwise
 
 _EPS = 1e-9
 
-# Lifetimes NATs and stateful firewalls are configured with (whole seconds): a pair of tests
-# around each answers at ~T + 3..5 s when T is one of them.  Sources (reference.md):
-#   10   MikroTik RouterOS udp-timeout
-#   15   Nokia CGN initial UDP timeout
+# Lifetimes NATs and stateful firewalls are configured with (whole seconds, and timers tick in
+# whole seconds): a pair of tests around each answers at T + 3..5 s when T is one of them.
+#   10   MikroTik RouterOS udp-timeout (reference.md)
+#   15   Nokia CGN initial UDP timeout (reference.md)
 #   20   the lab's NAT (reference.md, "Measured here")
-#   30   Linux conntrack nf_conntrack_udp_timeout (unreplied); RFC 9308's assumption; GCP Cloud
-#        NAT; AWS security groups (unconfirmed flows)
-#   45   between the 30 s and 60 s families: carrier NAT median ~35 s fixed (IMC studies)
-#   60   OpenWrt's nf_conntrack_udp_timeout; pf udp.first / udp.multiple
-#   90   between the 60 s and 120 s families: carrier NAT median ~65 s mobile (IMC studies)
-#   120  Linux conntrack nf_conntrack_udp_timeout_stream (current kernels); RFC 4787 REQ-5's
-#        minimum
-#   180  the stream timeout of older Linux kernels and of OpenWrt; MikroTik udp-stream-timeout;
-#        AWS security groups (tracked flows)
+#   30   Linux conntrack nf_conntrack_udp_timeout (unreplied); RFC 9308's assumption; GCP
+#        Cloud NAT; AWS security groups, unconfirmed flows (reference.md)
+#   60   OpenWrt's nf_conntrack_udp_timeout (sysctl-nf-conntrack.conf); pf udp.first/multiple
+#   120  Linux nf_conntrack_udp_timeout_stream, current kernels' default; RFC 4787 REQ-5's floor
+#   180  the same in older kernels (Linux 3.0: 180*HZ) and in OpenWrt; MikroTik
+#        udp-stream-timeout; AWS security groups, tracked flows (reference.md)
 #   300  RFC 4787 REQ-5's recommended minimum
-# Each value costs two of the first round's slots and delays every later one by two creations
-# (0.2 s at 10/s); past ~10 values the last ones answer later than T + 5 s.
+#   45, 90  no single source: the middles of the 30..60 and 60..120 s holes, near where carrier
+#        NATs' medians fall (~35 s fixed, ~65 s mobile; reference.md)
+# Each value costs two first-round slots and delays every later one by two creations (0.2 s at
+# 10/s): the 9th answers at T + 4.8 s, an 11th would pass T + 5 s.  Left out for that: 25 (a
+# usual WireGuard keepalive, not a timeout), 40, 240.
 LIKELY_LIFETIMES_S: tuple[float, ...] = (10, 15, 20, 30, 45, 60, 90, 120, 180, 300)
 
 
@@ -126,12 +127,11 @@ def first_comb(
 
     One round ``step_s`` apart when ``slots`` suffice.  Otherwise the first round, in the
     order the slots become ready: ``start_s`` and one step above (canaries for eviction); the
-    likely pairs (the shortest first, each pair's upper gap first: its death is known last),
-    on at most 5/8 of the slots; the step window up from the canaries on the slots left
-    (short lifetimes in one round).  Later, on slots
-    freed by results (a few seconds late is little for a long gap): ``top_s`` and points
-    splitting the longest runs until none exceeds 3/4 x slots x step_s, the window the freed
-    slots build above the largest survival, so that it reaches the next point.
+    likely pairs clear of them (the shortest first, each pair's upper gap first: its death is
+    known last), on at most 5/8 of the slots; the step window up from the canaries on the
+    slots left (short lifetimes in one round).  Later, on slots freed by results (a few
+    seconds late is little for a long gap): ``top_s`` and points splitting the longest runs
+    until none exceeds ``window_s``, so that the window reaches the next point.
     """
     if start_s >= top_s - _EPS:
         return [top_s], []

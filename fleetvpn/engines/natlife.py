@@ -21,8 +21,8 @@ Contract.  Inputs carry ``now`` (seconds, one monotonic clock; the engine reads 
     one, after every slot was closed).
   Errors: ValueError (bad config), RuntimeError (start twice); inputs for unknown or closed
     slots, stale tokens and duplicate copies are ignored (normal on UDP).  NatFailed when the
-    binding request goes unanswered ``tries`` times (1, 2, 4 s) or 8 slots in a row do.  Other
-    unanswered requests are re-sent ``tries`` times, then the slot closes and its gap is queued.
+    binding request goes unanswered ``binding_tries`` times (1, 2, 4, 4, 4 s) or 8 slots in a
+    row do.  Other requests are re-sent ``tries`` times, then the slot closes, its gap queued.
   Slot = one local UDP socket = one mapping once it sends; ids are never reused.  Fires come from
     the address the slot talks to, unless ``from_other_port``.  The responder must echo the Arm's
     token in the ack and each fire, and let an Arm *replace* its schedule for that source.
@@ -38,23 +38,34 @@ that fire arrives: done, nothing searched.  Otherwise new slots send a condition
 ``stream_delay_s`` after creation, their Arm, whose ack completes the conditioning; at most
 ``max_slots`` open, at most ``max_new_per_s`` created in any 1 s window, only while there is
 work.  Points are ``step`` = resolution_s - copy spread apart (a death at g only proves T <= g +
-spread).  First comb over [min_gap_s, max_lifetime_s]: a step apart on all slots when that fits
-(one round), else geometric on 5/8 of them (steps <= 3/4 slots x step) while the rest start the
-step window at min_gap_s.  Refinement is continuous: a slot whose fire arrived is still
-established and alive, so it is re-armed at once with the lowest untested point one step above
-the largest survival L (one gap per slot at a time: inbound packets refresh a mapping).
-Tests made moot by a survival are re-armed; tests above a death are reused if provably alive
-(idle < L), else closed.  Done when the smallest death above L is within a step: the lifetime
+spread).  First comb (comb.first_comb) over [min_gap_s, max_lifetime_s], armed in this order as
+slots become ready: a step apart on all slots when that fits (one round); else two canaries
+(min_gap_s and a step above: a NAT short of table space evicts its oldest mappings), a pair
+c -/+ step/2 around each of ``likely_lifetimes_s`` (the shortest first, on at most 5/8 of the
+slots: when T = c the pair alone is the bracket), and the step window up from the canaries.
+Far points (max_lifetime_s, and points splitting runs longer than 3/4 slots x step, the window
+freed slots build) wait for freed slots: each is due 0.1 x its gap after the start, until then
+the holes within that window above the largest survival L go first.  Refinement is continuous:
+a slot whose fire arrived is still established and alive, so it is re-armed at once with the
+lowest untested point one step above L (one gap per slot at a time: inbound packets refresh a
+mapping).  Tests made moot by a survival are re-armed; tests above a death are reused if
+provably alive (idle < L), else closed, or once table pressure is suspected kept until their
+mapping surely expired (a closed socket leaves it in the NAT, and the slot opened instead
+would evict a test).  Done when the smallest death above L is within a step: the lifetime
 reported is L, a lower bound, and T lies in (L, L + the reported resolution_s <= resolution_s];
 None if nothing died up to max_lifetime_s.  A death below a survival is re-tested; two, or every
 gap dying down to min_gap_s, suggest eviction (table pressure): all slots close, deaths are
 forgotten (survivals stay proven), max_slots halves and a new comb starts above L.
 
-Wall time (virtual, 20 ms RTT), known when the smallest dying gap has died.  One round: T + 2.5 s
-to T + 6.5 s (conditioning 2.1 s + 0.1 s per earlier slot + copies + grace).  Default range,
-measured: T + 4.6..6.3 s for T < 15 s, T + 6..16 s for 15..25 s, ~1.7 T for 25..40 s, ~1.9 T
-for 40..80 s, ~1.95 T (at most 2 T + 9 s) beyond: a gap armed at time a answers at a + gap, and
-the step window the freed slots keep above L is only ~20 s wide.
+Wall time (virtual, 20 ms RTT, default config, the unit tests' simulated conntrack), known
+when the smallest dying gap has died.  T a likely value (or within 0.45 s of one): T + 3.2 s
+(T = 10) rising 0.2 s per earlier pair to T + 4.8 s (T = 180); T = 300: T + 4.5 s.  At 5 %
+loss each way (50 seeds) the median is the same, the worst T + 6.5 s (a lost Arm or ack costs
+a 1 s retry): 10..18 % of runs exceed T + 5 s for T >= 60 s, <= 2 % below.  Other T: T + 4.7
+to 6.3 s up to 17 s (the first round's step window), T + 8..14 s for 17..24 s; beyond, a gap
+armed at time a answers at a + gap and the window above L moves up with the survivals: ~2 T
+(37 s: 1.91 T, 52 s: 1.94 T, 100 s: 1.94 T, 250 s: 2.10 T; mean 1.96 T over 5..300 s, worst
+2.2 T); 5 % loss adds up to 2 s.  32 slots open at most; 32..36 mappings used.
 """
 
 from __future__ import annotations
@@ -70,8 +81,16 @@ from fleetvpn.engines.comb import first_comb, step_window, window_s
 from fleetvpn.engines.comb import gap_comb as gap_comb
 from fleetvpn.engines.keepalive import DEFAULT_KEEPALIVE_S as DEFAULT_KEEPALIVE_S
 from fleetvpn.engines.keepalive import keepalive_for as keepalive_for
-
-Address = tuple[str, int]
+from fleetvpn.engines.natevents import Action as Action
+from fleetvpn.engines.natevents import Address as Address
+from fleetvpn.engines.natevents import Arm as Arm
+from fleetvpn.engines.natevents import CloseSlot as CloseSlot
+from fleetvpn.engines.natevents import NatEvent as NatEvent
+from fleetvpn.engines.natevents import NatFailed as NatFailed
+from fleetvpn.engines.natevents import NatResult as NatResult
+from fleetvpn.engines.natevents import OpenSlot as OpenSlot
+from fleetvpn.engines.natevents import SendBinding as SendBinding
+from fleetvpn.engines.natevents import SendCondition as SendCondition
 
 _EPS = 1e-9
 _PREEMPT_GUARD_S = 0.5  # never re-arm a slot whose fire is this close: copies may be in flight
@@ -80,74 +99,6 @@ _FAR_DUE_RATIO = 0.1
 _MIN_SLOTS = 4
 _MAX_FAILED_SLOTS = 8
 _INCONSISTENT_BEFORE_RESET = 2
-
-
-@dataclass(frozen=True, slots=True)
-class OpenSlot:
-    """Open a new local UDP socket; its first packet creates a new NAT mapping."""
-
-    slot: int
-
-
-@dataclass(frozen=True, slots=True)
-class CloseSlot:
-    slot: int
-
-
-@dataclass(frozen=True, slots=True)
-class SendBinding:
-    """Ask the responder which address it sees (answer: on_binding)."""
-
-    slot: int
-
-
-@dataclass(frozen=True, slots=True)
-class SendCondition:
-    """A request the responder answers at once (answer: on_reply)."""
-
-    slot: int
-
-
-@dataclass(frozen=True, slots=True)
-class Arm:
-    """Responder: ack now, then send ``copies`` fires starting ``gap_s`` after receipt."""
-
-    slot: int
-    token: int
-    gap_s: float
-    copies: int
-    spacing_s: float
-    from_other_port: bool = False
-
-
-Action = OpenSlot | CloseSlot | SendBinding | SendCondition | Arm
-
-
-@dataclass(frozen=True, slots=True)
-class NatResult:
-    nat: bool
-    mapped_address: Address
-    local_address: Address
-    port_preserved: bool
-    stateful_filter: bool
-    mapping_lifetime_s: float | None  # lower bound L; None: nothing expired (or nothing to expire)
-    resolution_s: float | None  # the lifetime lies in (L, L + resolution_s]
-    keepalive_s: int
-    elapsed_s: float
-    mappings_used: int
-    gap_tests: int
-    inconsistent_results: int  # a gap died while a longer one survived
-    restarts: int  # with half the mappings, on suspected table pressure
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class NatFailed:
-    reason: str
-    elapsed_s: float
-
-
-NatEvent = NatResult | NatFailed
 
 
 class _Phase(Enum):
