@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from fleetvpn import __version__
+from fleetvpn.controller.cli import controller
 from fleetvpn.lab.cli import lab
 from fleetvpn.net.cli import probe
 
@@ -22,6 +23,7 @@ def cli() -> None:
 # The table of subcommands. Each group lives next to the code it drives.
 cli.add_command(lab)
 cli.add_command(probe)
+cli.add_command(controller)
 
 
 def main() -> None:

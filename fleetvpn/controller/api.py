@@ -1,0 +1,227 @@
+"""The controller's HTTP API (FastAPI on uvicorn). OpenAPI at ``/openapi.json``, docs at ``/docs``.
+
+Trust: ``Authorization: Bearer <token>``. Admin tokens may do everything; a node token may write
+only that node's reports and read only that node's desired state; enrollment needs no bearer,
+only a one-time enrollment token in the body. Every error is JSON ``{"error": "..."}`` with a
+4xx status that says what is wrong and where; a rejected request changes nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from fleetvpn import __version__
+from fleetvpn.controller.store import Conflict, Forbidden, NotFound, Principal, Store, StoreError
+from fleetvpn.model import NAME_PATTERN, Override, ReportError, parse_report
+
+_NAME_RE = re.compile(NAME_PATTERN)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The request body as JSON; 413 past ``limit`` bytes (checked while reading), 400 if not
+    JSON."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"body of {declared} bytes is over the limit of {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"body is over the limit of {limit} bytes")
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"body is not valid JSON: {e}") from None
+
+
+def _public_key(value: Any) -> str:
+    try:
+        if isinstance(value, str) and len(base64.b64decode(value, validate=True)) == 32:
+            return value
+    except (binascii.Error, ValueError):
+        pass
+    raise ApiError(422, "public_key: not a WireGuard public key (32 bytes, base64)")
+
+
+def _field(doc: Any, key: str, kind: type) -> Any:
+    if not isinstance(doc, dict):
+        raise ApiError(422, "body: must be a JSON object")
+    if key not in doc:
+        raise ApiError(422, f"{key}: is required")
+    if not isinstance(doc[key], kind) or (isinstance(doc[key], bool) and kind is not bool):
+        raise ApiError(422, f"{key}: must be {kind.__name__}")
+    return doc[key]
+
+
+def create_app(store: Store, *, max_body_bytes: int = 1 << 20) -> FastAPI:
+    app = FastAPI(title="fleetvpn controller", version=__version__)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(StoreError)
+    async def store_error(_request: Request, exc: StoreError) -> JSONResponse:
+        status = {Conflict: 409, Forbidden: 403, NotFound: 404}.get(type(exc), 400)
+        return _error(status, str(exc))
+
+    def principal(request: Request) -> Principal:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "missing bearer token (Authorization: Bearer …)")
+        who = store.authenticate(token.strip())
+        if who is None:
+            raise ApiError(401, "unknown or revoked token")
+        return who
+
+    def admin(request: Request) -> Principal:
+        who = principal(request)
+        if who.kind != "admin":
+            raise ApiError(403, "needs an admin token")
+        return who
+
+    @app.middleware("http")
+    async def no_store(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
+        response = await call_next(request)
+        response.headers["cache-control"] = "no-store"
+        return response
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        return {"ok": True, "version": __version__, "schema_version": store.schema_version()}
+
+    @app.post("/v1/enrollment-tokens", status_code=201)
+    async def enrollment_token(request: Request) -> dict[str, Any]:
+        admin(request)
+        doc = await read_json(request, max_body_bytes)
+        site = _field(doc, "site", str)
+        if not _NAME_RE.fullmatch(site):
+            raise ApiError(422, f"site: {site!r} is not a valid site name")
+        valid_for_s = doc.get("valid_for_s", 86400)
+        if isinstance(valid_for_s, bool) or not isinstance(valid_for_s, int) or valid_for_s < 60:
+            raise ApiError(422, "valid_for_s: must be an integer ≥ 60")
+        token = store.create_enrollment_token(site, timedelta(seconds=valid_for_s))
+        return {"enrollment_token": token, "site": site, "valid_for_s": valid_for_s}
+
+    @app.post("/v1/enroll", status_code=201)
+    async def enroll(request: Request) -> dict[str, Any]:
+        doc = await read_json(request, max_body_bytes)
+        token = _field(doc, "enrollment_token", str)
+        name = _field(doc, "name", str)
+        if not _NAME_RE.fullmatch(name):
+            raise ApiError(422, f"name: {name!r} is not a valid node name ({NAME_PATTERN})")
+        public_key = _public_key(_field(doc, "public_key", str))
+        node_token, site = store.enroll(token, name, public_key)
+        return {"node": name, "site": site, "node_token": node_token}
+
+    @app.post("/v1/reports", status_code=201)
+    async def put_report(request: Request) -> JSONResponse:
+        who = principal(request)
+        if who.kind != "node":
+            raise ApiError(403, "reports come from nodes (use the node's own token)")
+        doc = await read_json(request, max_body_bytes)
+        try:
+            report = parse_report(doc)
+        except ReportError as e:
+            raise ApiError(422, str(e)) from None
+        if report.node != who.name:
+            raise ApiError(
+                403, f"node: {who.name} may write only its own reports, not {report.node}'s"
+            )
+        if report.site != who.site:
+            raise ApiError(
+                422, f"site: {report.node} enrolled in site {who.site}, not {report.site}"
+            )
+        links = [
+            {
+                "peer": m.peer,
+                "family": m.family,
+                "path_mtu": m.path_mtu,
+                "icmp_seen": m.icmp_seen,
+                "rtt_s": m.rtt_s,
+                "loss_ratio": m.loss_ratio,
+                "handshake_age_s": m.handshake_age_s,
+                "rx_bytes": m.rx_bytes,
+                "tx_bytes": m.tx_bytes,
+                "endpoint": m.endpoint,
+            }
+            for m in report.measurements
+        ]
+        nat = None
+        if report.nat is not None:
+            nat = {
+                "nat": report.nat.nat,
+                "mapped_address": report.nat.mapped_address,
+                "mapping_lifetime_s": report.nat.mapping_lifetime_s,
+                "resolution_s": report.nat.resolution_s,
+                "stateful_filter": report.nat.stateful_filter,
+            }
+        stored = store.put_report(
+            who, report.report_id, report.created_at, report.to_json(), links, nat
+        )
+        return JSONResponse(
+            {"report_id": report.report_id, "stored": stored}, status_code=201 if stored else 200
+        )
+
+    @app.get("/v1/nodes")
+    def list_nodes(request: Request) -> dict[str, Any]:
+        admin(request)
+        return {"schema_version": 1, "nodes": _jsonable(store.nodes())}
+
+    @app.get("/v1/overrides")
+    def list_overrides(request: Request) -> dict[str, Any]:
+        admin(request)
+        rows = store.overrides()
+        return {"schema_version": 1, "overrides": _jsonable(rows)}
+
+    @app.put("/v1/overrides")
+    async def put_override(request: Request) -> dict[str, Any]:
+        admin(request)
+        doc = await read_json(request, max_body_bytes)
+        try:
+            override = Override.from_json(doc)
+        except ReportError as e:
+            raise ApiError(422, str(e)) from None
+        store.set_override(
+            override.scope, override.target, override.setting, override.value, override.note
+        )
+        return {"override": override.to_json()}
+
+    @app.delete("/v1/overrides/{scope}/{target}/{setting}")
+    def delete_override(request: Request, scope: str, target: str, setting: str) -> dict[str, Any]:
+        admin(request)
+        if not store.clear_override(scope, target, setting):
+            raise ApiError(404, f"no override {scope} {target} {setting}")
+        return {"deleted": True}
+
+    return app
+
+
+def _jsonable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    from fleetvpn.model import format_time
+
+    out = []
+    for row in rows:
+        out.append({k: format_time(v) if hasattr(v, "tzinfo") else v for k, v in row.items()})
+    return out

@@ -1,0 +1,96 @@
+"""``fleetvpn controller …``: run the controller, and bootstrap its first admin token."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from fleetvpn.controller.config import ConfigError, ControllerConfig, load
+
+if TYPE_CHECKING:  # the store pulls in SQLAlchemy: only the controller's own commands load it
+    from fleetvpn.controller.store import Store
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=Path("/etc/fleetvpn/controller.yml"),
+    show_default=True,
+    help="Controller config file (YAML).",
+)
+
+
+def _config(path: Path) -> ControllerConfig:
+    try:
+        return load(path)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _open_store(config: ControllerConfig) -> Store:
+    from fleetvpn.controller.store import Store
+
+    if config.database.startswith("sqlite:///"):
+        db_file = Path(config.database.removeprefix("sqlite:///"))
+        db_file.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    try:
+        return Store.open(config.database)
+    except Exception as e:  # any driver error is one line for the operator
+        raise click.ClickException(f"cannot open the database {config.database}: {e}") from None
+
+
+@click.group()
+def controller() -> None:
+    """The controller: stores reports, decides MTU and keepalive, answers `health`."""
+
+
+@controller.command("admin-token")
+@config_option
+@click.option("--name", default="admin", show_default=True, help="Who the token is for.")
+def admin_token(config_path: Path, name: str) -> None:
+    """Create an admin token (printed once; only its hash is stored)."""
+    store = _open_store(_config(config_path))
+    click.echo(store.create_admin_token(name))
+
+
+@controller.command()
+@config_option
+def serve(config_path: Path) -> None:
+    """Serve the HTTP API (and the probe responder, when configured) in the foreground."""
+    import uvicorn
+
+    from fleetvpn.controller.api import create_app
+    from fleetvpn.net.keys import KeyFileError, load_key
+    from fleetvpn.net.responder import serve as serve_responder
+
+    config = _config(config_path)
+    store = _open_store(config)
+    app = create_app(store, max_body_bytes=config.max_body_bytes)
+    key = None
+    if config.responder_key_file is not None:
+        try:
+            key = load_key(config.responder_key_file)
+        except KeyFileError as e:
+            raise click.ClickException(str(e)) from None
+
+    if key is not None and config.responder_listen is not None:
+        listen = config.responder_listen
+
+        @app.on_event("startup")
+        async def start_responder() -> None:
+            handle = await serve_responder(listen, key)
+            app.state.responder = handle
+            click.echo(f"probe responder on {listen[0]}:{listen[1]}", err=True)
+
+    host, port = config.listen
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        ssl_certfile=os.fspath(config.tls_cert) if config.tls_cert else None,
+        ssl_keyfile=os.fspath(config.tls_key) if config.tls_key else None,
+        log_level="info",
+    )

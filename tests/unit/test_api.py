@@ -1,0 +1,198 @@
+"""The controller API over real HTTP (uvicorn on loopback) with a real SQLite store: trust rules,
+idempotent reports, and bad input that gets a clear 4xx and changes nothing."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from fleetvpn.controller.api import create_app
+from fleetvpn.controller.store import Store, sqlite_url
+
+PUBLIC_KEY = "x" * 43 + "="
+
+
+class Server:
+    def __init__(self, store: Store, max_body_bytes: int = 64 * 1024) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        config = uvicorn.Config(
+            create_app(store, max_body_bytes=max_body_bytes),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> httpx.Client:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=10)
+        return self.client
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store.open(sqlite_url(str(tmp_path / "controller.db")))
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def api(store: Store) -> Iterator[httpx.Client]:
+    with Server(store) as client:
+        yield client
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+def enroll(api: httpx.Client, admin: str, name: str, site: str, key: str = PUBLIC_KEY) -> str:
+    r = api.post("/v1/enrollment-tokens", json={"site": site}, headers=bearer(admin))
+    assert r.status_code == 201, r.text
+    r = api.post(
+        "/v1/enroll",
+        json={"enrollment_token": r.json()["enrollment_token"], "name": name, "public_key": key},
+    )
+    assert r.status_code == 201, r.text
+    return str(r.json()["node_token"])
+
+
+def report(node: str, site: str, **changes: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "schema_version": 1,
+        "report_id": str(uuid.uuid4()),
+        "node": node,
+        "site": site,
+        "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "measurements": [
+            {"peer": "hub", "family": 4, "rx_bytes": 100, "tx_bytes": 200, "path_mtu": 1400,
+             "rtt_s": 0.02, "loss_ratio": 0.0, "handshake_age_s": 5.0,
+             "endpoint": "198.19.1.11:51820"}
+        ],
+        "configured": {},
+    }  # fmt: skip
+    doc.update(changes)
+    return doc
+
+
+def test_openapi_is_published(api: httpx.Client) -> None:
+    doc = api.get("/openapi.json").json()
+    assert "/v1/reports" in doc["paths"] and "/v1/enroll" in doc["paths"]
+
+
+def test_enroll_then_report_exactly_once(api: httpx.Client, store: Store) -> None:
+    admin = store.create_admin_token()
+    token = enroll(api, admin, "branch1", "branch")
+    doc = report("branch1", "branch")
+    first = api.post("/v1/reports", json=doc, headers=bearer(token))
+    again = api.post("/v1/reports", json=doc, headers=bearer(token))
+    assert (first.status_code, first.json()["stored"]) == (201, True)
+    assert (again.status_code, again.json()["stored"]) == (200, False)
+    assert store.report_count("branch1") == 1
+    (link,) = store.latest_links()
+    assert (link["node"], link["peer"], link["path_mtu"]) == ("branch1", "hub", 1400)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "status", "message"),
+    [
+        (
+            lambda d: {**d, "measurements": [{**d["measurements"][0], "path_mtu": 70000}]},
+            422,
+            "measurements[0].path_mtu",
+        ),
+        (
+            lambda d: {**d, "measurements": [{**d["measurements"][0], "rtt_s": "fast"}]},
+            422,
+            "measurements[0].rtt_s",
+        ),
+        (lambda d: {**d, "colour": "red"}, 422, "colour"),
+        (lambda d: {k: v for k, v in d.items() if k != "node"}, 422, "node"),
+        (lambda d: {**d, "report_id": "not-a-uuid"}, 422, "report_id"),
+        (lambda d: {**d, "node": "other"}, 403, "only its own reports"),
+        (lambda d: {**d, "site": "elsewhere"}, 422, "site"),
+    ],
+)
+def test_bad_reports_get_a_4xx_naming_the_field_and_store_nothing(
+    api: httpx.Client, store: Store, mutate: Any, status: int, message: str
+) -> None:
+    admin = store.create_admin_token()
+    token = enroll(api, admin, "branch1", "branch")
+    r = api.post("/v1/reports", json=mutate(report("branch1", "branch")), headers=bearer(token))
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+    assert store.report_count() == 0
+
+
+def test_malformed_and_oversized_bodies(api: httpx.Client, store: Store) -> None:
+    token = enroll(api, store.create_admin_token(), "branch1", "branch")
+    r = api.post("/v1/reports", content=b"{not json", headers=bearer(token))
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+    big = report("branch1", "branch", padding="x" * 100_000)
+    r = api.post("/v1/reports", json=big, headers=bearer(token))
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+    assert store.report_count() == 0
+
+
+def test_tokens_unknown_revoked_and_wrong_kind(api: httpx.Client, store: Store) -> None:
+    admin = store.create_admin_token()
+    token = enroll(api, admin, "branch1", "branch")
+    doc = report("branch1", "branch")
+    assert api.post("/v1/reports", json=doc).status_code == 401
+    assert api.post("/v1/reports", json=doc, headers=bearer("fvn_guess")).status_code == 401
+    assert api.get("/v1/nodes", headers=bearer(token)).status_code == 403  # a node is no admin
+    assert api.post("/v1/reports", json=doc, headers=bearer(admin)).status_code == 403
+    store.revoke_node("branch1")
+    r = api.post("/v1/reports", json=doc, headers=bearer(token))
+    assert r.status_code == 401 and "revoked" in r.json()["error"]
+    assert store.report_count() == 0
+
+
+def test_enrollment_is_single_use_and_checks_its_input(api: httpx.Client, store: Store) -> None:
+    admin = store.create_admin_token()
+    r = api.post("/v1/enrollment-tokens", json={"site": "branch"}, headers=bearer(admin))
+    token = r.json()["enrollment_token"]
+    body = {"enrollment_token": token, "name": "branch1", "public_key": PUBLIC_KEY}
+    assert api.post("/v1/enroll", json={**body, "public_key": "nope"}).status_code == 422
+    assert api.post("/v1/enroll", json={**body, "name": "Bad_Name"}).status_code == 422
+    assert api.post("/v1/enroll", json=body).status_code == 201
+    r = api.post("/v1/enroll", json={**body, "name": "branch2"})
+    assert r.status_code == 403 and "already used" in r.json()["error"]
+    assert [n["name"] for n in api.get("/v1/nodes", headers=bearer(admin)).json()["nodes"]] == [
+        "branch1"
+    ]
+
+
+def test_overrides(api: httpx.Client, store: Store) -> None:
+    admin = store.create_admin_token()
+    body = {"scope": "site", "target": "branch", "setting": "keepalive_s", "value": 15}
+    assert api.put("/v1/overrides", json=body, headers=bearer(admin)).status_code == 200
+    r = api.put("/v1/overrides", json={**body, "value": -1}, headers=bearer(admin))
+    assert r.status_code == 422 and "value" in r.json()["error"]
+    listed = api.get("/v1/overrides", headers=bearer(admin)).json()["overrides"]
+    assert [(o["target"], o["value"]) for o in listed] == [("branch", 15)]
+    r = api.delete("/v1/overrides/site/branch/keepalive_s", headers=bearer(admin))
+    assert r.status_code == 200
+    assert api.get("/v1/overrides", headers=bearer(admin)).json()["overrides"] == []
