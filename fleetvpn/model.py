@@ -233,7 +233,8 @@ def _decode_object(cls: type[W], obj: object, path: str) -> W:
     values: dict[str, Any] = {}
     for name, spec in known.items():
         where = _join(path, name)
-        optional = spec.default is not MISSING and not spec.metadata.get("required", False)
+        has_default = spec.default is not MISSING or spec.default_factory is not MISSING
+        optional = has_default and not spec.metadata.get("required", False)
         if name not in obj:
             if optional:
                 continue

@@ -20,7 +20,7 @@ Per site (:func:`decide_site_keepalive`):
    applied it yet) changes nothing.  A loss with K ≥ T is an expected expiry: the rule already
    fixes it.  After RAISE_INTERVAL_S without a further lowering the cap grows by RAISE_FACTOR
    (at least 1 s) per interval, and is lifted once it reaches the measured value: 27 → 34 → 43
-   → 54 takes three quiet hours, 5 → 54 about eleven.
+   → 54 takes three quiet hours, 5 → 7 → 9 → 12 → 15 → 19 → 24 → 30 → 38 → 48 → 54 ten.
 Applied = min(filtered value, cap).  Overrides (link > node > site) beat all of it.
 
 Per (node, peer) (:func:`peer_keepalives`): a NATed or filtered node sends its site's keepalive to
@@ -177,14 +177,14 @@ def _filter(
         note = f"kept {current} s: {wanted} s is within the hysteresis band ±{_band(current)} s"
         return current, previous.measured_source, None, None, note
     if _order(wanted) < _order(current):
-        return wanted, proposal.source, None, None, f"lowered from {current} s at once"
+        return wanted, proposal.source, None, None, f"lowered from {_shown(current)} at once"
     pending = wanted
     if previous.pending_keepalive_s is not None:
         pending = min(previous.pending_keepalive_s, wanted, key=_order)
     since = previous.pending_since or now
     held = _age(now, since)
     if held >= RAISE_CONFIRM_S:
-        note = f"raised from {current} s after {held:.0f} s of consistent proposals"
+        note = f"raised from {_shown(current)} after {held:.0f} s of consistent proposals"
         return pending, proposal.source, None, None, note
     note = (
         f"kept {current} s: {_shown(wanted)} must hold for {RAISE_CONFIRM_S:.0f} s before "

@@ -90,10 +90,10 @@ def direction_mtu(
         jumbo = "; jumbo path" if path_mtu > 1500 else ""
         reason = f"MTU {fits} {where}: {measured} ({underlay}{jumbo})"
         return LinkMtuDecision(node, peer, fits, "measured", reason, path_mtu, family)
-    why = "the tunnel carries IPv6" if carries_ipv6 else "the IPv4 minimum"
+    why = "the tunnel carries IPv6" if carries_ipv6 else "it is the IPv4 minimum"
     reason = (
         f"MTU {floor} {where}: {measured} ({underlay}) cannot carry {floor} + {overhead}; "
-        f"held at {floor} because of {why}: packets of {fits + 1}..{floor} bytes need outer "
+        f"held at {floor} because {why}: packets of {fits + 1}..{floor} bytes need outer "
         f"fragmentation or are dropped — the link needs another path"
     )
     return LinkMtuDecision(node, peer, floor, "measured", reason, path_mtu, family, True)

@@ -93,6 +93,22 @@ def test_a_valid_report_parses_with_units_and_types() -> None:
     assert report.configured.peers[0] == ConfiguredPeer("hub", 1340, 25)
 
 
+def test_a_minimal_report_needs_only_the_required_keys() -> None:
+    minimal = {
+        "schema_version": 1,
+        "report_id": REPORT_ID,
+        "node": "n1",
+        "site": "s1",
+        "created_at": "2024-05-01T12:00:00Z",
+        "measurements": [{"peer": "hub", "family": 6, "rx_bytes": 0, "tx_bytes": 0}],
+    }
+    report = parse_report(minimal)
+    assert report.nat is None
+    assert report.configured == Configured(None, ())
+    assert report.measurements[0].icmp_seen is False
+    assert parse_report(report.to_json()) == report
+
+
 def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
     """A mutation setting a dotted path with [i] indexes, e.g. ``measurements[3].path_mtu``."""
 
