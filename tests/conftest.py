@@ -1,6 +1,12 @@
 from __future__ import annotations
 
+import glob
 import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -13,3 +19,72 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "lab" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A throwaway PostgreSQL server from Debian's package, on a Unix socket only (no TCP
+    port): started for the test session, removed after it."""
+    initdb = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not initdb:
+        pytest.skip("PostgreSQL server not installed (scripts/install-deps installs it)")
+    bindir = Path(initdb[-1]).parent
+    base = tmp_path_factory.mktemp("postgres")
+    data, sockets = base / "data", base / "sock"
+    sockets.mkdir()
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+        shutil.chown(base, "postgres")
+        shutil.chown(sockets, "postgres")
+        os.chmod(base.parent, 0o755)
+        os.chmod(base.parent.parent, 0o755)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    subprocess.run(
+        [*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "fleetvpn", "--auth=trust"],
+        check=True,
+        capture_output=True,
+    )
+    server = subprocess.Popen(
+        [*as_user, str(bindir / "postgres"), "-D", str(data), "-k", str(sockets),
+         "-c", "listen_addresses=", "-c", "fsync=off"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"postgresql+psycopg://fleetvpn@/postgres?host={sockets}"
+    try:
+        deadline = time.monotonic() + 30
+        while not list(sockets.glob(".s.PGSQL.*")):
+            assert server.poll() is None and time.monotonic() < deadline, "postgres did not start"
+            time.sleep(0.1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, or a new database on the throwaway server."""
+    if request.param == "sqlite":
+        yield f"sqlite+pysqlite:///{tmp_path / 'controller.db'}"
+        return
+    import sqlalchemy as sa
+
+    server_url = request.getfixturevalue("postgres_url")
+    name = f"t_{os.getpid()}_{time.monotonic_ns()}"
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    yield server_url.replace("/postgres?", f"/{name}?")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
+    admin.dispose()
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[object]:
+    from fleetvpn.controller.store import Store
+
+    s = Store.open(store_url)
+    yield s
+    s.close()

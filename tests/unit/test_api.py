@@ -9,7 +9,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,7 +16,7 @@ import pytest
 import uvicorn
 
 from fleetvpn.controller.api import create_app
-from fleetvpn.controller.store import Store, sqlite_url
+from fleetvpn.controller.store import Store
 
 PUBLIC_KEY = "x" * 43 + "="
 
@@ -49,13 +48,6 @@ class Server:
         self.client.close()
         self.server.should_exit = True
         self.thread.join(10)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.open(sqlite_url(str(tmp_path / "controller.db")))
-    yield s
-    s.close()
 
 
 @pytest.fixture
