@@ -571,35 +571,3 @@ class LinkHealth(Wire):
     peer: str
     state: HealthState
     reason: str
-
-
-__all__ = [
-    "SCHEMA_VERSION",
-    "Configured",
-    "ConfiguredPeer",
-    "Family",
-    "HealthState",
-    "KeepaliveState",
-    "LinkHealth",
-    "LinkMeasurement",
-    "LinkMtu",
-    "LinkMtuDecision",
-    "MappingLoss",
-    "NatMeasurement",
-    "NodeMtuPlan",
-    "Override",
-    "PeerKeepalive",
-    "Report",
-    "ReportError",
-    "RouteMtu",
-    "Scope",
-    "Setting",
-    "SiteKeepalive",
-    "Source",
-    "StoredReport",
-    "Wire",
-    "format_time",
-    "parse_endpoint",
-    "parse_report",
-    "parse_time",
-]

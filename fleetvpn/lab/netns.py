@@ -57,11 +57,6 @@ def write_sysctl(name: str, key: str, value: str) -> None:
         f.write(value)
 
 
-def read_sysctl(name: str, key: str) -> str:
-    with entered(name), open(f"/proc/sys/{key}") as f:
-        return f.read().strip()
-
-
 def inode(name: str) -> int | None:
     """The namespace's inode (what ``/proc/<pid>/ns/net`` links to), or None if it is gone."""
     try:

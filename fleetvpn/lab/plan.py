@@ -80,7 +80,6 @@ class HostPlan:
     ipv4: str  # LAN address
     public_ipv4: str  # how the internet sees it: its own address, or the outermost NAT's
     ipv6: str | None
-    gateway_v4: str
 
 
 @dataclass(frozen=True)
@@ -105,10 +104,6 @@ class Plan:
     boxes: list[StatefulBox]
     core: str
     mgmt: str
-    mgmt_gateway: str
-
-    def host_ns(self, host: str) -> str:
-        return self.hosts[host].ns
 
 
 def ns_name(lab: str, short: str) -> str:
@@ -241,7 +236,6 @@ def build_plan(topo: Topology) -> Plan:
     core = add_ns("core", "core")
     core.ifaces.append(Iface("lo", 65536, [f"{ANCHOR_V4}/32", f"{ANCHOR_V6}/128"]))
     mgmt = add_ns("mgmt", "mgmt")
-    mgmt_gw = _ip(topo.management, 1)
     mgmt.ifaces.append(Iface("br0", 1500, [_addr(topo.management, 1)], bridge=True))
 
     host_no = 0
@@ -370,7 +364,6 @@ def build_plan(topo: Topology) -> Plan:
                 ipv4=ipv4,
                 public_ipv4=public_ipv4 if site.nated else ipv4,
                 ipv6=ipv6,
-                gateway_v4=_ip(lan, 1),
             )
 
         first_host = ns_name(lab, site.hosts[0])
@@ -411,5 +404,4 @@ def build_plan(topo: Topology) -> Plan:
         boxes=boxes,
         core=core.name,
         mgmt=mgmt.name,
-        mgmt_gateway=mgmt_gw,
     )

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from fleetvpn.model import (
     Configured,
+    Family,
     ConfiguredPeer,
     KeepaliveState,
     LinkHealth,
@@ -354,7 +355,7 @@ _finite = st.floats(min_value=0, max_value=3599.9, allow_nan=False)
 
 @st.composite
 def _measurement(draw: st.DrawFn, peer: str) -> LinkMeasurement:
-    family = draw(st.sampled_from([4, 6]))
+    family: Family = 4 if draw(st.booleans()) else 6
     host = "198.18.0.9" if family == 4 else "[2001:db8::9]"
     return LinkMeasurement(
         peer=peer,
