@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from fleetvpn.model import (
     Configured,
-    Family,
     ConfiguredPeer,
+    Family,
     KeepaliveState,
     LinkHealth,
     LinkMeasurement,
