@@ -80,27 +80,18 @@ def _show(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _range(lo: float, hi: float, *, below: bool = False) -> Check:
-    """lo <= v <= hi, or lo <= v < hi with ``below``."""
+def _range(lo: float, hi: float, *, open_lo: bool = False, open_hi: bool = False) -> Check:
+    """lo <= value <= hi; ``open_lo``/``open_hi`` exclude that end."""
+    shown = [str(int(b)) if float(b).is_integer() else f"{b:g}" for b in (lo, hi)]
+    if open_lo or open_hi:
+        bound = f"{shown[0]} {'<' if open_lo else '<='} value {'<' if open_hi else '<='} {shown[1]}"
+    else:
+        bound = f"{shown[0]}..{shown[1]}"
 
     def check(value: float) -> str | None:
-        if value < lo or value > hi or (below and value == hi):
-            bound = f"{_num(lo)} <= value < {_num(hi)}" if below else f"{_num(lo)}..{_num(hi)}"
-            return f"{_show(value)} is out of range ({bound})"
-        return None
-
-    return check
-
-
-def _num(bound: float) -> str:
-    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
-
-
-def _positive(hi: float) -> Check:
-    def check(value: float) -> str | None:
-        if 0 < value <= hi:
+        if lo < value < hi or (value == lo and not open_lo) or (value == hi and not open_hi):
             return None
-        return f"{_show(value)} is out of range (0 < value <= {_num(hi)})"
+        return f"{_show(value)} is out of range ({bound})"
 
     return check
 
@@ -138,12 +129,9 @@ def _endpoint(value: str) -> str | None:
     return None
 
 
-def _meta(check: Check | None = None, *, max_items: int = MAX_PEERS) -> dict[str, Any]:
-    return {"check": check, "max_items": max_items}
-
-
-def _required_meta(check: Check | None = None) -> dict[str, Any]:
-    return {"check": check, "required": True}
+def _meta(check: Check | None = None, *, required: bool = False) -> dict[str, Any]:
+    """Field metadata: a check of the decoded value; ``required`` even with a Python default."""
+    return {"check": check, "required": required}
 
 
 # --- timestamps ----------------------------------------------------------------------------
@@ -209,40 +197,63 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
+# Decoders are built once per type (from the dataclasses' type hints and field metadata) and
+# cached: reflection per value would halve the ingest rate.
+Decoder = Callable[[object, str], Any]
+_DECODERS: dict[Any, Decoder] = {}
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = get_type_hints(cls)
-    return _HINTS[cls]
+@dataclass(frozen=True, slots=True)
+class _FieldPlan:
+    name: str
+    decode: Decoder
+    check: Check | None
+    optional: bool
+
+
+_PLANS: dict[type, tuple[dict[str, _FieldPlan], list[str]]] = {}
+
+
+def _plan(cls: type) -> tuple[dict[str, _FieldPlan], list[str]]:
+    if cls not in _PLANS:
+        hints = get_type_hints(cls)
+        plans: dict[str, _FieldPlan] = {}
+        for spec in fields(cls):
+            has_default = spec.default is not MISSING or spec.default_factory is not MISSING
+            plans[spec.name] = _FieldPlan(
+                spec.name,
+                _decoder(hints[spec.name]),
+                spec.metadata.get("check"),
+                has_default and not spec.metadata.get("required", False),
+            )
+        _PLANS[cls] = (plans, list(plans))
+    return _PLANS[cls]
 
 
 def _decode_object(cls: type[W], obj: object, path: str) -> W:
     if not isinstance(obj, dict):
         raise ReportError(path, f"expected an object, got {_kind(obj)}")
-    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    plans, names = _plan(cls)
     for key in obj:
-        if not isinstance(key, str):
-            raise ReportError(path, f"keys must be strings, got {_show(key)}")
-        if key not in known:
-            close = difflib.get_close_matches(key, list(known), n=1)
+        if key not in plans:
+            if not isinstance(key, str):
+                raise ReportError(path, f"keys must be strings, got {_show(key)}")
+            close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ReportError(_join(path, key), f"unknown field{hint}")
-    hints = _hints(cls)
     values: dict[str, Any] = {}
-    for name, spec in known.items():
-        where = _join(path, name)
-        has_default = spec.default is not MISSING or spec.default_factory is not MISSING
-        optional = has_default and not spec.metadata.get("required", False)
+    for name, plan in plans.items():
+        where = f"{path}.{name}" if path else name
         if name not in obj:
-            if optional:
+            if plan.optional:
                 continue
             raise ReportError(where, "required field is missing")
-        value = _decode(hints[name], obj[name], where, spec.metadata.get("max_items", MAX_PEERS))
-        check: Check | None = spec.metadata.get("check")
-        if value is not None and check is not None:
-            problem = check(value)
+        raw = obj[name]
+        if isinstance(raw, list | tuple) and len(raw) > MAX_PEERS:
+            raise ReportError(where, f"{len(raw)} items is more than {MAX_PEERS}")
+        value = plan.decode(raw, where)
+        if value is not None and plan.check is not None:
+            problem = plan.check(value)
             if problem is not None:
                 raise ReportError(where, problem)
         values[name] = value
@@ -260,56 +271,90 @@ def _kind(value: object) -> str:
     return f"{names.get(type(value), type(value).__name__)} {_show(value)}"
 
 
-def _decode(hint: Any, value: object, path: str, max_items: int) -> Any:
+def _decoder(hint: Any) -> Decoder:
+    if hint not in _DECODERS:
+        _DECODERS[hint] = _build_decoder(hint)
+    return _DECODERS[hint]
+
+
+def _build_decoder(hint: Any) -> Decoder:
+    expected = _expected(hint)
+
+    def wrong(value: object, path: str) -> ReportError:
+        return ReportError(path, f"expected {expected}, got {_kind(value)}")
+
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
-        options = [a for a in get_args(hint) if a is not type(None)]
-        if value is None:
-            return None
-        (inner,) = options  # the model only uses ``X | None``
-        return _decode(inner, value, path, max_items)
-    if value is None:
-        raise ReportError(path, f"expected {_expected(hint)}, got null")
+        (inner_hint,) = [a for a in get_args(hint) if a is not type(None)]  # only ``X | None``
+        inner = _decoder(inner_hint)
+
+        def optional(value: object, path: str) -> Any:
+            return None if value is None else inner(value, path)
+
+        return optional
     if origin is Literal:
-        for allowed in get_args(hint):
-            if type(value) is type(allowed) and value == allowed:
-                return value
-        raise ReportError(path, f"expected {_expected(hint)}, got {_kind(value)}")
+        allowed = get_args(hint)
+
+        def literal(value: object, path: str) -> Any:
+            for option in allowed:
+                if type(value) is type(option) and value == option:
+                    return value
+            raise wrong(value, path)
+
+        return literal
     if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ReportError(path, f"expected an array, got {_kind(value)}")
-        if len(value) > max_items:
-            raise ReportError(path, f"{len(value)} items is more than {max_items}")
-        item_hint = get_args(hint)[0]
-        return tuple(_decode(item_hint, v, f"{path}[{i}]", max_items) for i, v in enumerate(value))
+        item = _decoder(get_args(hint)[0])
+
+        def array(value: object, path: str) -> Any:
+            if not isinstance(value, list | tuple):
+                raise ReportError(path, f"expected an array, got {_kind(value)}")
+            return tuple(item(v, f"{path}[{i}]") for i, v in enumerate(value))
+
+        return array
     if isinstance(hint, type) and is_dataclass(hint) and issubclass(hint, Wire):
-        return _decode_object(hint, value, path)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            as_float = float(value) if abs(value) < 1e300 else math.inf
-            if not math.isfinite(as_float):
-                raise ReportError(path, f"{_show(value)} is not a finite number")
-            return as_float
-    elif hint is str:
-        if isinstance(value, str):
-            if len(value) > MAX_TEXT:
-                raise ReportError(path, f"text of {len(value)} characters (at most {MAX_TEXT})")
-            return value
-    elif hint is datetime:
-        if isinstance(value, str):
-            try:
-                return parse_time(value)
-            except ValueError as e:
-                raise ReportError(path, f"{_show(value)}: {e}") from None
-    else:  # pragma: no cover - a model bug, not input
-        raise TypeError(f"unsupported type {hint!r} at {path}")
-    raise ReportError(path, f"expected {_expected(hint)}, got {_kind(value)}")
+        cls = hint
+        return lambda value, path: _decode_object(cls, value, path)
+    accepts, convert = _PRIMITIVES[hint]
+
+    def primitive(value: object, path: str) -> Any:
+        if not accepts(value):
+            raise wrong(value, path)
+        return convert(value, path)
+
+    return primitive
+
+
+def _finite(value: float, path: str) -> float:
+    as_float = float(value) if abs(value) < 1e300 else math.inf  # float(10**400) overflows
+    if not math.isfinite(as_float):
+        raise ReportError(path, f"{_show(value)} is not a finite number")
+    return as_float
+
+
+def _text(value: str, path: str) -> str:
+    if len(value) > MAX_TEXT:
+        raise ReportError(path, f"text of {len(value)} characters (at most {MAX_TEXT})")
+    return value
+
+
+def _timestamp(value: str, path: str) -> datetime:
+    try:
+        return parse_time(value)
+    except ValueError as e:
+        raise ReportError(path, f"{_show(value)}: {e}") from None
+
+
+def _not_bool(value: object) -> bool:
+    return not isinstance(value, bool)
+
+
+_PRIMITIVES: Final[dict[Any, tuple[Callable[[object], bool], Callable[[Any, str], Any]]]] = {
+    bool: (lambda v: isinstance(v, bool), lambda v, _: v),
+    int: (lambda v: isinstance(v, int) and _not_bool(v), lambda v, _: v),
+    float: (lambda v: isinstance(v, int | float) and _not_bool(v), _finite),
+    str: (lambda v: isinstance(v, str), _text),
+    datetime: (lambda v: isinstance(v, str), _timestamp),
+}
 
 
 def _expected(hint: Any) -> str:
@@ -334,7 +379,7 @@ class LinkMeasurement(Wire):
     endpoint: str | None = field(default=None, metadata=_meta(_endpoint))  # in use by WireGuard
     path_mtu: int | None = field(default=None, metadata=_meta(_range(*MTU_RANGE)))
     icmp_seen: bool = False  # a "too big" ICMP arrived while probing
-    rtt_s: float | None = field(default=None, metadata=_meta(_range(0, RTT_LIMIT_S, below=True)))
+    rtt_s: float | None = field(default=None, metadata=_meta(_range(0, RTT_LIMIT_S, open_hi=True)))
     loss_ratio: float | None = field(default=None, metadata=_meta(_range(0, 1)))
     handshake_age_s: float | None = field(default=None, metadata=_meta(_range(0, AGE_LIMIT_S)))
 
@@ -363,10 +408,12 @@ class NatMeasurement(Wire):
     # Lower bound L of the established-flow lifetime T ∈ (L, L + resolution_s]; None: nothing
     # expired up to max_lifetime_s (or there is nothing to expire).
     mapping_lifetime_s: float | None = field(
-        default=None, metadata=_meta(_positive(LIFETIME_LIMIT_S))
+        default=None, metadata=_meta(_range(0, LIFETIME_LIMIT_S, open_lo=True))
     )
     resolution_s: float | None = field(default=None, metadata=_meta(_range(0, LIFETIME_LIMIT_S)))
-    max_lifetime_s: float | None = field(default=None, metadata=_meta(_positive(LIFETIME_LIMIT_S)))
+    max_lifetime_s: float | None = field(
+        default=None, metadata=_meta(_range(0, LIFETIME_LIMIT_S, open_lo=True))
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,7 +445,7 @@ class Configured(Wire):
 class Report(Wire):
     """One agent report.  ``report_id`` makes resubmission idempotent."""
 
-    schema_version: Literal[1] = field(default=1, kw_only=True, metadata=_required_meta())
+    schema_version: Literal[1] = field(default=1, kw_only=True, metadata=_meta(required=True))
     report_id: str = field(metadata=_meta(_uuid))
     node: str = field(metadata=_meta(_name))
     site: str = field(metadata=_meta(_name))
