@@ -53,7 +53,7 @@ from fleetvpn.controller.policy_mtu import (
     overhead_for,
     padded_outer_bytes,
 )
-from fleetvpn.controller.policy_overrides import find_override
+from fleetvpn.controller.policy_overrides import OverrideIndex, find_override
 from fleetvpn.engines.natlife import keepalive_for
 
 __all__ = [
@@ -79,6 +79,7 @@ __all__ = [
     "FleetKeepalive",
     "FleetMtu",
     "NodeNat",
+    "OverrideIndex",
     "apply_keepalive_override",
     "apply_mtu_override",
     "classify_direction",

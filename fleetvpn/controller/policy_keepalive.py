@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Final
 
-from fleetvpn.controller.policy_overrides import describe, find_override
+from fleetvpn.controller.policy_overrides import OverrideIndex, describe
 from fleetvpn.engines.natlife import DEFAULT_KEEPALIVE_S, keepalive_for
 from fleetvpn.model import (
     KeepaliveState,
@@ -305,13 +305,13 @@ def peer_keepalives(
     None: not measured); ``sites``: site → its *measured* decision (before overrides);
     ``overrides``: all of them (link > node > site, keepalive settings only).  Never raises.
     """
-    keepalive_overrides = [o for o in overrides if o.setting == "keepalive_s"]
+    index = OverrideIndex(overrides)
     result: dict[tuple[str, str], PeerKeepalive] = {}
     for a, b in links:
         for node, peer in ((a, b), (b, a)):
             site = node_sites.get(node)
             decision = _peer_measured(node, peer, site, latest_nat.get(node), sites)
-            found = find_override(keepalive_overrides, "keepalive_s", node, peer, site)
+            found = index.find("keepalive_s", node, peer, site)
             if found is not None:
                 reason = (
                     f"{describe(found)}: keepalive {_shown(found.value)} towards {peer} "
@@ -349,7 +349,7 @@ def _peer_measured(
     behind = "NAT" if nat.nat else "a stateful filter"
     why = (
         f"{node} is behind {behind}: keepalive {k} s towards {peer} keeps the mapping "
-        f"{peer} reaches it through (site {site}: {site_decision.reason})"
+        f"{peer} reaches it through (site {site}'s keepalive)"
     )
     return PeerKeepalive(node, peer, k, site_decision.source, why)
 
@@ -375,25 +375,23 @@ def decide_keepalives(
     ``previous``: site → last state; ``losses``: recent mapping losses (repeats are harmless).
     Never raises.
     """
+    index = OverrideIndex(overrides)
+    node_sites = {n.node: n.site for n in nodes}
     by_site: dict[str, list[NodeNat]] = {}
     for n in nodes:
         by_site.setdefault(n.site, []).append(n)
+    losses_by_site: dict[str, list[MappingLoss]] = {}
+    for lost in losses:
+        if lost.node in node_sites:
+            losses_by_site.setdefault(node_sites[lost.node], []).append(lost)
     states: dict[str, KeepaliveState] = {}
     measured: dict[str, SiteKeepalive] = {}
     shown: dict[str, SiteKeepalive] = {}
     for site, members in sorted(by_site.items()):
-        state, decision = decide_site_keepalive(site, members, previous.get(site), losses, now)
+        site_losses = losses_by_site.get(site, [])
+        state, decision = decide_site_keepalive(site, members, previous.get(site), site_losses, now)
         states[site], measured[site] = state, decision
-        found = next(
-            (
-                o
-                for o in overrides
-                if (o.setting, o.scope, o.target) == ("keepalive_s", "site", site)
-            ),
-            None,
-        )
-        shown[site] = apply_keepalive_override(decision, found)
-    node_sites = {n.node: n.site for n in nodes}
+        shown[site] = apply_keepalive_override(decision, index.site("keepalive_s", site))
     latest = {n.node: n.latest for n in nodes}
     peers = peer_keepalives(links, node_sites, latest, measured, overrides)
     return FleetKeepalive(states, shown, peers)

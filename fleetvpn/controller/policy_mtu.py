@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Final
 
-from fleetvpn.controller.policy_overrides import describe, find_override
+from fleetvpn.controller.policy_overrides import OverrideIndex, describe
 from fleetvpn.model import (
     Family,
     LinkMeasurement,
@@ -190,7 +190,7 @@ def decide_mtus(
     (for site overrides; unknown nodes have none).  ``carries_ipv6``: the tunnels carry IPv6.
     Returns per-direction decisions, per-link values and per-node plans.  Never raises.
     """
-    mtu_overrides = [o for o in overrides if o.setting == "tunnel_mtu"]
+    index = OverrideIndex(overrides)
     directions: dict[tuple[str, str], LinkMtuDecision] = {}
     link_values: dict[tuple[str, str], LinkMtu] = {}
     for a, b in links:
@@ -199,7 +199,7 @@ def decide_mtus(
                 decision = direction_mtu(
                     node, peer, measurements.get((node, peer)), carries_ipv6=carries_ipv6
                 )
-                found = find_override(mtu_overrides, "tunnel_mtu", node, peer, node_sites.get(node))
+                found = index.find("tunnel_mtu", node, peer, node_sites.get(node))
                 directions[node, peer] = apply_mtu_override(decision, found)
         link_values[a, b] = link_mtu(directions[a, b], directions[b, a])
     outgoing: dict[str, list[LinkMtuDecision]] = {}
