@@ -48,6 +48,7 @@ from fleetvpn.model import (
     Report,
     SiteKeepalive,
     Source,
+    format_time,
     parse_endpoint,
 )
 
@@ -243,6 +244,9 @@ def decide_site_keepalive(
         cap, cap_at, raise_note = _raise_cap(cap, cap_at, value, now)
         if raise_note:
             notes.append(raise_note)
+        if cap is not None and cap_at is not None:
+            next_raise = cap_at + timedelta(seconds=RAISE_INTERVAL_S)
+            notes.append(f"eviction cap {cap} s, next raise at {format_time(next_raise)}")
     applied = min(value, cap) if cap is not None and value != 0 else value
     if value == 0:
         cap = cap_at = None

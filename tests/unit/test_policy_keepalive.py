@@ -297,11 +297,14 @@ def test_the_cap_is_raised_slowly_after_quiet_hours_and_lifted() -> None:
     state, _ = site(120)
     state, d = site(120, previous=state, now=0, losses=[loss(54, 0)])
     assert d.keepalive_s == 27
+    assert "eviction cap 27 s, next raise at 2024-05-01T13:00:00Z" in d.reason
     hour = RAISE_INTERVAL_S
     expected = [(hour - 1, 27), (hour, 34), (2 * hour, 43), (3 * hour, 54)]
     for now, keepalive_s in expected:
         state, d = site(120, previous=state, now=now)
         assert d.keepalive_s == keepalive_s, now
+        if now == 2 * hour:
+            assert "eviction cap raised to 43 s after quiet hours" in d.reason
     assert state.eviction_cap_s is None
     assert "eviction cap lifted after quiet hours" in d.reason
 
