@@ -171,6 +171,8 @@ def create_app(store: Store, *, max_body_bytes: int = 1 << 20) -> FastAPI:
         nat = None
         if report.nat is not None:
             nat = {
+                "measured_at": report.nat.measured_at,
+                "max_lifetime_s": report.nat.max_lifetime_s,
                 "nat": report.nat.nat,
                 "mapped_address": report.nat.mapped_address,
                 "mapping_lifetime_s": report.nat.mapping_lifetime_s,

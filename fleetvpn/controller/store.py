@@ -108,6 +108,7 @@ nat_measurements = sa.Table(
     sa.Column("mapped_address", sa.String(64)),
     sa.Column("mapping_lifetime_s", sa.Float),
     sa.Column("resolution_s", sa.Float),
+    sa.Column("max_lifetime_s", sa.Float),
     sa.Column("stateful_filter", sa.Boolean, nullable=False),
     sa.Index("ix_nat_latest", "node_id", "measured_at"),
 )
@@ -380,13 +381,10 @@ class Store:
             ]
             if rows:
                 conn.execute(link_measurements.insert(), rows)
-            if nat is not None:
+            if nat is not None:  # with its own measured_at: NAT searches keep their own time
                 conn.execute(
                     nat_measurements.insert().values(
-                        **nat,
-                        report_id=report_id,
-                        node_id=principal.node_id,
-                        measured_at=created_at,
+                        **nat, report_id=report_id, node_id=principal.node_id
                     )
                 )
             conn.execute(
@@ -431,6 +429,43 @@ class Store:
             )
             .join(nodes, nodes.c.id == lm.c.node_id)
             .where(nodes.c.revoked_at.is_(None))
+        )
+        with self.tx() as conn:
+            return [_row(r) for r in conn.execute(query)]
+
+    def latest_reports(self, per_node: int = 1) -> dict[str, list[tuple[datetime, dict[str, Any]]]]:
+        """node → its ``per_node`` newest reports, newest first, as (received_at, body)."""
+        ranked = sa.select(
+            reports.c.node_id,
+            reports.c.received_at,
+            reports.c.body,
+            sa.func.row_number()
+            .over(partition_by=reports.c.node_id, order_by=reports.c.created_at.desc())
+            .label("rank"),
+        ).subquery()
+        query = (
+            sa.select(nodes.c.name, ranked.c.received_at, ranked.c.body)
+            .join(nodes, nodes.c.id == ranked.c.node_id)
+            .where(ranked.c.rank <= per_node, nodes.c.revoked_at.is_(None))
+            .order_by(nodes.c.name, ranked.c.rank)
+        )
+        out: dict[str, list[tuple[datetime, dict[str, Any]]]] = {}
+        with self.tx() as conn:
+            for name, received_at, body in conn.execute(query):
+                received = _aware(received_at)
+                assert received is not None
+                out.setdefault(str(name), []).append((received, json.loads(body)))
+        return out
+
+    def nat_history(self, since: datetime) -> list[dict[str, Any]]:
+        """Every NAT measurement since ``since``, and each node's newest however old."""
+        nm = nat_measurements
+        newest = sa.select(sa.func.max(nm.c.id)).group_by(nm.c.node_id)
+        query = (
+            sa.select(nm, nodes.c.name.label("node"), nodes.c.site)
+            .join(nodes, nodes.c.id == nm.c.node_id)
+            .where(nodes.c.revoked_at.is_(None))
+            .where(sa.or_(nm.c.measured_at >= since, nm.c.id.in_(newest)))
         )
         with self.tx() as conn:
             return [_row(r) for r in conn.execute(query)]
