@@ -17,10 +17,18 @@ from datetime import timedelta
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from fleetvpn import __version__
-from fleetvpn.controller.store import Conflict, Forbidden, NotFound, Principal, Store, StoreError
+from fleetvpn.controller.store import (
+    Conflict,
+    Forbidden,
+    NotFound,
+    Principal,
+    Store,
+    StoreError,
+    utcnow,
+)
 from fleetvpn.model import NAME_PATTERN, Override, ReportError, parse_report
 
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -216,6 +224,43 @@ def create_app(store: Store, *, max_body_bytes: int = 1 << 20) -> FastAPI:
         if not store.clear_override(scope, target, setting):
             raise ApiError(404, f"no override {scope} {target} {setting}")
         return {"deleted": True}
+
+    def view() -> Any:
+        from fleetvpn.controller.fleet import compute
+
+        return compute(store, utcnow())
+
+    @app.get("/v1/health")
+    def health(request: Request, site: str | None = None, problems: bool = False) -> dict[str, Any]:
+        from fleetvpn.controller.fleet import health_json
+
+        admin(request)
+        return health_json(view(), site, problems)
+
+    @app.get("/v1/tune")
+    def tune(request: Request, site: str | None = None) -> dict[str, Any]:
+        from fleetvpn.controller.fleet import tune_json
+
+        admin(request)
+        return tune_json(view(), site)
+
+    @app.get("/v1/nodes/{name}/desired")
+    def desired(request: Request, name: str) -> dict[str, Any]:
+        from fleetvpn.controller.fleet import desired_json
+
+        who = principal(request)
+        if who.kind != "admin" and who.name != name:
+            raise ApiError(403, f"{who.name} may read only its own desired state")
+        fleet = view()
+        if name not in fleet.node_sites:
+            raise ApiError(404, f"no node {name!r}")
+        return desired_json(fleet, name)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        from fleetvpn.controller.metrics import render
+
+        return Response(render(view()), media_type="text/plain; version=0.0.4")
 
     return app
 

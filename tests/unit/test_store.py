@@ -82,9 +82,9 @@ def test_retention_prunes_old_reports(store: Store) -> None:
     node = store.authenticate(store.enroll(store.create_enrollment_token("s"), "a", KEY_A)[0])
     assert node is not None
     old = datetime.now(UTC) - timedelta(days=40)
-    store.put_report(node, "2b6f2c1e-3d1a-4c55-9a43-3a9f1d2b7c10", old, {}, [_link("b", 1400)],
-                     {"nat": True, "mapped_address": "198.18.2.6:4000", "mapping_lifetime_s": 19.5, "measured_at": old,
-                      "resolution_s": 1.0, "stateful_filter": True})  # fmt: skip
+    nat = {"nat": True, "mapped_address": "198.18.2.6:4000", "mapping_lifetime_s": 19.5,
+           "measured_at": old, "resolution_s": 1.0, "stateful_filter": True}  # fmt: skip
+    store.put_report(node, "2b6f2c1e-3d1a-4c55-9a43-3a9f1d2b7c10", old, {}, [_link("b", 1400)], nat)
     store.put_report(node, "3b6f2c1e-3d1a-4c55-9a43-3a9f1d2b7c10", datetime.now(UTC), {}, [], None)
     assert store.prune(timedelta(days=30)) == 1
     assert store.report_count() == 1 and store.latest_links() == [] and store.latest_nat() == []

@@ -1,0 +1,59 @@
+"""Helpers for the API tests: a real uvicorn server on loopback, tokens, enrollment."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import uvicorn
+
+from fleetvpn.controller.api import create_app
+from fleetvpn.controller.store import Store
+
+PUBLIC_KEY = "x" * 43 + "="
+
+
+class Server:
+    def __init__(self, store: Store, max_body_bytes: int = 64 * 1024) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        config = uvicorn.Config(
+            create_app(store, max_body_bytes=max_body_bytes),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> httpx.Client:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=10)
+        return self.client
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+def enroll(api: httpx.Client, admin: str, name: str, site: str, key: str = PUBLIC_KEY) -> str:
+    r = api.post("/v1/enrollment-tokens", json={"site": site}, headers=bearer(admin))
+    assert r.status_code == 201, r.text
+    r = api.post(
+        "/v1/enroll",
+        json={"enrollment_token": r.json()["enrollment_token"], "name": name, "public_key": key},
+    )
+    assert r.status_code == 201, r.text
+    return str(r.json()["node_token"])

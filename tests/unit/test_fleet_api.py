@@ -1,0 +1,103 @@
+"""The fleet through the API: reports in, then health, tune, desired state and metrics out —
+each value with its reason — over real HTTP on a real store."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from fleetvpn.controller.store import Store
+
+from .apiutil import bearer, enroll
+
+NOW = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def link(peer: str, path_mtu: int, endpoint: str, **extra: Any) -> dict[str, Any]:
+    return {"peer": peer, "family": 4, "rx_bytes": 1000, "tx_bytes": 2000, "path_mtu": path_mtu,
+            "rtt_s": 0.02, "loss_ratio": 0.0, "handshake_age_s": 4.0, "endpoint": endpoint,
+            **extra}  # fmt: skip
+
+
+def send(api: httpx.Client, token: str, node: str, site: str, **doc: Any) -> None:
+    body = {"schema_version": 1, "report_id": str(uuid.uuid4()), "node": node, "site": site,
+            "created_at": NOW, "configured": {}, **doc}  # fmt: skip
+    r = api.post("/v1/reports", json=body, headers=bearer(token))
+    assert r.status_code == 201, r.text
+
+
+def fleet(api: httpx.Client, store: Store) -> dict[str, str]:
+    admin = store.create_admin_token()
+    tokens = {
+        "hub": enroll(api, admin, "hub", "hub", "h" * 43 + "="),
+        "branch1": enroll(api, admin, "branch1", "branch", "b" * 43 + "="),
+    }
+    send(
+        api, tokens["branch1"], "branch1", "branch",
+        measurements=[link("hub", 1400, "198.19.1.11:51820")],
+        nat={"measured_at": NOW, "nat": True, "stateful_filter": True,
+             "mapped_address": "198.18.2.6:40000", "mapping_lifetime_s": 19.55,
+             "resolution_s": 1.0, "max_lifetime_s": 300.0},
+        configured={"interface_mtu": 1420, "peers": [{"peer": "hub", "keepalive_s": 25}]},
+    )  # fmt: skip
+    send(
+        api, tokens["hub"], "hub", "hub",
+        measurements=[link("branch1", 1400, "198.18.2.6:40000")],
+        nat={"measured_at": NOW, "nat": False, "stateful_filter": False,
+             "mapped_address": "198.19.1.11:51820"},
+        configured={"interface_mtu": 1420, "peers": [{"peer": "branch1", "keepalive_s": 0}]},
+    )  # fmt: skip
+    return {"admin": admin, **tokens}
+
+
+def test_health_shows_the_black_hole_with_its_reason(api: httpx.Client, store: Store) -> None:
+    t = fleet(api, store)
+    doc = api.get("/v1/health", headers=bearer(t["admin"])).json()
+    assert doc["schema_version"] == 1 and doc["healthy"] is False
+    (row,) = doc["links"]
+    assert (row["a"], row["b"], row["state"]) == ("branch1", "hub", "blackhole")
+    assert "no ICMP was seen" in row["reason"]
+    assert row["a_to_b"]["recommended_mtu"] == 1340 and row["a_to_b"]["configured_mtu"] == 1420
+    sites = {s["site"]: s for s in doc["sites"]}
+    assert sites["branch"]["keepalive_s"] == 8 and "19.55" in sites["branch"]["reason"]
+    assert sites["hub"]["keepalive_s"] == 0
+    problems = api.get("/v1/health?problems=true&site=hub", headers=bearer(t["admin"])).json()
+    assert [r["state"] for r in problems["links"]] == ["blackhole"]
+
+
+def test_tune_lists_what_would_change_and_why(api: httpx.Client, store: Store) -> None:
+    t = fleet(api, store)
+    changes = api.get("/v1/tune", headers=bearer(t["admin"])).json()["changes"]
+    by_key = {(c["node"], c["setting"]): c for c in changes}
+    mtu = by_key["branch1", "route_mtu"]
+    assert (mtu["current"], mtu["recommended"]) == (1420, 1340) and "1400" in mtu["reason"]
+    keepalive = by_key["branch1", "keepalive_s"]
+    assert (keepalive["current"], keepalive["recommended"]) == (25, 8)
+    assert ("hub", "keepalive_s") not in by_key  # the public hub keeps keepalive off
+    branch_only = api.get("/v1/tune?site=hub", headers=bearer(t["admin"])).json()["changes"]
+    assert {c["node"] for c in branch_only} == {"hub"}
+
+
+def test_a_node_reads_only_its_own_desired_state(api: httpx.Client, store: Store) -> None:
+    t = fleet(api, store)
+    mine = api.get("/v1/nodes/branch1/desired", headers=bearer(t["branch1"]))
+    assert mine.status_code == 200
+    doc = mine.json()
+    assert doc["interface_mtu"] == 1340
+    (peer,) = doc["peers"]
+    assert (peer["peer"], peer["keepalive_s"], peer["route_mtu"]) == ("hub", 8, 1340)
+    assert api.get("/v1/nodes/hub/desired", headers=bearer(t["branch1"])).status_code == 403
+    assert api.get("/v1/nodes/nosuch/desired", headers=bearer(t["admin"])).status_code == 404
+
+
+def test_metrics_use_names_as_labels(api: httpx.Client, store: Store) -> None:
+    fleet(api, store)
+    text = api.get("/metrics").text
+    assert 'fleetvpn_link_path_mtu_bytes{node="branch1",peer="hub",site="branch"} 1400.0' in text
+    assert 'fleetvpn_site_keepalive_seconds{site="branch"} 8.0' in text
+    assert 'fleetvpn_site_mapping_lifetime_seconds{site="branch"} 19.55' in text
+    assert 'fleetvpn_link_state{a="branch1",b="hub",state="blackhole"} 1.0' in text
+    assert "=" * 43 not in text and "hhhh" not in text  # no public keys
