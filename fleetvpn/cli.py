@@ -6,6 +6,7 @@ import click
 
 from fleetvpn import __version__
 from fleetvpn.controller.cli import controller
+from fleetvpn.health_cli import health, tune
 from fleetvpn.lab.cli import lab
 from fleetvpn.net.cli import probe
 
@@ -24,6 +25,8 @@ def cli() -> None:
 cli.add_command(lab)
 cli.add_command(probe)
 cli.add_command(controller)
+cli.add_command(health)
+cli.add_command(tune)
 
 
 def main() -> None:

@@ -3,6 +3,8 @@ each value with its reason — over real HTTP on a real store."""
 
 from __future__ import annotations
 
+import json
+import socket
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -101,3 +103,45 @@ def test_metrics_use_names_as_labels(api: httpx.Client, store: Store) -> None:
     assert 'fleetvpn_site_mapping_lifetime_seconds{site="branch"} 19.55' in text
     assert 'fleetvpn_link_state{a="branch1",b="hub",state="blackhole"} 1.0' in text
     assert "=" * 43 not in text and "hhhh" not in text  # no public keys
+
+
+def _cli(*args: str, env: dict[str, str]) -> Any:
+    from click.testing import CliRunner
+
+    from fleetvpn.cli import cli
+
+    return CliRunner().invoke(cli, list(args), env=env)
+
+
+def test_health_and_tune_commands(api: httpx.Client, store: Store, tmp_path: Any) -> None:
+    t = fleet(api, store)
+    env = {"FLEETVPN_CONTROLLER": str(api.base_url), "FLEETVPN_TOKEN": t["admin"]}
+    table = _cli("health", env=env)
+    assert table.exit_code == 1  # a black hole is a problem
+    assert "blackhole" in table.output and "branch1 (branch) ↔ hub (hub)" in table.output
+    doc = json.loads(_cli("health", "--json", env=env).output)
+    assert doc["schema_version"] == 1 and doc["links"][0]["state"] == "blackhole"
+    tuned = _cli("tune", env=env)
+    assert tuned.exit_code == 0 and "route_mtu 1420 → 1340" in tuned.output
+    assert "keepalive_s 25 → 8" in tuned.output
+
+
+def test_health_exit_codes_for_an_unreachable_controller_and_a_bad_token(
+    api: httpx.Client, store: Store
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    down = _cli("health", env={"FLEETVPN_CONTROLLER": closed, "FLEETVPN_TOKEN": "x"})
+    assert down.exit_code == 2 and "cannot reach the controller" in down.output
+    refused = _cli("health", env={"FLEETVPN_CONTROLLER": str(api.base_url), "FLEETVPN_TOKEN": "x"})
+    assert refused.exit_code == 2 and "401" in refused.output
+    store.create_admin_token()
+    healthy = _cli(
+        "health",
+        env={
+            "FLEETVPN_CONTROLLER": str(api.base_url),
+            "FLEETVPN_TOKEN": store.create_admin_token(),
+        },
+    )
+    assert healthy.exit_code == 0 and "no links" in healthy.output
