@@ -1,0 +1,111 @@
+"""`fleetvpn controller serve` as an operator runs it: a config file, HTTPS with its own
+certificate, the probe responder beside the API, an admin token from the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def _port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def fleetvpn(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fleetvpn", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_serve_with_tls_and_the_probe_responder(tmp_path: Path) -> None:
+    cert, key = tmp_path / "api.crt", tmp_path / "api.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    probe_key = tmp_path / "probe.key"
+    probe_key.write_text(fleetvpn("probe", "genkey").stdout)
+    api_port, probe_port = _port(socket.SOCK_STREAM), _port(socket.SOCK_DGRAM)
+    config = tmp_path / "controller.yml"
+    config.write_text(
+        f"listen: 127.0.0.1:{api_port}\n"
+        f"database: sqlite:///{tmp_path / 'db' / 'controller.db'}\n"
+        f"tls: {{cert: {cert}, key: {key}}}\n"
+        f"probe_responder: {{listen: '127.0.0.1:{probe_port}', key_file: {probe_key}}}\n"
+    )
+    admin = fleetvpn("controller", "admin-token", "--config", str(config))
+    assert admin.returncode == 0, admin.stderr
+    token = admin.stdout.strip()
+    assert token.startswith("fva_")
+    assert token not in (tmp_path / "db" / "controller.db").read_bytes().decode("latin-1")
+
+    server = subprocess.Popen(
+        [sys.executable, "-m", "fleetvpn", "controller", "serve", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    env = {
+        "FLEETVPN_CONTROLLER": f"https://127.0.0.1:{api_port}",
+        "FLEETVPN_TOKEN": token,
+        "FLEETVPN_CA_FILE": str(cert),
+    }
+    try:
+        deadline = time.monotonic() + 30
+        while (health := fleetvpn("health", "--json", env=env)).returncode == 2:
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            assert time.monotonic() < deadline, health.stderr
+            time.sleep(0.3)
+        assert health.returncode == 0, health.stderr  # no links yet: nothing is broken
+        assert json.loads(health.stdout)["schema_version"] == 1
+        # Plain HTTP or an untrusted certificate do not get through.
+        plain = fleetvpn(
+            "health", env={**env, "FLEETVPN_CONTROLLER": f"http://127.0.0.1:{api_port}"}
+        )
+        assert plain.returncode == 2
+        untrusted = fleetvpn("health", env={**env, "FLEETVPN_CA_FILE": ""})
+        assert untrusted.returncode == 2 and "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr
+        # The responder runs beside the API: a NAT probe against it works.
+        nat = fleetvpn("probe", "nat", f"127.0.0.1:{probe_port}", "--key-file", str(probe_key),
+                       "--json")  # fmt: skip
+        assert nat.returncode == 0, nat.stderr
+        assert json.loads(nat.stdout)["nat"] is False
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_a_broken_config_is_one_clear_line(tmp_path: Path) -> None:
+    config = tmp_path / "controller.yml"
+    config.write_text("listen: 127.0.0.1:99999\n")
+    result = fleetvpn("controller", "serve", "--config", str(config))
+    assert result.returncode == 1
+    assert f"{config}: listen: '99999' is not a port" in result.stderr
+    assert "Traceback" not in result.stderr
+    config.write_text("lisen: 1\n")
+    assert "lisen: unknown key" in fleetvpn("controller", "serve", "--config", str(config)).stderr
+
+
+@pytest.mark.parametrize("missing", ["tls.cert"])
+def test_missing_tls_files_are_named(tmp_path: Path, missing: str) -> None:
+    config = tmp_path / "controller.yml"
+    config.write_text(f"tls: {{cert: {tmp_path}/none.crt, key: {tmp_path}/none.key}}\n")
+    result = fleetvpn("controller", "serve", "--config", str(config))
+    assert (
+        result.returncode == 1 and f"{missing}: {tmp_path}/none.crt does not exist" in result.stderr
+    )
