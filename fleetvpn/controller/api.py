@@ -8,11 +8,13 @@ only a one-time enrollment token in the body. Every error is JSON ``{"error": ".
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -81,8 +83,36 @@ def _field(doc: Any, key: str, kind: type) -> Any:
     return doc[key]
 
 
-def create_app(store: Store, *, max_body_bytes: int = 1 << 20) -> FastAPI:
-    app = FastAPI(title="fleetvpn controller", version=__version__)
+PRUNE_EVERY_S = 3600.0
+
+
+def create_app(
+    store: Store,
+    *,
+    max_body_bytes: int = 1 << 20,
+    retention: timedelta | None = None,
+    responder: tuple[tuple[str, int], bytes] | None = None,
+) -> FastAPI:
+    """The API over ``store``. With ``retention``, history older than that is pruned hourly;
+    with ``responder`` (listen address, probe key), the probe responder runs beside the API."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        handle = None
+        if responder is not None:
+            from fleetvpn.net.responder import serve
+
+            handle = await serve(*responder)
+        pruning = asyncio.create_task(_prune_forever(store, retention)) if retention else None
+        try:
+            yield
+        finally:
+            if pruning is not None:
+                pruning.cancel()
+            if handle is not None:
+                handle.close()
+
+    app = FastAPI(title="fleetvpn controller", version=__version__, lifespan=lifespan)
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -263,6 +293,12 @@ def create_app(store: Store, *, max_body_bytes: int = 1 << 20) -> FastAPI:
         return Response(render(view()), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+async def _prune_forever(store: Store, retention: timedelta) -> None:
+    while True:
+        await asyncio.to_thread(store.prune, retention)
+        await asyncio.sleep(PRUNE_EVERY_S)
 
 
 def _jsonable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

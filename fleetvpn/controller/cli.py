@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,27 +65,21 @@ def serve(config_path: Path) -> None:
 
     from fleetvpn.controller.api import create_app
     from fleetvpn.net.keys import KeyFileError, load_key
-    from fleetvpn.net.responder import serve as serve_responder
 
     config = _config(config_path)
     store = _open_store(config)
-    app = create_app(store, max_body_bytes=config.max_body_bytes)
-    key = None
-    if config.responder_key_file is not None:
+    responder = None
+    if config.responder_listen is not None and config.responder_key_file is not None:
         try:
-            key = load_key(config.responder_key_file)
+            responder = (config.responder_listen, load_key(config.responder_key_file))
         except KeyFileError as e:
             raise click.ClickException(str(e)) from None
-
-    if key is not None and config.responder_listen is not None:
-        listen = config.responder_listen
-
-        @app.on_event("startup")
-        async def start_responder() -> None:
-            handle = await serve_responder(listen, key)
-            app.state.responder = handle
-            click.echo(f"probe responder on {listen[0]}:{listen[1]}", err=True)
-
+    app = create_app(
+        store,
+        max_body_bytes=config.max_body_bytes,
+        retention=timedelta(days=config.retention_days),
+        responder=responder,
+    )
     host, port = config.listen
     uvicorn.run(
         app,
