@@ -286,6 +286,29 @@ def create_app(
             raise ApiError(404, f"no node {name!r}")
         return desired_json(fleet, name)
 
+    @app.get("/v1/links/{a}/{b}/history")
+    def link_history(request: Request, a: str, b: str, hours: float = 24.0) -> dict[str, Any]:
+        admin(request)
+        since = utcnow() - timedelta(hours=max(0.0, min(hours, 24.0 * 3650)))
+        keep = ("node", "peer", "family", "measured_at", "path_mtu", "icmp_seen", "rtt_s",
+                "loss_ratio", "handshake_age_s", "rx_bytes", "tx_bytes")  # fmt: skip
+        rows = [{k: r[k] for k in keep} for r in store.link_history(a, b, since)]
+        return {"schema_version": 1, "a": a, "b": b, "measurements": _jsonable(rows)}
+
+    @app.get("/v1/sites/{site}/history")
+    def site_history(request: Request, site: str, hours: float = 24.0) -> dict[str, Any]:
+        admin(request)
+        since = utcnow() - timedelta(hours=max(0.0, min(hours, 24.0 * 3650)))
+        keep = ("node", "measured_at", "nat", "stateful_filter", "mapped_address",
+                "mapping_lifetime_s", "resolution_s", "max_lifetime_s")  # fmt: skip
+        rows = [
+            {k: r[k] for k in keep}
+            for r in store.nat_history(since)
+            if r["site"] == site and r["measured_at"] >= since
+        ]
+        rows.sort(key=lambda r: r["measured_at"])
+        return {"schema_version": 1, "site": site, "nat_measurements": _jsonable(rows)}
+
     @app.get("/metrics")
     def metrics() -> Response:
         from fleetvpn.controller.metrics import render

@@ -457,6 +457,24 @@ class Store:
                 out.setdefault(str(name), []).append((received, json.loads(body)))
         return out
 
+    def link_history(self, a: str, b: str, since: datetime) -> list[dict[str, Any]]:
+        """Both directions' measurements of the link a–b since ``since``, oldest first."""
+        lm = link_measurements
+        query = (
+            sa.select(lm, nodes.c.name.label("node"))
+            .join(nodes, nodes.c.id == lm.c.node_id)
+            .where(
+                lm.c.measured_at >= since,
+                sa.or_(
+                    sa.and_(nodes.c.name == a, lm.c.peer == b),
+                    sa.and_(nodes.c.name == b, lm.c.peer == a),
+                ),
+            )
+            .order_by(lm.c.measured_at, lm.c.id)
+        )
+        with self.tx() as conn:
+            return [_row(r) for r in conn.execute(query)]
+
     def nat_history(self, since: datetime) -> list[dict[str, Any]]:
         """Every NAT measurement since ``since``, and each node's newest however old."""
         nm = nat_measurements

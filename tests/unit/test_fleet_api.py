@@ -145,3 +145,17 @@ def test_health_exit_codes_for_an_unreachable_controller_and_a_bad_token(
         },
     )
     assert healthy.exit_code == 0 and "no links" in healthy.output
+
+
+def test_history_per_link_and_site(api: httpx.Client, store: Store) -> None:
+    t = fleet(api, store)
+    send(
+        api, t["branch1"], "branch1", "branch",
+        measurements=[link("hub", 1380, "198.19.1.11:51820")],
+    )  # fmt: skip
+    doc = api.get("/v1/links/hub/branch1/history", headers=bearer(t["admin"])).json()
+    mtus = [(m["node"], m["path_mtu"]) for m in doc["measurements"]]
+    assert sorted(mtus) == [("branch1", 1380), ("branch1", 1400), ("hub", 1400)]
+    site = api.get("/v1/sites/branch/history", headers=bearer(t["admin"])).json()
+    assert [m["mapping_lifetime_s"] for m in site["nat_measurements"]] == [19.55]
+    assert api.get("/v1/sites/branch/history", headers=bearer(t["branch1"])).status_code == 403
