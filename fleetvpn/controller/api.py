@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from fleetvpn import __version__
+from fleetvpn.controller.config import TunnelConfig
 from fleetvpn.controller.store import (
     Conflict,
     Forbidden,
@@ -31,7 +32,7 @@ from fleetvpn.controller.store import (
     StoreError,
     utcnow,
 )
-from fleetvpn.model import NAME_PATTERN, Override, ReportError, parse_report
+from fleetvpn.model import NAME_PATTERN, Override, ReportError, parse_endpoint, parse_report
 
 _NAME_RE = re.compile(NAME_PATTERN)
 
@@ -92,6 +93,7 @@ def create_app(
     max_body_bytes: int = 1 << 20,
     retention: timedelta | None = None,
     responder: tuple[tuple[str, int], bytes] | None = None,
+    tunnel: TunnelConfig | None = None,
 ) -> FastAPI:
     """The API over ``store``. With ``retention``, history older than that is pruned hourly;
     with ``responder`` (listen address, probe key), the probe responder runs beside the API."""
@@ -113,6 +115,7 @@ def create_app(
                 handle.close()
 
     app = FastAPI(title="fleetvpn controller", version=__version__, lifespan=lifespan)
+    tunnel = tunnel or TunnelConfig()
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -170,7 +173,20 @@ def create_app(
         if not _NAME_RE.fullmatch(name):
             raise ApiError(422, f"name: {name!r} is not a valid node name ({NAME_PATTERN})")
         public_key = _public_key(_field(doc, "public_key", str))
-        node_token, site = store.enroll(token, name, public_key)
+        listen_port = doc.get("listen_port", 51820)
+        if isinstance(listen_port, bool) or not isinstance(listen_port, int):
+            raise ApiError(422, "listen_port: must be an integer")
+        if not 0 < listen_port < 65536:
+            raise ApiError(422, f"listen_port: {listen_port} is out of range (1..65535)")
+        endpoint = doc.get("endpoint")
+        if endpoint is not None:
+            try:
+                parse_endpoint(str(endpoint))
+            except ValueError as e:
+                raise ApiError(422, f"endpoint: {e}") from None
+        node_token, site = store.enroll(
+            token, name, public_key, listen_port=listen_port, endpoint=endpoint
+        )
         return {"node": name, "site": site, "node_token": node_token}
 
     @app.post("/v1/reports", status_code=201)
@@ -227,7 +243,8 @@ def create_app(
     @app.get("/v1/nodes")
     def list_nodes(request: Request) -> dict[str, Any]:
         admin(request)
-        return {"schema_version": 1, "nodes": _jsonable(store.nodes())}
+        rows = [{k: v for k, v in n.items() if k != "id"} for n in store.nodes()]
+        return {"schema_version": 1, "nodes": _jsonable(rows)}
 
     @app.get("/v1/overrides")
     def list_overrides(request: Request) -> dict[str, Any]:
@@ -284,7 +301,7 @@ def create_app(
         fleet = view()
         if name not in fleet.node_sites:
             raise ApiError(404, f"no node {name!r}")
-        return desired_json(fleet, name)
+        return desired_json(fleet, name, tunnel)
 
     @app.get("/v1/links/{a}/{b}/history")
     def link_history(request: Request, a: str, b: str, hours: float = 24.0) -> dict[str, Any]:

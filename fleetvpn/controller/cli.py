@@ -79,6 +79,7 @@ def serve(config_path: Path) -> None:
         max_body_bytes=config.max_body_bytes,
         retention=timedelta(days=config.retention_days),
         responder=responder,
+        tunnel=config.tunnel,
     )
     host, port = config.listen
     uvicorn.run(

@@ -10,11 +10,16 @@ Example (every key optional)::
     probe_responder:                              # agents measure their NAT against it
       listen: "[::]:4789"
       key_file: /etc/fleetvpn/probe.key
+    tunnel:                                       # the WireGuard network the nodes share
+      interface: wg0
+      ipv4: 10.99.0.0/16                          # node n gets the n-th address
+      ipv6: fd99:f1ee:7::/64                      # optional; the tunnel then carries IPv6
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ipaddress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,23 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class TunnelConfig:
+    interface: str = "wg0"
+    ipv4: ipaddress.IPv4Network = ipaddress.IPv4Network("10.99.0.0/16")
+    ipv6: ipaddress.IPv6Network | None = None
+
+    def addresses(self, node_id: int) -> list[str]:
+        """Node ``node_id``'s tunnel addresses (CIDR): the id-th host of each network."""
+        out = [f"{self.ipv4[node_id]}/{self.ipv4.prefixlen}"]
+        if self.ipv6 is not None:
+            out.append(f"{self.ipv6[node_id]}/{self.ipv6.prefixlen}")
+        return out
+
+    def capacity(self) -> int:
+        return self.ipv4.num_addresses - 2
+
+
+@dataclass(frozen=True)
 class ControllerConfig:
     listen: tuple[str, int] = ("0.0.0.0", 8080)
     database: str = DEFAULT_DATABASE
@@ -39,9 +61,18 @@ class ControllerConfig:
     max_body_bytes: int = 1 << 20
     responder_listen: tuple[str, int] | None = None
     responder_key_file: Path | None = None
+    tunnel: TunnelConfig = field(default_factory=TunnelConfig)
 
 
-_KEYS = {"listen", "database", "tls", "retention_days", "max_body_bytes", "probe_responder"}
+_KEYS = {
+    "listen",
+    "database",
+    "tls",
+    "retention_days",
+    "max_body_bytes",
+    "probe_responder",
+    "tunnel",
+}
 
 
 def load(path: Path) -> ControllerConfig:
@@ -97,7 +128,25 @@ def parse(text: str, source: str = "<config>") -> ControllerConfig:
             raise fail("probe_responder", "must have exactly `listen` and `key_file`")
         responder_listen = endpoint(pr["listen"], "probe_responder.listen")
         responder_key = Path(pr["key_file"])
+    tunnel = TunnelConfig()
+    if "tunnel" in doc:
+        raw = doc["tunnel"]
+        if not isinstance(raw, dict) or not set(raw) <= {"interface", "ipv4", "ipv6"}:
+            raise fail("tunnel", "must be a mapping with `interface`, `ipv4` and `ipv6`")
+        try:
+            v4 = ipaddress.IPv4Network(str(raw.get("ipv4", tunnel.ipv4)))
+        except ValueError as e:
+            raise fail("tunnel.ipv4", f"not an IPv4 network: {e}") from None
+        try:
+            v6 = ipaddress.IPv6Network(str(raw["ipv6"])) if raw.get("ipv6") else None
+        except ValueError as e:
+            raise fail("tunnel.ipv6", f"not an IPv6 network: {e}") from None
+        interface = str(raw.get("interface", tunnel.interface))
+        if not 0 < len(interface) <= 15 or "/" in interface or " " in interface:
+            raise fail("tunnel.interface", f"{interface!r} is not an interface name")
+        tunnel = TunnelConfig(interface, v4, v6)
     return ControllerConfig(
+        tunnel=tunnel,
         listen=endpoint(doc.get("listen", "0.0.0.0:8080"), "listen"),
         database=database,
         tls_cert=cert,

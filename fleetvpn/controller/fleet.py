@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from fleetvpn.controller import policy
+from fleetvpn.controller.config import TunnelConfig
 from fleetvpn.controller.store import Store
 from fleetvpn.model import (
     KeepaliveState,
@@ -69,6 +70,18 @@ class LinkRow:
 
 
 @dataclass(frozen=True)
+class NodeInfo:
+    """What enrollment recorded of a node (never its private key: that never leaves it)."""
+
+    node_id: int
+    name: str
+    site: str
+    public_key: str
+    listen_port: int
+    endpoint: str | None  # where others reach it; None: it dials out (behind a NAT)
+
+
+@dataclass(frozen=True)
 class FleetView:
     generated_at: datetime
     links: list[LinkRow]
@@ -76,6 +89,18 @@ class FleetView:
     plans: dict[str, NodeMtuPlan]
     peer_keepalives: dict[tuple[str, str], PeerKeepalive]
     node_sites: dict[str, str]
+    nodes: dict[str, NodeInfo]
+    peers: dict[str, list[str]]  # node → the nodes it has a tunnel with
+
+
+def peerings(nodes: dict[str, NodeInfo]) -> set[tuple[str, str]]:
+    """Which nodes get a tunnel: every pair in which at least one end has an endpoint the other
+    can dial (WireGuard has no NAT traversal of its own: two NATed nodes reach each other only
+    through a third). Unordered pairs, (a, b) with a < b."""
+    reachable = sorted(n for n, info in nodes.items() if info.endpoint)
+    return {
+        (min(hub, other), max(hub, other)) for hub in reachable for other in nodes if other != hub
+    }
 
 
 def _stored(received_at: datetime, body: dict[str, Any]) -> StoredReport:
@@ -103,19 +128,29 @@ def _measurement(stored: StoredReport | None, peer: str) -> LinkMeasurement | No
 
 
 def compute(store: Store, now: datetime) -> FleetView:
-    node_sites = {n["name"]: n["site"] for n in store.nodes() if n["revoked_at"] is None}
+    infos = {
+        n["name"]: NodeInfo(
+            n["id"], n["name"], n["site"], n["public_key"], n["listen_port"], n["endpoint"]
+        )
+        for n in store.nodes()
+        if n["revoked_at"] is None
+    }
+    node_sites = {name: info.site for name, info in infos.items()}
     history = store.latest_reports(per_node=2)
     latest = {node: _stored(*reports[0]) for node, reports in history.items() if node in node_sites}
 
-    links = sorted(
-        {
-            tuple(sorted((node, m.peer)))
-            for node, stored in latest.items()
-            for m in stored.report.measurements
-            if m.peer in node_sites
-        }
-    )
-    pairs = [(a, b) for a, b in links]
+    planned = peerings(infos)
+    measured = {
+        (min(node, m.peer), max(node, m.peer))
+        for node, stored in latest.items()
+        for m in stored.report.measurements
+        if m.peer in node_sites
+    }
+    pairs = sorted(planned | measured)
+    peer_lists: dict[str, list[str]] = {}
+    for a, b in sorted(planned):
+        peer_lists.setdefault(a, []).append(b)
+        peer_lists.setdefault(b, []).append(a)
     overrides = [
         Override(o["scope"], o["target"], o["setting"], o["value"], o["note"])
         for o in store.overrides()
@@ -177,7 +212,9 @@ def compute(store: Store, now: datetime) -> FleetView:
                 report_age_s=max(ages) if len(ages) == 2 else None,
             )
         )
-    return FleetView(now, rows, keepalives.sites, mtus.nodes, keepalives.peers, node_sites)
+    return FleetView(
+        now, rows, keepalives.sites, mtus.nodes, keepalives.peers, node_sites, infos, peer_lists
+    )
 
 
 def _direction(
@@ -304,30 +341,48 @@ def health_json(view: FleetView, site: str | None = None, problems: bool = False
     }
 
 
-def desired_json(view: FleetView, node: str) -> dict[str, Any]:
+def desired_json(view: FleetView, node: str, tunnel: TunnelConfig) -> dict[str, Any]:
+    """Everything ``node`` applies: its interface (addresses, port, MTU) and, per peer, the
+    public key, endpoint, allowed IPs, keepalive and route MTU — each decision with its reason.
+    The private key is not here: it is generated on the node and never leaves it."""
+    info = view.nodes[node]
     plan = view.plans.get(node)
-    peers = sorted(
-        (k for (n, _), k in view.peer_keepalives.items() if n == node), key=lambda k: k.peer
-    )
     routes = {r.peer: r for r in plan.routes} if plan else {}
+    peers = []
+    for name in view.peers.get(node, []):
+        peer = view.nodes[name]
+        keepalive = view.peer_keepalives.get((node, name))
+        route = routes.get(name)
+        peers.append(
+            {
+                "peer": name,
+                "site": peer.site,
+                "public_key": peer.public_key,
+                "endpoint": peer.endpoint,
+                "allowed_ips": [_host_route(a) for a in tunnel.addresses(peer.node_id)],
+                "keepalive_s": keepalive.keepalive_s if keepalive else 0,
+                "keepalive_reason": keepalive.reason if keepalive else "no keepalive decided",
+                "route_mtu": route.route_mtu if route else policy.SAFE_DEFAULT_MTU,
+                "route_mtu_reason": route.reason if route else "unmeasured: safe default 1280",
+            }
+        )
     return {
         "schema_version": 1,
         "node": node,
-        "site": view.node_sites.get(node),
+        "site": info.site,
         "generated_at": format_time(view.generated_at),
+        "interface": tunnel.interface,
+        "addresses": tunnel.addresses(info.node_id),
+        "listen_port": info.listen_port,
         "interface_mtu": plan.interface_mtu if plan else policy.SAFE_DEFAULT_MTU,
         "interface_mtu_reason": plan.reason if plan else "no links yet: safe default",
-        "peers": [
-            {
-                "peer": k.peer,
-                "keepalive_s": k.keepalive_s,
-                "keepalive_reason": k.reason,
-                "route_mtu": routes[k.peer].route_mtu if k.peer in routes else None,
-                "route_mtu_reason": routes[k.peer].reason if k.peer in routes else None,
-            }
-            for k in peers
-        ],
+        "peers": peers,
     }
+
+
+def _host_route(cidr: str) -> str:
+    address = cidr.split("/")[0]
+    return f"{address}/{128 if ':' in address else 32}"
 
 
 def tune_json(view: FleetView, site: str | None = None) -> dict[str, Any]:

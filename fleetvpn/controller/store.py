@@ -64,6 +64,8 @@ nodes = sa.Table(
     sa.Column("name", sa.String(63), nullable=False, unique=True),
     sa.Column("site", sa.String(63), nullable=False, index=True),
     sa.Column("public_key", sa.String(44), nullable=False, unique=True),
+    sa.Column("listen_port", sa.Integer, nullable=False, default=51820),
+    sa.Column("endpoint", sa.String(64)),  # advertised "host:port", for nodes others dial
     sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
     sa.Column("enrolled_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("revoked_at", sa.DateTime(timezone=True)),
@@ -261,8 +263,20 @@ class Store:
             )
         return token
 
-    def enroll(self, enrollment_token: str, name: str, public_key: str) -> tuple[str, str]:
-        """Spend an enrollment token on a new node; returns (node token, site)."""
+    def enroll(
+        self,
+        enrollment_token: str,
+        name: str,
+        public_key: str,
+        *,
+        listen_port: int = 51820,
+        endpoint: str | None = None,
+    ) -> tuple[str, str]:
+        """Spend an enrollment token on a new node; returns (node token, site).
+
+        ``endpoint`` is where other nodes reach this one ("host:port"); a node without one
+        (behind a NAT) dials out to the nodes that have one.
+        """
         now = utcnow()
         with self.tx() as conn:
             row = conn.execute(
@@ -289,6 +303,8 @@ class Store:
                     name=name,
                     site=row.site,
                     public_key=public_key,
+                    listen_port=listen_port,
+                    endpoint=endpoint,
                     token_hash=hash_token(token),
                     enrolled_at=now,
                 )
@@ -329,7 +345,8 @@ class Store:
         with self.tx() as conn:
             rows = conn.execute(
                 sa.select(
-                    nodes.c.name, nodes.c.site, nodes.c.public_key, nodes.c.enrolled_at,
+                    nodes.c.id, nodes.c.name, nodes.c.site, nodes.c.public_key,
+                    nodes.c.listen_port, nodes.c.endpoint, nodes.c.enrolled_at,
                     nodes.c.revoked_at, nodes.c.last_report_at,
                 ).order_by(nodes.c.site, nodes.c.name)
             )  # fmt: skip

@@ -48,12 +48,12 @@ def bearer(token: str) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
 
 
-def enroll(api: httpx.Client, admin: str, name: str, site: str, key: str = PUBLIC_KEY) -> str:
+def enroll(
+    api: httpx.Client, admin: str, name: str, site: str, key: str = PUBLIC_KEY, **extra: object
+) -> str:
     r = api.post("/v1/enrollment-tokens", json={"site": site}, headers=bearer(admin))
     assert r.status_code == 201, r.text
-    r = api.post(
-        "/v1/enroll",
-        json={"enrollment_token": r.json()["enrollment_token"], "name": name, "public_key": key},
-    )
+    body = {"enrollment_token": r.json()["enrollment_token"], "name": name, "public_key": key}
+    r = api.post("/v1/enroll", json={**body, **extra})
     assert r.status_code == 201, r.text
     return str(r.json()["node_token"])

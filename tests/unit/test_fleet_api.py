@@ -34,7 +34,7 @@ def send(api: httpx.Client, token: str, node: str, site: str, **doc: Any) -> Non
 def fleet(api: httpx.Client, store: Store) -> dict[str, str]:
     admin = store.create_admin_token()
     tokens = {
-        "hub": enroll(api, admin, "hub", "hub", "h" * 43 + "="),
+        "hub": enroll(api, admin, "hub", "hub", "h" * 43 + "=", endpoint="198.19.1.11:51820"),
         "branch1": enroll(api, admin, "branch1", "branch", "b" * 43 + "="),
     }
     send(
@@ -88,11 +88,29 @@ def test_a_node_reads_only_its_own_desired_state(api: httpx.Client, store: Store
     mine = api.get("/v1/nodes/branch1/desired", headers=bearer(t["branch1"]))
     assert mine.status_code == 200
     doc = mine.json()
-    assert doc["interface_mtu"] == 1340
+    assert doc["interface_mtu"] == 1340 and doc["interface"] == "wg0"
+    assert doc["addresses"] == ["10.99.0.2/16"] and doc["listen_port"] == 51820
     (peer,) = doc["peers"]
     assert (peer["peer"], peer["keepalive_s"], peer["route_mtu"]) == ("hub", 8, 1340)
+    assert peer["public_key"] == "h" * 43 + "=" and peer["endpoint"] == "198.19.1.11:51820"
+    assert peer["allowed_ips"] == ["10.99.0.1/32"]
+    assert "private" not in mine.text
+    hub = api.get("/v1/nodes/hub/desired", headers=bearer(t["hub"])).json()
+    assert [(p["peer"], p["endpoint"], p["keepalive_s"]) for p in hub["peers"]] == [
+        ("branch1", None, 0)
+    ]
     assert api.get("/v1/nodes/hub/desired", headers=bearer(t["branch1"])).status_code == 403
     assert api.get("/v1/nodes/nosuch/desired", headers=bearer(t["admin"])).status_code == 404
+
+
+def test_two_nated_nodes_get_no_direct_tunnel(api: httpx.Client, store: Store) -> None:
+    admin = store.create_admin_token()
+    enroll(api, admin, "hub", "hub", "h" * 43 + "=", endpoint="198.19.1.11:51820")
+    enroll(api, admin, "a", "branch", "a" * 43 + "=")
+    enroll(api, admin, "b", "home", "b" * 43 + "=")
+    doc = api.get("/v1/health", headers=bearer(admin)).json()
+    assert sorted((r["a"], r["b"]) for r in doc["links"]) == [("a", "hub"), ("b", "hub")]
+    assert {r["state"] for r in doc["links"]} == {"down"}  # planned, never reported
 
 
 def test_metrics_use_names_as_labels(api: httpx.Client, store: Store) -> None:
