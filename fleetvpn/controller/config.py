@@ -28,6 +28,7 @@ import yaml
 from fleetvpn.net.responder import parse_endpoint
 
 DEFAULT_DATABASE = "sqlite:////var/lib/fleetvpn/controller.db"
+DEFAULT_TUNNEL_V4 = ipaddress.IPv4Network("10.99.0.0/16")
 
 
 class ConfigError(ValueError):
@@ -37,7 +38,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class TunnelConfig:
     interface: str = "wg0"
-    ipv4: ipaddress.IPv4Network = ipaddress.IPv4Network("10.99.0.0/16")
+    ipv4: ipaddress.IPv4Network = DEFAULT_TUNNEL_V4
     ipv6: ipaddress.IPv6Network | None = None
 
     def addresses(self, node_id: int) -> list[str]:
