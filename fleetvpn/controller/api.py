@@ -303,6 +303,26 @@ def create_app(
             raise ApiError(404, f"no node {name!r}")
         return desired_json(fleet, name, tunnel)
 
+    @app.get("/v1/nodes/{name}/config/{kind}")
+    def node_config(request: Request, name: str, kind: str) -> dict[str, Any]:
+        """Rendered config files for ``name``: wg-quick, networkd or host_vars."""
+        from fleetvpn.controller.fleet import desired_json
+        from fleetvpn.controller.render import KINDS, render
+
+        who = principal(request)
+        if who.kind != "admin" and who.name != name:
+            raise ApiError(403, f"{who.name} may read only its own config")
+        if kind not in KINDS:
+            raise ApiError(404, f"no config kind {kind!r} (known: {', '.join(KINDS)})")
+        fleet = view()
+        if name not in fleet.node_sites:
+            raise ApiError(404, f"no node {name!r}")
+        return {
+            "schema_version": 1,
+            "node": name,
+            "files": render(desired_json(fleet, name, tunnel), kind),
+        }
+
     @app.get("/v1/links/{a}/{b}/history")
     def link_history(request: Request, a: str, b: str, hours: float = 24.0) -> dict[str, Any]:
         admin(request)
