@@ -46,8 +46,8 @@ class Responder:
         return doc
 
 
-def start_responder(lab: LabHandle, key_file: Path) -> subprocess.Popen[str]:
-    argv = [*lab.lab.host_ns("hub").prefix(), sys.executable, "-m", "fleetvpn", "probe"]
+def start_responder(lab: LabHandle, key_file: Path, host: str = "hub") -> subprocess.Popen[str]:
+    argv = [*lab.lab.host_ns(host).prefix(), sys.executable, "-m", "fleetvpn", "probe"]
     proc = subprocess.Popen(
         [*argv, "responder", "--listen", f"[::]:{PORT}", "--key-file", str(key_file)],
         stderr=subprocess.PIPE,
