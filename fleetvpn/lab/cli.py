@@ -165,7 +165,7 @@ def status(topology: Path, name: str | None, as_json: bool) -> None:
                 r["ipv6"] or "",
                 sshd,
             )
-        console = Console()
+        console = Console(width=None if sys.stdout.isatty() else 150)
         console.print(table)
         if missing:
             console.print(
