@@ -1,0 +1,676 @@
+"""The controller at fleet scale: report ingest, recompute, `health` latency, peak memory.
+
+    .venv/bin/python benchmarks/controller.py [--quick] [--postgres] [--nodes N] [--sites S]
+        [--links-per-node L] [--clients C] [--history R] [--hubs H] [--profile]
+
+Builds a synthetic fleet (default: issue 4's 10,000 nodes in 500 sites, 100,000 links; --quick:
+ten times smaller), enrolls it through the store and prints figures with their ratio to the
+issue's goals — never assertions:
+
+  ingest     `POST /v1/reports` over HTTP to the real `fleetvpn controller serve` (a subprocess
+             on 127.0.0.1), C client threads here posting pre-encoded bodies: link measurements/s
+             (goal >= 20,000/s), reports/s, and the server's CPU per report. The round before
+             goes straight into the store (one thread), timed stage by stage: where time goes.
+  recompute  here: fleet.compute (cold: it saves every site's keepalive state; then warm),
+             health_json, tune_json, metrics.render, desired_json and the config renderings of
+             every node (goal <= 10 s for all of it); and what a cached view would answer with.
+  health     p50/p99 of `GET /v1/health` and `GET /v1/health?site=S` (goal p99 <= 200 ms). Each
+             request recomputes the fleet: a query stops after 50 requests or 60 s (quick 10).
+  memory     peak RSS (the high-water mark ru_maxrss reports) of the server and of this process.
+
+The fleet: public sites (no NAT; a third with 9000-byte paths inside), NAT sites (mapping
+lifetimes 10-300 s), firewall sites (stateful filter). Each node starts L links to distinct
+peers (40 % a site-mate, 30 % one of the two hubs of a random site, 30 % any node) and both ends
+measure each link, as agents do: a report has about 2 L measurements. Path MTUs 1280..1500 (a
+tenth asymmetric) or 9000, 5 % of links over IPv6. Nodes apply what the policy recommends,
+except: 1 % of links black holes one way (route MTU 1420 over 1400, no ICMP), 1 % down (old
+handshakes), 2 % lossy, 10 % of NATed nodes on the default 25 s keepalive. 1 % of nodes are
+stale (their reports' arrival set 15 min back in the database: put_report stamps the
+controller's clock), 0.5 % never report, 2 % of NATed nodes change NAT port between the rounds
+(mapping losses). The seed is fixed: runs are comparable.
+
+Nodes enroll without an endpoint, so links are the measured pairs and desired states list no
+peers. --hubs H enrolls H public nodes with theirs: compute() then plans a tunnel from each to
+every node (fleet.peerings). --history R stores R older rounds first (an hour is 60).
+
+SQLite (WAL, a temp file) by default, --postgres a throwaway PostgreSQL server (Debian's, Unix
+socket only); both commit durably, as in production. --profile runs the server under cProfile
+and profiles the store round and a warm compute here (figures are then slower). Everything
+started here (server, PostgreSQL, temp dir) is removed on exit, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import cProfile
+import glob
+import hashlib
+import io
+import ipaddress
+import json
+import os
+import pstats
+import random
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, redirect_stdout, suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import httpx
+import sqlalchemy as sa
+
+from fleetvpn.controller import fleet as fleetview
+from fleetvpn.controller import metrics, render
+from fleetvpn.controller.config import TunnelConfig
+from fleetvpn.controller.store import Store, nodes, reports, sqlite_url
+from fleetvpn.engines.keepalive import keepalive_for
+from fleetvpn.model import Report, format_time, parse_report
+
+GOAL_INGEST_PER_S = 20_000
+GOAL_RECOMPUTE_S = 10.0
+GOAL_HEALTH_P99_S = 0.200
+RENDER_BUDGET_S = 30.0  # per-node documents beyond this are extrapolated
+
+PATH_MTUS = (1280, 1360, 1400, 1420, 1440, 1472, 1480, 1492, 1500)
+PATH_WEIGHTS = (1, 2, 4, 3, 2, 3, 4, 5, 40)
+OVERHEAD_BYTES = {4: 60, 6: 80}
+LINK_COLUMNS = ("peer", "family", "path_mtu", "icmp_seen", "rtt_s", "loss_ratio",
+                "handshake_age_s", "rx_bytes", "tx_bytes", "endpoint")  # fmt: skip
+
+
+# --- the synthetic fleet -------------------------------------------------------------------------
+
+
+@dataclass
+class Node:
+    name: str
+    site: str
+    kind: str  # public | nat | firewall
+    address: str  # where peers see it: its own IPv4 address, or its site's NAT address
+    port: int
+    address6: str
+    lifetime_s: float | None  # established-flow mapping lifetime (NAT, firewall)
+    silent: bool  # never reports
+    stale: bool  # its reports arrived 15 min ago
+    remapped: bool  # its NAT gives it a new port before the second round
+
+
+class Measured(NamedTuple):
+    """node -> peer as node measures it (the fields of a report's measurement)."""
+
+    family: int
+    path_mtu: int
+    icmp_seen: bool
+    rtt_s: float
+    loss_ratio: float
+    handshake_age_s: float
+
+
+@dataclass
+class Fleet:
+    sites: dict[str, str]  # site -> kind
+    nodes: list[Node]
+    out: list[dict[int, Measured]]  # node -> peer -> what node measures
+    black_holes: set[tuple[int, int]]  # (node, peer): route MTU 1420 over a 1400-byte path
+
+    @property
+    def links(self) -> int:
+        return sum(len(peers) for peers in self.out) // 2
+
+
+def build_fleet(n_nodes: int, n_sites: int, links_per_node: int, rng: random.Random) -> Fleet:
+    sites = {f"site{s:03d}": rng.choices(("public", "nat", "firewall"), (3, 5, 2))[0]
+             for s in range(n_sites)}  # fmt: skip
+    jumbo = {site for site, kind in sites.items() if kind == "public" and rng.random() < 0.3}
+    lifetimes = {site: float(rng.randint(10, 300)) for site in sites}
+    members: list[list[int]] = [[] for _ in sites]
+    fleet = Fleet(sites, [], [{} for _ in range(n_nodes)], set())
+    for i in range(n_nodes):
+        s = i * n_sites // n_nodes
+        site = f"site{s:03d}"
+        kind, lifetime_s = sites[site], lifetimes[site]
+        host = (198 << 24 | 20 << 16) + s + 1 if kind == "nat" else (198 << 24 | 18 << 16) + i + 1
+        fleet.nodes.append(
+            Node(
+                name=f"{site}-n{len(members[s]):02d}",
+                site=site,
+                kind=kind,
+                address=str(ipaddress.IPv4Address(host)),
+                port=40000 + len(members[s]) if kind == "nat" else 51820,
+                address6=f"2001:db8::{i + 1:x}",
+                lifetime_s=None if kind == "public" else round(lifetime_s * rng.uniform(1, 1.3), 2),
+                silent=rng.random() < 0.005,
+                stale=rng.random() < 0.01,
+                remapped=kind == "nat" and rng.random() < 0.02,
+            )
+        )  # fmt: skip
+        members[s].append(i)
+    for a in range(n_nodes):
+        s = a * n_sites // n_nodes
+        for _ in range(links_per_node):
+            for _attempt in range(20):  # pairs are distinct: draw again on a repeat
+                roll = rng.random()
+                if roll < 0.4 and len(members[s]) > 1:
+                    b = rng.choice(members[s])
+                elif roll < 0.7:
+                    b = rng.choice(members[rng.randrange(n_sites)][:2])
+                else:
+                    b = rng.randrange(n_nodes)
+                if b != a and b not in fleet.out[a]:
+                    _link(fleet, a, b, {fleet.nodes[a].site, fleet.nodes[b].site} <= jumbo, rng)
+                    break
+    return fleet
+
+
+def _link(fleet: Fleet, a: int, b: int, jumbo: bool, rng: random.Random) -> None:
+    family = 6 if rng.random() < 0.05 else 4
+    same_site = fleet.nodes[a].site == fleet.nodes[b].site
+    rtt_s = round(rng.uniform(0.0005, 0.003) if same_site else rng.uniform(0.01, 0.15), 4)
+    forward = 9000 if jumbo else rng.choices(PATH_MTUS, PATH_WEIGHTS)[0]
+    backward = forward if rng.random() < 0.9 else rng.choices(PATH_MTUS, PATH_WEIGHTS)[0]
+    trouble = rng.random()
+    for node, peer, path_mtu in ((a, b, forward), (b, a, backward)):
+        loss, handshake_s = 0.0, round(rng.uniform(0, 120), 1)
+        if trouble < 0.01:  # a black hole one way
+            if node == a:
+                path_mtu = 1400
+                fleet.black_holes.add((a, b))
+        elif trouble < 0.02:
+            handshake_s = round(rng.uniform(400, 900), 1)
+        elif trouble < 0.04 and node == a:
+            loss = round(rng.uniform(0.03, 0.2), 3)
+        icmp_seen = rng.random() < 0.3 and (node, peer) not in fleet.black_holes
+        fleet.out[node][peer] = Measured(family, path_mtu, icmp_seen, rtt_s, loss, handshake_s)
+
+
+def _configured(fleet: Fleet, i: int, rng: random.Random) -> dict[str, Any]:
+    """What node i applies: the policy's MTUs (interface = the largest tunnel MTU, floor16 route
+    MTUs below it) and the keepalive rule where NAT or a filter needs it."""
+    node = fleet.nodes[i]
+    tunnels = {p: min(d.path_mtu, 9000) - OVERHEAD_BYTES[d.family] for p, d in fleet.out[i].items()}
+    interface = max(tunnels.values(), default=1420)
+    keepalive = 0
+    if node.kind != "public":
+        keepalive = keepalive_for(node.lifetime_s, node.kind == "nat", True)[0]
+        if node.kind == "nat" and rng.random() < 0.1:
+            keepalive = 25
+    peers = []
+    for p in fleet.out[i]:
+        route = None if tunnels[p] == interface else tunnels[p] - tunnels[p] % 16
+        if (i, p) in fleet.black_holes:
+            route = 1420
+        peers.append({"peer": fleet.nodes[p].name, "route_mtu": route, "keepalive_s": keepalive})
+    return {"interface_mtu": interface, "peers": peers}
+
+
+def _endpoint(node: Node, family: int, second_round: bool) -> str:
+    if family == 6:
+        return f"[{node.address6}]:51820"
+    return f"{node.address}:{node.port + (1000 if second_round and node.remapped else 0)}"
+
+
+def report(fleet: Fleet, i: int, created_at: datetime, second: bool, rng: random.Random) -> Any:
+    node = fleet.nodes[i]
+    nat: dict[str, Any] = {
+        "measured_at": format_time(created_at - timedelta(seconds=rng.randint(0, 600))),
+        "nat": node.kind == "nat",
+        "stateful_filter": node.kind != "public",
+        "mapped_address": _endpoint(node, 4, second),
+    }
+    if node.lifetime_s is not None:
+        nat |= {"mapping_lifetime_s": node.lifetime_s, "resolution_s": 1.0, "max_lifetime_s": 600.0}
+    return {
+        "schema_version": 1,
+        "report_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+        "node": node.name,
+        "site": node.site,
+        "created_at": format_time(created_at),
+        "measurements": [
+            {
+                "peer": fleet.nodes[p].name,
+                "endpoint": _endpoint(fleet.nodes[p], d.family, second),
+                "rx_bytes": rng.randrange(1 << 40),
+                "tx_bytes": rng.randrange(1 << 40),
+                **d._asdict(),
+            }
+            for p, d in fleet.out[i].items()
+        ],
+        "nat": nat,
+        "configured": _configured(fleet, i, rng),
+    }
+
+
+@dataclass
+class Round:
+    """One report from every node that reports, encoded as agents send them."""
+
+    bodies: list[bytes]
+    tokens: list[str]
+    measurements: int
+
+
+def build_round(
+    fleet: Fleet, tokens: list[str], created_at: datetime, second: bool, rng: random.Random
+) -> Round:
+    batch = Round([], [], 0)
+    for i, node in enumerate(fleet.nodes):
+        if not node.silent:
+            doc = report(fleet, i, created_at, second, rng)
+            batch.bodies.append(json.dumps(doc).encode())
+            batch.tokens.append(tokens[i])
+            batch.measurements += len(doc["measurements"])
+    return batch
+
+
+def public_key(name: str) -> str:
+    return base64.b64encode(hashlib.sha256(name.encode()).digest()).decode()
+
+
+# --- servers -------------------------------------------------------------------------------------
+
+
+@contextmanager
+def postgres_server(base: Path) -> Iterator[str]:
+    """A throwaway PostgreSQL server on a Unix socket under ``base``, as tests/conftest.py
+    starts one but with the default durability; yields its URL."""
+    initdb = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not initdb:
+        sys.exit("PostgreSQL server not installed (scripts/install-deps installs it)")
+    bindir = Path(initdb[-1]).parent
+    data, sockets = base / "pgdata", base / "pgsock"
+    sockets.mkdir()
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+        for path in (base, sockets):
+            shutil.chown(path, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    subprocess.run(
+        [*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "fleetvpn", "--auth=trust"],
+        check=True,
+        capture_output=True,
+    )
+    server = subprocess.Popen(
+        [*as_user, str(bindir / "postgres"), "-D", str(data), "-k", str(sockets),
+         "-c", "listen_addresses="],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not list(sockets.glob(".s.PGSQL.*")):
+            if server.poll() is not None or time.monotonic() > deadline:
+                sys.exit("postgres did not start")
+            time.sleep(0.1)
+        yield f"postgresql+psycopg://fleetvpn@/postgres?host={sockets}"
+    finally:
+        with suppress(OSError, ValueError):  # fast shutdown, even with clients connected
+            os.kill(int((data / "postmaster.pid").read_text().split()[0]), signal.SIGINT)
+        server.wait(60)
+
+
+@dataclass
+class Controller:
+    url: str
+    process: subprocess.Popen[bytes]
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the server process has used so far."""
+        stat = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_bytes(self) -> int:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return next(int(line.split()[1]) * 1024 for line in status.splitlines()
+                    if line.startswith("VmHWM:"))  # fmt: skip
+
+
+@contextmanager
+def controller_server(base: Path, database: str, profile: Path | None) -> Iterator[Controller]:
+    """`fleetvpn controller serve` on 127.0.0.1 and a free port, as an operator runs it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = base / "controller.yml"
+    config.write_text(f"listen: 127.0.0.1:{port}\ndatabase: '{database}'\n")
+    profiler = ["-m", "cProfile", "-o", str(profile)] if profile else []
+    serve = ["-m", "fleetvpn", "controller", "serve", "--config", str(config)]
+    log = base / "controller.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, *profiler, *serve], stdout=out, stderr=out)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"the controller did not start:\n{log.read_text()}")
+            time.sleep(0.1)
+        yield Controller(url, process)
+    finally:
+        process.send_signal(signal.SIGINT)  # uvicorn stops; cProfile then writes its file
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+# --- measurements --------------------------------------------------------------------------------
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:,.1f} ms"
+
+
+def _vs_rate(per_s: float) -> str:
+    return f"{per_s:,.0f}/s ({per_s / GOAL_INGEST_PER_S:.2f}x the goal >= {GOAL_INGEST_PER_S:,}/s)"
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[round(q * (len(ordered) - 1))]
+
+
+def ingest_store(store: Store, batch: Round) -> None:
+    """Feed a round straight into the store as the API does (api.put_report), stage by stage."""
+    stages = dict.fromkeys(
+        ("JSON decode", "parse_report", "authenticate", "to_json + rows", "put_report"), 0.0
+    )
+    started = time.perf_counter()
+    for body, token in zip(batch.bodies, batch.tokens, strict=True):
+        t0 = time.perf_counter()
+        doc = json.loads(body)
+        t1 = time.perf_counter()
+        parsed = parse_report(doc)
+        t2 = time.perf_counter()
+        who = store.authenticate(token)
+        t3 = time.perf_counter()
+        links = [{k: getattr(m, k) for k in LINK_COLUMNS} for m in parsed.measurements]
+        nat = None
+        if parsed.nat is not None:
+            nat = parsed.nat.to_json() | {"measured_at": parsed.nat.measured_at}
+        report_json = parsed.to_json()
+        t4 = time.perf_counter()
+        assert who is not None
+        store.put_report(who, parsed.report_id, parsed.created_at, report_json, links, nat)
+        t5 = time.perf_counter()
+        for stage, took in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
+            stages[stage] += took
+    elapsed = time.perf_counter() - started
+    n = len(batch.bodies)
+    print(
+        f"ingest, straight into the store (1 thread): {n:,} reports, {batch.measurements:,} link"
+        f" measurements in {elapsed:.1f} s: {_vs_rate(batch.measurements / elapsed)},"
+        f" {n / elapsed:,.0f} reports/s"
+    )
+    shares = [f"{stage} {_ms(took / n)} ({took / elapsed:.0%})" for stage, took in stages.items()]
+    print("  per report: " + ", ".join(shares))
+
+
+def ingest_http(server: Controller, batch: Round, clients: int) -> None:
+    latencies: list[float] = []
+    errors: list[str] = []
+
+    def client(k: int) -> None:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            for body, token in zip(batch.bodies[k::clients], batch.tokens[k::clients], strict=True):
+                t0 = time.perf_counter()
+                headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
+                r = http.post("/v1/reports", content=body, headers=headers)
+                latencies.append(time.perf_counter() - t0)
+                if r.status_code != 201:
+                    errors.append(f"{r.status_code} {r.text[:200]}")
+
+    cpu_before = server.cpu_s()
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    server_cpu_s = server.cpu_s() - cpu_before
+    n = len(batch.bodies)
+    print(
+        f"ingest, HTTP ({clients} client threads): {n:,} reports, {batch.measurements:,} link"
+        f" measurements in {elapsed:.1f} s: {_vs_rate(batch.measurements / elapsed)},"
+        f" {n / elapsed:,.0f} reports/s"
+    )
+    p50, p99 = _percentile(latencies, 0.5), _percentile(latencies, 0.99)
+    busy = f"server busy {server_cpu_s / elapsed:.2f} cores, {_ms(server_cpu_s / n)} CPU a report"
+    failed = f"; {len(errors)} errors (first: {errors[0]})" if errors else ""
+    print(f"  request p50 {_ms(p50)}, p99 {_ms(p99)}; {busy}{failed}")
+
+
+def age_stale_reports(store: Store, fleet: Fleet, received_at: datetime) -> None:
+    names = [n.name for n in fleet.nodes if n.stale]
+    ids = sa.select(nodes.c.id).where(nodes.c.name.in_(names))
+    with store.tx() as conn:
+        conn.execute(
+            reports.update().where(reports.c.node_id.in_(ids)).values(received_at=received_at)
+        )
+
+
+def timed(what: str, work: Callable[[], Any]) -> tuple[float, Any]:
+    started = time.perf_counter()
+    result = work()
+    elapsed = time.perf_counter() - started
+    print(f"  {what}: {elapsed:.2f} s")
+    return elapsed, result
+
+
+def per_node(what: str, names: list[str], work: Callable[[str], object]) -> float:
+    """Seconds ``work`` takes for every node, extrapolated past RENDER_BUDGET_S."""
+    started = time.perf_counter()
+    done = 0
+    while done < len(names) and time.perf_counter() - started < RENDER_BUDGET_S:
+        work(names[done])
+        done += 1
+    elapsed = (time.perf_counter() - started) * len(names) / max(done, 1)
+    how = "" if done == len(names) else f", extrapolated from {done:,} nodes"
+    print(f"  {what}, all {len(names):,} nodes: {elapsed:.2f} s{how}")
+    return elapsed
+
+
+def recompute(store: Store, site: str) -> None:
+    from fastapi.encoders import jsonable_encoder
+    from fastapi.responses import JSONResponse
+
+    print("recompute and render the whole fleet (in this process):")
+    timed("compute, cold (saves every site's keepalive state)", lambda: compute(store))
+    warm_s, view = timed("compute, warm", lambda: compute(store))
+    _, stored = timed("  of which store.latest_reports", lambda: store.latest_reports(2))
+    bodies = [body for rows in stored.values() for _, body in rows]
+    timed(
+        "  of which Report.from_json of those bodies", lambda: list(map(Report.from_json, bodies))
+    )
+    health_s, health = timed("health_json", lambda: fleetview.health_json(view))
+    tune_s, _ = timed("tune_json", lambda: fleetview.tune_json(view))
+    metrics_s, text = timed("metrics.render", lambda: metrics.render(view))
+    names = sorted(view.node_sites)
+    tunnel = TunnelConfig()
+    desired_s = per_node("desired_json", names, lambda n: fleetview.desired_json(view, n, tunnel))
+    render_s = per_node(
+        f"render.render ({', '.join(render.KINDS)})",
+        names,
+        lambda n: [render.render(fleetview.desired_json(view, n, tunnel), k) for k in render.KINDS],
+    )
+    total = warm_s + health_s + tune_s + metrics_s + desired_s + render_s
+    print(
+        f"  total (warm compute, health, tune, metrics, desired, render): {total:.1f} s"
+        f" ({total / GOAL_RECOMPUTE_S:.1f}x the goal <= {GOAL_RECOMPUTE_S:.0f} s)"
+    )
+    print(
+        f"  {len(view.links):,} links: "
+        + ", ".join(f"{state} {n:,}" for state, n in sorted(health["summary"].items()))
+    )
+    print("what a health request would cost from a cached view:")
+    timed(f"health_json(site={site})", lambda: fleetview.health_json(view, site))
+    _, encoded = timed("json.dumps of the whole health document", lambda: json.dumps(health))
+    timed(
+        "FastAPI's encoding of it (jsonable_encoder + JSONResponse, what /v1/health does now)",
+        lambda: JSONResponse(jsonable_encoder(health)),
+    )
+    print(f"  health document {len(encoded) / 1e6:,.0f} MB, /metrics {len(text) / 1e6:,.0f} MB")
+
+
+def compute(store: Store) -> fleetview.FleetView:
+    return fleetview.compute(store, datetime.now(UTC))
+
+
+def health_latency(
+    server: Controller, admin: str, path: str, queries: int, budget_s: float
+) -> None:
+    latencies: list[float] = []
+    size = 0
+    started = time.perf_counter()
+    with httpx.Client(base_url=server.url, timeout=600) as http:
+        while len(latencies) < queries and time.perf_counter() - started < budget_s:
+            t0 = time.perf_counter()
+            r = http.get(path, headers={"authorization": f"Bearer {admin}"})
+            latencies.append(time.perf_counter() - t0)
+            if r.status_code != 200:
+                print(f"  GET {path}: {r.status_code} {r.text[:200]}")
+                return
+            size = len(r.content)
+    p99 = _percentile(latencies, 0.99)
+    print(
+        f"  GET {path}: {len(latencies)} requests, p50 {_ms(_percentile(latencies, 0.5))},"
+        f" p99 {_ms(p99)} ({p99 / GOAL_HEALTH_P99_S:,.0f}x the goal p99 <="
+        f" {GOAL_HEALTH_P99_S * 1000:.0f} ms), {size / 1e6:,.1f} MB each"
+    )
+
+
+def print_profile(title: str, source: cProfile.Profile | str, top: int = 15) -> None:
+    out = io.StringIO()
+    pstats.Stats(source, stream=out).sort_stats("tottime").print_stats(top)
+    lines = out.getvalue().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("ncalls"))
+    print(f"profile: {title}, top {top} by own time")
+    for line in lines[header : header + top + 1]:
+        print("  " + line.replace(sys.prefix + "/", "").replace(os.getcwd() + "/", ""))
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--nodes", type=int, default=10_000)
+    parser.add_argument("--sites", type=int, default=500)
+    parser.add_argument("--links-per-node", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="a fleet 10x smaller")
+    parser.add_argument("--postgres", action="store_true", help="a throwaway PostgreSQL server")
+    parser.add_argument("--clients", type=int, default=4, help="HTTP client threads for ingest")
+    parser.add_argument("--queries", type=int, default=50, help="requests per health query")
+    parser.add_argument("--budget", type=float, help="seconds per health query (60, quick 10)")
+    parser.add_argument("--history", type=int, default=0, help="older rounds stored first")
+    parser.add_argument("--hubs", type=int, default=0, help="public nodes with an endpoint")
+    parser.add_argument("--profile", action="store_true", help="cProfile server and compute")
+    args = parser.parse_args()
+    if args.quick:
+        args.nodes, args.sites = args.nodes // 10, args.sites // 10
+    args.budget = args.budget or (10.0 if args.quick else 60.0)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up as on Ctrl-C
+    rng = random.Random(4)
+    fleet = build_fleet(args.nodes, args.sites, args.links_per_node, rng)
+    kinds = list(fleet.sites.values())
+    print(
+        f"fleet{' (--quick)' if args.quick else ''}: {len(fleet.nodes):,} nodes in"
+        f" {len(fleet.sites):,} sites ("
+        + ", ".join(f"{kinds.count(k)} {k}" for k in ("public", "nat", "firewall"))
+        + f"), {fleet.links:,} links, {args.hubs} with an endpoint, {args.history} older rounds"
+    )
+    if args.profile:
+        print("(--profile: everything runs slower under cProfile)")
+    with ExitStack() as stack:
+        base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fvbench-")))
+        os.chmod(base, 0o755)  # PostgreSQL runs as its own user
+        database = (
+            stack.enter_context(postgres_server(base))
+            if args.postgres
+            else sqlite_url(str(base / "controller.db"))
+        )
+        store = Store.open(database)
+        stack.callback(store.close)
+        print(
+            f"database: {store.engine.dialect.name} in {base}; Python {sys.version.split()[0]},"
+            f" {os.cpu_count()} cores"
+        )
+        started = time.perf_counter()
+        admin = store.create_admin_token("bench")
+        hubs = [n for n in fleet.nodes if n.kind == "public" and n.name.endswith("-n00")]
+        endpoints = {n.name: f"{n.address}:{n.port}" for n in hubs[: args.hubs]}
+        tokens = [
+            store.enroll(
+                store.create_enrollment_token(n.site), n.name, public_key(n.name),
+                endpoint=endpoints.get(n.name),
+            )[0]
+            for n in fleet.nodes
+        ]  # fmt: skip
+        enroll_s = time.perf_counter() - started
+        print(f"enrolled {len(tokens):,} nodes through the store in {enroll_s:.1f} s")
+
+        now = datetime.now(UTC)
+        for r in range(args.history, 0, -1):
+            older = build_round(fleet, tokens, now - timedelta(minutes=r + 1), r % 2 == 0, rng)
+            with redirect_stdout(io.StringIO()):
+                ingest_store(store, older)
+        first = build_round(fleet, tokens, now - timedelta(minutes=1), False, rng)
+        second = build_round(fleet, tokens, now, True, rng)
+        ingester = cProfile.Profile() if args.profile else None
+        profile = base / "server.prof" if args.profile else None
+        with controller_server(base, database, profile) as server:
+            if ingester:
+                ingester.runcall(ingest_store, store, first)
+            else:
+                ingest_store(store, first)
+            ingest_http(server, second, args.clients)
+            del first, second
+            age_stale_reports(store, fleet, now - timedelta(minutes=15))
+            site = next(n.site for n in fleet.nodes if n.kind == "nat")
+            recompute(store, site)
+            print("health over HTTP (each request recomputes the fleet):")
+            for path in ("/v1/health", f"/v1/health?site={site}"):
+                health_latency(server, admin, path, args.queries, args.budget)
+            print(
+                f"peak memory: server {server.peak_rss_bytes() / 2**20:,.0f} MiB, this process"
+                f" {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB"
+            )
+        if ingester and profile:
+            print_profile("ingest straight into the store", ingester)
+            compute_profile = cProfile.Profile()
+            compute_profile.runcall(compute, store)
+            print_profile("fleet.compute, warm", compute_profile)
+            print_profile("the server: HTTP ingest and health", str(profile))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)
