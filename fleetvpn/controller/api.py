@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 
 from fleetvpn import __version__
 from fleetvpn.controller.config import TunnelConfig
+from fleetvpn.controller.fleet import FleetCache, FleetView
 from fleetvpn.controller.store import (
     Conflict,
     Forbidden,
@@ -94,9 +95,12 @@ def create_app(
     retention: timedelta | None = None,
     responder: tuple[tuple[str, int], bytes] | None = None,
     tunnel: TunnelConfig | None = None,
+    view_max_age_s: float = 5.0,
 ) -> FastAPI:
     """The API over ``store``. With ``retention``, history older than that is pruned hourly;
-    with ``responder`` (listen address, probe key), the probe responder runs beside the API."""
+    with ``responder`` (listen address, probe key), the probe responder runs beside the API.
+    Fleet queries share one computed view, at most ``view_max_age_s`` old; writes through this
+    API refresh it at once."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -116,6 +120,10 @@ def create_app(
 
     app = FastAPI(title="fleetvpn controller", version=__version__, lifespan=lifespan)
     tunnel = tunnel or TunnelConfig()
+    cache = FleetCache(store, max_age_s=view_max_age_s)
+
+    def view() -> FleetView:
+        return cache.get(utcnow())
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -187,6 +195,7 @@ def create_app(
         node_token, site = store.enroll(
             token, name, public_key, listen_port=listen_port, endpoint=endpoint
         )
+        cache.invalidate()  # after the write: a recompute racing it must not miss it
         return {"node": name, "site": site, "node_token": node_token}
 
     @app.post("/v1/reports", status_code=201)
@@ -236,6 +245,7 @@ def create_app(
         stored = store.put_report(
             who, report.report_id, report.created_at, report.to_json(), links, nat
         )
+        cache.invalidate()
         return JSONResponse(
             {"report_id": report.report_id, "stored": stored}, status_code=201 if stored else 200
         )
@@ -263,6 +273,7 @@ def create_app(
         store.set_override(
             override.scope, override.target, override.setting, override.value, override.note
         )
+        cache.invalidate()
         return {"override": override.to_json()}
 
     @app.delete("/v1/overrides/{scope}/{target}/{setting}")
@@ -270,12 +281,8 @@ def create_app(
         admin(request)
         if not store.clear_override(scope, target, setting):
             raise ApiError(404, f"no override {scope} {target} {setting}")
+        cache.invalidate()
         return {"deleted": True}
-
-    def view() -> Any:
-        from fleetvpn.controller.fleet import compute
-
-        return compute(store, utcnow())
 
     @app.get("/v1/health")
     def health(request: Request, site: str | None = None, problems: bool = False) -> dict[str, Any]:

@@ -406,3 +406,36 @@ def tune_json(view: FleetView, site: str | None = None) -> dict[str, Any]:
                      "reason": d.keepalive_reason}
                 )  # fmt: skip
     return {"schema_version": 1, "generated_at": format_time(view.generated_at), "changes": changes}
+
+
+class FleetCache:
+    """One FleetView shared by every reader, recomputed when it is older than ``max_age_s`` or
+    after a write through this process (``invalidate``). Several controllers on one PostgreSQL
+    database see each other's writes within ``max_age_s``. Thread-safe: one recompute at a time,
+    readers of a fresh view never wait."""
+
+    def __init__(self, store: Store, max_age_s: float = 5.0) -> None:
+        import threading
+
+        self.store = store
+        self.max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._view: FleetView | None = None
+        self._stale = True
+
+    def invalidate(self) -> None:
+        self._stale = True
+
+    def get(self, now: datetime) -> FleetView:
+        view = self._view
+        if view is not None and not self._stale and self._fresh(view, now):
+            return view
+        with self._lock:
+            view = self._view
+            if view is None or self._stale or not self._fresh(view, now):
+                self._stale = False
+                view = self._view = compute(self.store, now)
+            return view
+
+    def _fresh(self, view: FleetView, now: datetime) -> bool:
+        return (now - view.generated_at).total_seconds() < self.max_age_s
