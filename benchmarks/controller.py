@@ -51,6 +51,7 @@ import hashlib
 import io
 import ipaddress
 import json
+import math
 import os
 import pstats
 import random
@@ -386,10 +387,6 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:,.1f} ms"
 
 
-def _vs_rate(per_s: float) -> str:
-    return f"{per_s:,.0f}/s ({per_s / GOAL_INGEST_PER_S:.2f}x the goal >= {GOAL_INGEST_PER_S:,}/s)"
-
-
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[round(q * (len(ordered) - 1))]
@@ -421,85 +418,79 @@ def ingest_store(store: Store, batch: Round) -> None:
         for stage, took in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
             stages[stage] += took
     elapsed = time.perf_counter() - started
+    print_ingest("straight into the store (1 thread)", batch, elapsed)
     n = len(batch.bodies)
-    print(
-        f"ingest, straight into the store (1 thread): {n:,} reports, {batch.measurements:,} link"
-        f" measurements in {elapsed:.1f} s: {_vs_rate(batch.measurements / elapsed)},"
-        f" {n / elapsed:,.0f} reports/s"
-    )
     shares = [f"{stage} {_ms(took / n)} ({took / elapsed:.0%})" for stage, took in stages.items()]
     print("  per report: " + ", ".join(shares))
 
 
 def ingest_http(server: Controller, batch: Round, clients: int) -> None:
-    latencies: list[float] = []
-    errors: list[str] = []
-
-    def client(k: int) -> None:
-        with httpx.Client(base_url=server.url, timeout=60) as http:
-            for body, token in zip(batch.bodies[k::clients], batch.tokens[k::clients], strict=True):
-                t0 = time.perf_counter()
-                error = post_report(http, body, token)
-                latencies.append(time.perf_counter() - t0)
-                if error:
-                    errors.append(error)
-
     cpu_before = server.cpu_s()
     started = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    posting = Agents(server.url, batch, clients)
+    posting.join()
     elapsed = time.perf_counter() - started
     server_cpu_s = server.cpu_s() - cpu_before
-    n = len(batch.bodies)
-    print(
-        f"ingest, HTTP ({clients} client threads): {n:,} reports, {batch.measurements:,} link"
-        f" measurements in {elapsed:.1f} s: {_vs_rate(batch.measurements / elapsed)},"
-        f" {n / elapsed:,.0f} reports/s"
+    print_ingest(f"HTTP ({clients} client threads)", batch, elapsed)
+    p50, p99 = _percentile(posting.latencies, 0.5), _percentile(posting.latencies, 0.99)
+    busy = (
+        f"server busy {server_cpu_s / elapsed:.2f} cores, {_ms(server_cpu_s / len(batch.bodies))}"
     )
-    p50, p99 = _percentile(latencies, 0.5), _percentile(latencies, 0.99)
-    busy = f"server busy {server_cpu_s / elapsed:.2f} cores, {_ms(server_cpu_s / n)} CPU a report"
+    errors = posting.errors
     failed = f"; {len(errors)} errors (first: {errors[0]})" if errors else ""
-    print(f"  request p50 {_ms(p50)}, p99 {_ms(p99)}; {busy}{failed}")
+    print(f"  request p50 {_ms(p50)}, p99 {_ms(p99)}; {busy} CPU a report{failed}")
 
 
-def post_report(http: httpx.Client, body: bytes, token: str) -> str | None:
-    """POST one report; the error, if any."""
-    headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
-    try:
-        r = http.post("/v1/reports", content=body, headers=headers)
-    except httpx.HTTPError as e:  # the server went away (Ctrl-C)
-        return str(e)
-    return None if r.status_code == 201 else f"{r.status_code} {r.text[:200]}"
+def print_ingest(how: str, batch: Round, elapsed_s: float) -> None:
+    n, rate = len(batch.bodies), batch.measurements / elapsed_s
+    print(
+        f"ingest, {how}: {n:,} reports, {batch.measurements:,} link measurements in"
+        f" {elapsed_s:.1f} s: {rate:,.0f}/s ({rate / GOAL_INGEST_PER_S:.2f}x the goal >="
+        f" {GOAL_INGEST_PER_S:,}/s), {n / elapsed_s:,.0f} reports/s"
+    )
 
 
-@contextmanager
-def agents_reporting(server: Controller, batch: Round, per_s: float) -> Iterator[list[int]]:
-    """Reports posted in the background at ``per_s`` (by four threads, on a shared schedule)
-    while the body runs; yields the running count of reports posted."""
-    stop = threading.Event()
-    posted = [0]
-    started = time.perf_counter()
+class Agents:
+    """``threads`` threads posting a round's reports: each as fast as the server answers, or
+    all together at ``per_s`` on one schedule. ``join`` waits for the last; ``stop`` ends them."""
 
-    def agent(k: int) -> None:
-        with httpx.Client(base_url=server.url, timeout=60) as http:
-            for i in range(k, len(batch.bodies), 4):
-                if stop.wait(max(0.0, started + i / per_s - time.perf_counter())):
+    def __init__(self, url: str, batch: Round, threads: int, per_s: float = math.inf) -> None:
+        self.batch, self.per_s = batch, per_s
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._started = time.perf_counter()
+        self._threads = [
+            threading.Thread(target=self._post, args=(url, k, threads), daemon=True)
+            for k in range(threads)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _post(self, url: str, first: int, step: int) -> None:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            for i in range(first, len(self.batch.bodies), step):
+                if self._stop.wait(max(0.0, self._started + i / self.per_s - time.perf_counter())):
                     return
-                if post_report(http, batch.bodies[i], batch.tokens[i]) is None:
-                    posted[0] += 1
+                token = self.batch.tokens[i]
+                headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
+                t0 = time.perf_counter()
+                try:
+                    r = http.post("/v1/reports", content=self.batch.bodies[i], headers=headers)
+                except httpx.HTTPError as e:  # the server went away (Ctrl-C)
+                    self.errors.append(str(e))
+                    return
+                self.latencies.append(time.perf_counter() - t0)
+                if r.status_code != 201:
+                    self.errors.append(f"{r.status_code} {r.text[:200]}")
 
-    threads = [threading.Thread(target=agent, args=(k,), daemon=True) for k in range(4)]
-    for t in threads:
-        t.start()
-    try:
-        yield posted
-    finally:
-        stop.set()
-        for t in threads:
+    def join(self) -> None:
+        for t in self._threads:
             t.join()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join()
 
 
 def age_stale_reports(store: Store, fleet: Fleet, received_at: datetime) -> None:
@@ -711,9 +702,13 @@ def main() -> None:
                 f"health over HTTP while agents report ({per_s:,.0f}/s: each node once a minute):"
             )
             started = time.perf_counter()
-            with agents_reporting(server, third, per_s) as posted:
+            agents = Agents(server.url, third, 4, per_s)
+            try:
                 health_latency(server, admin, paths[1], args.queries, args.budget)
-            print(f"  {posted[0] / (time.perf_counter() - started):,.0f} reports/s arrived")
+            finally:
+                agents.stop()
+            arrived = len(agents.latencies) - len(agents.errors)
+            print(f"  {arrived / (time.perf_counter() - started):,.0f} reports/s arrived")
             print(
                 f"peak memory: server {server.peak_rss_bytes() / 2**20:,.0f} MiB, this process"
                 f" {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB"
