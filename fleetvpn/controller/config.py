@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from fleetvpn.net.responder import parse_endpoint
+from fleetvpn.net.endpoint import parse_endpoint
 
 DEFAULT_DATABASE = "sqlite:////var/lib/fleetvpn/controller.db"
 DEFAULT_TUNNEL_V4 = ipaddress.IPv4Network("10.99.0.0/16")

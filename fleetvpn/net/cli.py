@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 
 import click
 
+from fleetvpn.net.endpoint import parse_endpoint
 from fleetvpn.net.keys import KeyFileError, generate_key, load_key
-from fleetvpn.net.responder import parse_endpoint
 
 T = TypeVar("T")
 

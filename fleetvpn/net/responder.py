@@ -126,22 +126,6 @@ class _Sink(asyncio.DatagramProtocol):
     """The other-port socket only sends; whatever reaches it is dropped."""
 
 
-def parse_endpoint(text: str) -> Addr:
-    """``ADDR:PORT`` or ``[V6ADDR]:PORT`` → (addr, port). ValueError with the reason."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"{text!r} is not ADDR:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"{host!r} is not an IP address") from None
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{port!r} is not a port (1-65535)")
-    return host, int(port)
-
-
 async def serve(listen: Addr, key: bytes) -> ResponderHandle:
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in listen[0] else socket.AF_INET

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from fleetvpn.net import dfsock, keys
+from fleetvpn.net.endpoint import parse_endpoint
 from fleetvpn.net.natprobe import measure_nat
 from fleetvpn.net.pmtuprobe import ProbeError, measure_pmtu
-from fleetvpn.net.responder import parse_endpoint, serve
+from fleetvpn.net.responder import serve
 
 KEY = b"k" * 32
 
