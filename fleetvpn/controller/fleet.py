@@ -16,11 +16,11 @@ from typing import Any
 
 from fleetvpn.controller import policy
 from fleetvpn.controller.config import TunnelConfig
+from fleetvpn.controller.health import measurement_of
 from fleetvpn.controller.store import Store
 from fleetvpn.model import (
     KeepaliveState,
     LinkHealth,
-    LinkMeasurement,
     MappingLoss,
     NatMeasurement,
     NodeMtuPlan,
@@ -116,15 +116,6 @@ def _configured(stored: StoredReport | None, peer: str) -> tuple[int | None, int
         if p.peer == peer:
             return p.route_mtu or configured.interface_mtu, p.keepalive_s
     return configured.interface_mtu, None
-
-
-def _measurement(stored: StoredReport | None, peer: str) -> LinkMeasurement | None:
-    if stored is None:
-        return None
-    found = [m for m in stored.report.measurements if m.peer == peer]
-    in_use = [m for m in found if m.endpoint is not None]
-    chosen = in_use or found
-    return chosen[0] if chosen else None
 
 
 def compute(store: Store, now: datetime) -> FleetView:
@@ -228,7 +219,7 @@ def _direction(
     now: datetime,
 ) -> Direction:
     stored = latest.get(node)
-    m = _measurement(stored, peer)
+    m = measurement_of(stored, peer) if stored is not None else None
     plan = mtus.nodes.get(node)
     route = next((r for r in plan.routes if r.peer == peer), None) if plan else None
     decision = mtus.directions[node, peer]

@@ -44,7 +44,8 @@ SEVERITY: Final[tuple[HealthState, ...]] = (
 )
 
 
-def _measurement(stored: StoredReport, peer: str) -> LinkMeasurement | None:
+def measurement_of(stored: StoredReport, peer: str) -> LinkMeasurement | None:
+    """node's measurement of ``peer`` in its report: the one over the endpoint in use, if any."""
     candidates = [m for m in stored.report.measurements if m.peer == peer]
     in_use = [m for m in candidates if m.endpoint is not None]
     chosen = in_use or candidates
@@ -79,7 +80,7 @@ def classify_direction(
         return health(
             "stale", f"last report from {node} {report_age_s:.0f} s ago (> {STALE_AFTER_S:.0f} s)"
         )
-    m = _measurement(stored, peer)
+    m = measurement_of(stored, peer)
     if m is None:
         return health("unmeasured", f"{node}'s report has no measurement of {peer}")
     if m.handshake_age_s is None:
