@@ -6,17 +6,14 @@ Contract:
   the completed process. With ``check=True`` a non-zero exit raises :class:`CommandError`, whose
   message carries the command and its stderr.
 - ``dry_run=True`` echoes and returns an empty success without running anything.
-- ``undo(argv)`` registers a command that reverses the last step. Inside ``transaction()``, a
-  failure runs the registered undo commands newest-first (best effort), then re-raises.
 """
 
 from __future__ import annotations
 
 import shlex
 import subprocess
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 NETNS_DIR = "/run/netns"
 
@@ -59,7 +56,6 @@ def netns_path(name: str) -> str:
 class Runner:
     echo: Callable[[str], None] | None = None
     dry_run: bool = False
-    _undo: list[list[str]] = field(default_factory=list)
 
     def run(
         self,
@@ -82,20 +78,3 @@ class Runner:
         if check and proc.returncode != 0:
             raise CommandError(full, proc.returncode, proc.stderr)
         return proc
-
-    def undo(self, argv: Sequence[str], *, ns: NsPath | None = None) -> None:
-        self._undo.append((ns.prefix() if ns else []) + list(argv))
-
-    @contextmanager
-    def transaction(self) -> Iterator[None]:
-        mark = len(self._undo)
-        try:
-            yield
-        except BaseException:
-            steps = self._undo[mark:]
-            del self._undo[mark:]
-            for argv in reversed(steps):
-                self.run(argv, check=False)
-            raise
-        else:
-            del self._undo[mark:]

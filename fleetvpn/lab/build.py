@@ -192,11 +192,10 @@ class Lab:
         self._ssh_key()
         self._host_namespaces(state)
         self._sshds(state)
-        state.save(self.paths.state_file)
         if inventory is not None:
             write_inventory(self.plan, self.topo, self.paths, inventory)
             state.inventory = str(inventory)
-        state.save(self.paths.state_file)
+        state.save(self.paths.state_file)  # before waiting: `down` must know the sshd pids
         self.progress("waiting for every host to reach the internet and its sshd")
         self._wait_for_paths()
         self._wait_for_sshd()
