@@ -49,14 +49,26 @@ def parse_dump(text: str) -> tuple[InterfaceDump, list[PeerStatus]]:
     if not lines:
         raise ValueError("wg dump: empty (expected an interface line)")
     interface = _interface_line(lines[0])
+    # The secret keys of this dump, held only until the end of this call: a mangled dump could
+    # put one where a public key belongs, and a public key is kept and quoted.
+    secrets = {lines[0].split("\t", 1)[0]}
     peers: list[PeerStatus] = []
     seen: set[str] = set()
     for number, line in enumerate(lines[1:], start=2):
+        secrets.add(line.split("\t", 2)[1] if line.count("\t") >= 1 else "")
         peer = _peer_line(number, line)
         if peer.public_key in seen:
             raise ValueError(f"wg dump line {number}: peer {peer.public_key} appears twice")
         seen.add(peer.public_key)
         peers.append(peer)
+    for number, peer in enumerate(peers, start=2):
+        if peer.public_key in secrets:
+            secrets.clear()
+            raise ValueError(
+                f"wg dump line {number}: the peer's public key is a private or preshared key"
+                " of this dump (mangled output?)"
+            )
+    secrets.clear()
     return interface, peers
 
 
@@ -151,11 +163,16 @@ def _endpoint(where: str, text: str) -> str | None:
         return None
     host, sep, port = text.rpartition(":")
     if not sep or not host:
-        raise ValueError(f"{where}: endpoint {text[:60]!r} is not HOST:PORT")
+        raise ValueError(f"{where}: endpoint {text[:60]!r} is not IP:PORT")
     if host.startswith("[") != host.endswith("]"):
         raise ValueError(f"{where}: endpoint {text[:60]!r} has an unbalanced [IPv6] bracket")
     if ":" in host and not host.startswith("["):
         raise ValueError(f"{where}: endpoint {text[:60]!r}: an IPv6 address needs [brackets]")
+    address = host[1:-1] if host.startswith("[") else host
+    try:  # wg prints resolved addresses only (an IPv6 one may carry a %scope)
+        ipaddress.ip_address(address.split("%", 1)[0] if host.startswith("[") else address)
+    except ValueError:
+        raise ValueError(f"{where}: endpoint {text[:60]!r} is not IP:PORT") from None
     if not port.isascii() or not port.isdigit() or len(port) > 5 or int(port) > 65535:
         raise ValueError(f"{where}: endpoint {text[:60]!r} has no valid port")
     return text
