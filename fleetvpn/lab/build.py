@@ -539,6 +539,9 @@ def write_inventory(plan: Plan, topo: Topology, paths: LabPaths, path: Path) -> 
         }
         if hp.ipv6:
             hv["fleetvpn_public_ipv6"] = hp.ipv6
+        if site.kind == "public" and host != topo.controller:
+            # Reachable from anywhere: other nodes dial it (NATed and firewalled nodes dial out).
+            hv["fleetvpn_endpoint"] = f"{hp.public_ipv4}:51820"
         hostvars[host] = hv
         site_groups.setdefault(f"site_{hp.site}", {"hosts": {}})
         site_groups[f"site_{hp.site}"]["hosts"][host] = None  # type: ignore[index]
@@ -555,12 +558,19 @@ def write_inventory(plan: Plan, topo: Topology, paths: LabPaths, path: Path) -> 
                     f"nsenter --net={netns_path(plan.mgmt)} "
                     f"{sys.executable} -m fleetvpn.lab.proxy %h %p"
                 ),
+                # Lab hosts share this machine's filesystem: fleetvpn is already installed
+                # in this Python's environment, and there is no systemd inside a lab host.
+                "ansible_python_interpreter": sys.executable,
                 "fleetvpn_lab": plan.lab,
                 "fleetvpn_controller_address": plan.hosts[controller].public_ipv4,
+                "fleetvpn_install_method": "none",
+                "fleetvpn_bin": str(Path(sys.executable).parent / "fleetvpn"),
+                "fleetvpn_python": sys.executable,
+                "fleetvpn_service_manager": "process",
             },
             "hosts": hostvars,
             "children": {
-                "controller": {"hosts": {controller: None}},
+                "controllers": {"hosts": {controller: None}},
                 "nodes": {"hosts": {h: None for h in plan.hosts if h != controller}},
                 **site_groups,
             },

@@ -1,0 +1,111 @@
+# Copyright: fleetvpn developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Filters that shape a node's desired tunnel (Python, so the roles' templates stay dumb)."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+name: fixed_settings
+short_description: Replace the recommended MTU and keepalive of a desired tunnel by fixed values
+description:
+  - Takes a desired tunnel in the controller's shape (C(GET /v1/nodes/NAME/desired)) and sets
+    the interface MTU (with every peer's route following it) and every peer's keepalive to fixed
+    values, each with a reason that says so. C(null) leaves that setting as recommended.
+options:
+  _input:
+    description: The desired tunnel.
+    type: dict
+    required: true
+  mtu:
+    description: A fixed interface MTU, or null.
+    type: int
+  keepalive_s:
+    description: A fixed keepalive for every peer (0 for off), or null.
+    type: int
+"""
+
+from ansible.errors import AnsibleFilterError
+
+
+def fixed_settings(desired, mtu=None, keepalive_s=None):
+    out = dict(desired)
+    peers = [dict(peer) for peer in desired.get("peers", [])]
+    if mtu is not None:
+        mtu = int(mtu)
+        out["interface_mtu"] = mtu
+        out["interface_mtu_reason"] = f"fixed at {mtu} by fleetvpn_wireguard_mtu"
+        for peer in peers:
+            peer["route_mtu"] = None
+            peer["route_mtu_reason"] = "follows the interface MTU (fleetvpn_wireguard_mtu)"
+    if keepalive_s is not None:
+        keepalive_s = int(keepalive_s)
+        for peer in peers:
+            peer["keepalive_s"] = keepalive_s
+            peer["keepalive_reason"] = f"fixed at {keepalive_s} s by fleetvpn_wireguard_keepalive_s"
+    out["peers"] = peers
+    return out
+
+
+def _host_route(cidr):
+    address = cidr.split("/")[0]
+    return f"{address}/{128 if ':' in address else 32}"
+
+
+def inventory_peers(hostvars, hosts, me, keepalive_s=25):
+    """Peers of ``me`` among ``hosts`` from inventory variables, by the controller's rule: two
+    nodes peer when at least one has an endpoint the other can dial (WireGuard has no NAT
+    traversal). A node without an endpoint (NATed, firewalled) keeps ``keepalive_s`` towards
+    the peers it can dial; the others get none."""
+    mine = hostvars[me]
+    my_endpoint = mine.get("fleetvpn_endpoint") or None
+    peers = []
+    for host in hosts:
+        if host == me:
+            continue
+        other = hostvars[host]
+        endpoint = other.get("fleetvpn_endpoint") or None
+        if my_endpoint is None and endpoint is None:
+            continue
+        public_key = other.get("fleetvpn__wireguard_public_key")
+        if not public_key:
+            raise AnsibleFilterError(
+                f"inventory_peers: {host} has no public key yet (run the wireguard role on it in "
+                "the same play, or give fleetvpn_peers)"
+            )
+        addresses = other.get("fleetvpn_addresses") or []
+        if not addresses:
+            raise AnsibleFilterError(f"inventory_peers: {host}: fleetvpn_addresses is empty")
+        nated = my_endpoint is None
+        peers.append(
+            {
+                "peer": host,
+                "public_key": public_key,
+                "endpoint": endpoint,
+                "allowed_ips": [_host_route(a) for a in addresses],
+                "keepalive_s": keepalive_s if nated else 0,
+                "keepalive_reason": (
+                    f"{me} has no endpoint (NAT or firewall): keepalive {keepalive_s} s "
+                    f"(fleetvpn_wireguard_keepalive_s) keeps the path {host} reaches it through"
+                    if nated
+                    else f"{me} is reachable at its endpoint: no keepalive needed"
+                ),
+                "route_mtu": None,
+                "route_mtu_reason": "follows the interface MTU (inventory)",
+            }
+        )
+    return peers
+
+
+def change_lines(changes):
+    """``[{summary, reason}]`` -> ``["summary — reason"]`` for printing."""
+    return [f"{c['summary']} — {c['reason']}" for c in changes]
+
+
+class FilterModule:
+    def filters(self):
+        return {
+            "fixed_settings": fixed_settings,
+            "inventory_peers": inventory_peers,
+            "change_lines": change_lines,
+        }
