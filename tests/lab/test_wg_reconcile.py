@@ -12,7 +12,7 @@ import random
 import socket
 import struct
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +68,7 @@ class End:
 class Fleet:
     hub: End
     shop: End
-    initial: dict[str, Sequence[str]]  # host -> kinds of the changes of the first reconcile
+    initial: Mapping[str, Sequence[str]]  # host -> kinds of the changes of the first reconcile
     echoed: list[str]
 
 
