@@ -338,3 +338,32 @@ def test_a_link_of_the_wrong_type_is_replaced_and_down_removes_it(fleet: Fleet) 
         assert len(wireguard_go_pids(hub.netns)) == before - 1
     tunnel.down()  # absent: nothing to do
     assert_pings(fleet.shop, HUB_IP)
+
+
+def test_a_new_tunnel_object_adopts_the_running_interface(fleet: Fleet) -> None:
+    """As after an agent restart: the running interface (and its wireguard-go) is used as is."""
+    hub = fleet.hub
+    pids, ifindex = wireguard_go_pids(hub.netns), read(hub).ifindex
+    again = WgTunnel("wg0", KEY_FILE, Runner(), implementation="auto", ns=hub.ns)
+    assert again.reconcile(hub.spec) == []
+    assert again.reconcile(hub.spec, dry_run=True) == []
+    assert wireguard_go_pids(hub.netns) == pids and read(hub).ifindex == ifindex
+
+
+def test_kernel_only_without_kernel_wireguard_fails_at_create_and_leaves_nothing(
+    fleet: Fleet,
+) -> None:
+    hub = fleet.hub
+    tunnel = WgTunnel("wg8", KEY_FILE, Runner(), implementation="kernel", ns=hub.ns)
+    spec = TunnelSpec("wg8", 51828, ("10.97.0.1/24",), 1380, ())
+    try:
+        tunnel.reconcile(spec)
+    except ApplyError as e:
+        assert e.step.kind == "create" and e.index == 1 and e.rolled_back
+        assert str(e).startswith("wg8: step 1 of ")
+        assert "ip link add wg8 type wireguard" in str(e)
+        assert tunnel.read() is None
+    else:  # this kernel has WireGuard after all
+        state = tunnel.read()
+        assert state is not None and state.implementation == "kernel"
+        tunnel.down()
