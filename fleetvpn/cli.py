@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from fleetvpn import __version__
+from fleetvpn.agent.cli import agent
 from fleetvpn.controller.cli import controller
 from fleetvpn.health_cli import health, tune
 from fleetvpn.lab.cli import lab
@@ -27,6 +28,7 @@ cli.add_command(probe)
 cli.add_command(controller)
 cli.add_command(health)
 cli.add_command(tune)
+cli.add_command(agent)
 
 
 def main() -> None:

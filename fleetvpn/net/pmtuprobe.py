@@ -165,9 +165,17 @@ async def measure_pmtu(
     timeout_s: float = 60.0,
     probes_per_round: int = 15,
     progress: Callable[[pmtu.PmtuSearch], None] | None = None,
+    sock: socket.socket | None = None,
 ) -> PmtuReport:
+    """``sock``: a UDP socket already connected to ``target`` to probe from instead of a new
+    one (the agent probes a NATed peer back from its responder's port, through the mapping the
+    peer opened to it); it is put in probe mode and closed when done."""
     loop = asyncio.get_running_loop()
-    sock = _socket(target, source)
+    if sock is None:
+        sock = _socket(target, source)
+    else:
+        dfsock.set_probe_mode(sock)
+        sock.setblocking(False)
     try:
         # The ceiling is the largest interface MTU, not IP_MTU: that one includes a path MTU the
         # kernel cached from ICMP, which would hide an increase. Too high only costs a probe

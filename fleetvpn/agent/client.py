@@ -1,0 +1,145 @@
+"""The agent's side of the controller's HTTP API, over the standard library (``http.client``).
+
+Contract (blocking calls; the daemon runs them in a worker thread):
+- ``enroll(token, name, public_key, listen_port, endpoint)`` → ``{"node", "site", "node_token"}``
+- ``desired(node)`` → the desired-state document (``GET /v1/nodes/NAME/desired``)
+- ``post_report(doc)`` → None on 201 (stored) or 200 (already stored: a replay)
+Errors: :class:`Unreachable` (connection refused/reset, timeout, TLS failure, 5xx, 429: try again
+later) and :class:`Refused` (any other non-2xx: ``status`` and the controller's ``error`` text).
+Neither message ever carries a token: tokens travel only in the Authorization header.
+
+Every connection to the controller advertises a TCP MSS of :data:`CONTROL_MSS` (packets of at
+most 1260 bytes over IPv4): the agent's own control traffic must cross the very path-MTU black
+holes the agent is there to measure (a 1350-byte cloud path that eats ICMP stalls a 1500-byte
+desired-state response for good), and it is too little traffic for the smaller segments to
+matter.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import ssl
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+TIMEOUT_S = 10.0
+CONTROL_MSS = 1220  # fits a 1280-byte path over IPv6 (1280 - 40 - 20), any real IPv4 path
+
+
+def _create_connection(
+    address: tuple[str, int], timeout: float | None = None, source_address: Any = None
+) -> socket.socket:
+    """``socket.create_connection`` with the MSS clamped before the SYN (module docstring)."""
+    host, port = address
+    last: OSError | None = None
+    for family, kind, proto, _, sockaddr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, CONTROL_MSS)
+            sock.settimeout(timeout)
+            if source_address is not None:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as e:
+            sock.close()
+            last = e
+    raise last or OSError(f"cannot resolve {host}")
+
+
+class ControllerError(RuntimeError):
+    pass
+
+
+class Unreachable(ControllerError):
+    pass
+
+
+class Refused(ControllerError):
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(f"HTTP {status}: {message}")
+
+
+class Client:
+    def __init__(self, base_url: str, *, ca_file: Path | None = None, token: str | None = None):
+        parts = urlsplit(base_url)
+        self.base = base_url.rstrip("/")
+        self.https = parts.scheme == "https"
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if self.https else 80)
+        self.prefix = parts.path.rstrip("/")
+        self.token = token
+        self.context: ssl.SSLContext | None = None
+        if self.https:
+            self.context = ssl.create_default_context(
+                cafile=str(ca_file) if ca_file is not None else None
+            )
+
+    def _request(self, method: str, path: str, body: Any = None) -> Any:
+        conn: http.client.HTTPConnection
+        if self.https:
+            conn = http.client.HTTPSConnection(
+                self.host, self.port, timeout=TIMEOUT_S, context=self.context
+            )
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=TIMEOUT_S)
+        conn._create_connection = _create_connection  # type: ignore[attr-defined]
+        headers = {"Accept": "application/json", "User-Agent": "fleetvpn-agent"}
+        data = None
+        if body is not None:
+            data = json.dumps(body, separators=(",", ":")).encode()
+            headers["Content-Type"] = "application/json"
+        if self.token is not None:
+            headers["Authorization"] = f"Bearer {self.token}"
+        try:
+            conn.request(method, self.prefix + path, body=data, headers=headers)
+            response = conn.getresponse()
+            payload = response.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise Unreachable(f"{self.base}: {e.__class__.__name__}: {e}") from None
+        finally:
+            conn.close()
+        if response.status >= 500 or response.status == 429:
+            raise Unreachable(f"{self.base}{path}: HTTP {response.status}")
+        try:
+            doc = json.loads(payload) if payload else None
+        except ValueError:
+            raise Unreachable(f"{self.base}{path}: HTTP {response.status}, not JSON") from None
+        if not 200 <= response.status < 300:
+            message = doc.get("error") if isinstance(doc, dict) else None
+            raise Refused(response.status, str(message or doc)[:300])
+        return doc
+
+    def enroll(
+        self,
+        enrollment_token: str,
+        name: str,
+        public_key: str,
+        listen_port: int,
+        endpoint: str | None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "enrollment_token": enrollment_token,
+            "name": name,
+            "public_key": public_key,
+            "listen_port": listen_port,
+        }
+        if endpoint is not None:
+            body["endpoint"] = endpoint
+        doc = self._request("POST", "/v1/enroll", body)
+        if not isinstance(doc, dict) or not isinstance(doc.get("node_token"), str):
+            raise Refused(200, "enrollment answered without a node token")
+        return doc
+
+    def desired(self, node: str) -> dict[str, Any]:
+        doc = self._request("GET", f"/v1/nodes/{node}/desired")
+        if not isinstance(doc, dict):
+            raise Refused(200, "desired state is not a JSON object")
+        return doc
+
+    def post_report(self, doc: dict[str, Any]) -> None:
+        self._request("POST", "/v1/reports", doc)

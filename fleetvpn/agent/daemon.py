@@ -1,0 +1,654 @@
+"""``fleetvpn agent run``: the node agent's one asyncio loop. The wiring, not the logic: what to do
+when comes from :mod:`~fleetvpn.agent.schedule`, what to report from
+:mod:`~fleetvpn.agent.report`, the tunnel's changes from :mod:`fleetvpn.wg`, the measurements from
+:mod:`fleetvpn.net` and :mod:`~fleetvpn.agent.probes`.
+
+Life of an agent:
+1. Start-up: the WireGuard private key in ``state_dir/wg.key`` (generated, mode 0600, unless it
+   exists), the node token in ``state_dir/node.json`` (enrolled with the enrollment token unless
+   it exists; retried while the controller is unreachable). With ``apply: true`` the last good
+   desired state (``desired.json``) is reconciled at once — a no-op on an established tunnel, so
+   a restart (even after SIGKILL mid-apply) leaves a working tunnel as it was, and repairs a
+   half-applied one. Then the probe responder starts.
+2. The loop runs jittered jobs: ``desired`` (fetch, reconcile when ``apply``, save as last good
+   after a clean apply; a failed apply was rolled back by the wg layer and is logged with the
+   step that failed), ``report`` (snapshot → spool → send in order), ``nat``, ``rtt``, one
+   ``pmtu:PEER`` job per peer (see probes.py for the directions), and a wg sample every
+   ``SAMPLE_S`` that feeds the re-probe triggers.
+3. Controller unreachable: nothing changes on the tunnel; reports queue in the spool (bounded)
+   and leave in order when it answers again.
+4. SIGHUP: the config file is read again (an invalid one is logged and ignored); SIGTERM/SIGINT:
+   the tunnel stays up unless ``on_stop: down``.
+
+Blocking work (HTTP, ``wg``/``ip`` commands, file writes of the spool) runs in worker threads,
+one job of a kind at a time; probes are asyncio. Nothing here logs a key or a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from fleetvpn.agent import client as api
+from fleetvpn.agent.config import AgentConfig, ConfigError, load
+from fleetvpn.agent.desired import Desired, DesiredError, parse_desired
+from fleetvpn.agent.probes import (
+    AgentResponder,
+    hello_tag,
+    measure_forward,
+    measure_reverse,
+    measure_rtt,
+    serve_responder,
+)
+from fleetvpn.agent.report import (
+    PathMtu,
+    PeerObservation,
+    build_report,
+    configured_from,
+    status_document,
+)
+from fleetvpn.agent.schedule import PeerWatch, ProbeBudget, Scheduler
+from fleetvpn.agent.spool import Spool
+from fleetvpn.model import Family, NatMeasurement, parse_endpoint
+from fleetvpn.net.keys import KeyFileError, load_key
+from fleetvpn.runner import Runner
+from fleetvpn.wg.state import TunnelState
+
+log = logging.getLogger("fleetvpn.agent")
+
+SAMPLE_S: Final = 10.0  # wg show: handshakes, endpoints, counters (re-probe triggers)
+PMTU_TIMEOUT_S: Final = 30.0
+MAX_PMTU_RUNS: Final = 2  # at once, whatever the number of peers
+ENROLL_RETRY_S: Final = (1.0, 60.0)
+REVERSE_WITHIN_S: Final = 2.0  # a hello's mapping lives at least the NAT's unreplied timeout
+
+
+class FatalError(RuntimeError):
+    """The agent cannot run (bad key file, refused enrollment): one line for the operator."""
+
+
+def _write_json(path: Path, doc: Any, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _host(endpoint: str) -> str:
+    return str(parse_endpoint(endpoint)[0])
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, config_path: Path | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.rng = random.Random()
+        self.scheduler = Scheduler(self.rng)
+        self.watch = PeerWatch()
+        self.budget = ProbeBudget()
+        self.desired: Desired | None = None
+        self.node = config.node
+        self.site: str | None = None
+        self.token: str | None = None
+        self.public_key = ""
+        self.probe_key = b""
+        self.pmtu: dict[str, PathMtu] = {}
+        self.rtt: dict[str, Any] = {}
+        self.nat: NatMeasurement | None = None
+        self.state: TunnelState | None = None
+        self.controller: dict[str, Any] = {"reachable": None, "last_ok_at": None, "error": None}
+        self.last_apply: dict[str, Any] | None = None
+        self.responder: AgentResponder | None = None
+        self.transports: list[asyncio.DatagramTransport] = []
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.pmtu_slots = asyncio.Semaphore(MAX_PMTU_RUNS)
+        self.wake = asyncio.Event()
+        self.stopping = False
+        config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.spool = Spool(config.spool_dir, config.spool_max_reports, log.warning)
+        self.tunnel: Any = None
+
+    # --- start-up --------------------------------------------------------------------------
+    def _prepare_files(self) -> None:
+        from fleetvpn.wg.keys import generate_private_key, public_key_of
+
+        self.config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key_file = self.config.private_key_file
+        if not key_file.exists():
+            generate_private_key(key_file)
+            log.info("generated the WireGuard private key %s (mode 0600)", key_file)
+        try:
+            self.public_key = public_key_of(key_file)
+        except (OSError, ValueError) as e:
+            raise FatalError(str(e)) from None
+        try:
+            self.probe_key = load_key(self.config.probe.key_file)
+        except KeyFileError as e:
+            raise FatalError(f"probe.key_file: {e}") from None
+
+    def _client(self) -> api.Client:
+        return api.Client(self.config.controller, ca_file=self.config.ca_file, token=self.token)
+
+    async def _enroll(self) -> None:
+        node_file = self.config.node_file
+        if node_file.exists():
+            try:
+                doc = json.loads(node_file.read_text())
+                self.token, self.site, self.node = doc["node_token"], doc["site"], doc["node"]
+            except (OSError, ValueError, KeyError) as e:
+                raise FatalError(
+                    f"{node_file}: unreadable ({e}); remove it to enroll again"
+                ) from None
+            return
+        try:
+            enrollment = self.config.enrollment_token_file.read_text().strip()
+        except OSError as e:
+            raise FatalError(
+                f"enrollment_token_file: {self.config.enrollment_token_file}: {e.strerror} "
+                f"(needed once, to enroll {self.config.node})"
+            ) from None
+        delay = ENROLL_RETRY_S[0]
+        while not self.stopping:
+            try:
+                doc = await asyncio.to_thread(
+                    self._client().enroll,
+                    enrollment,
+                    self.config.node,
+                    self.public_key,
+                    self.config.listen_port,
+                    self.config.endpoint,
+                )
+                break
+            except api.Unreachable as e:
+                log.warning("enrollment: controller unreachable (%s); retry in %.0f s", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, ENROLL_RETRY_S[1])
+            except api.Refused as e:
+                raise FatalError(f"enrollment of {self.config.node} refused: {e}") from None
+        else:
+            return
+        self.token, self.site, self.node = doc["node_token"], doc["site"], doc["node"]
+        _write_json(
+            node_file, {"node": self.node, "site": self.site, "node_token": self.token}, 0o600
+        )
+        log.info("enrolled as %s in site %s; node token kept in %s (0600)", self.node,
+                 self.site, node_file)  # fmt: skip
+
+    def _make_tunnel(self) -> Any:
+        from fleetvpn.wg.tunnel import WgTunnel
+
+        runner = Runner(echo=lambda line: log.debug("%s", line))
+        return WgTunnel(
+            self.config.interface,
+            self.config.private_key_file,
+            runner=runner,
+            implementation=self.config.wireguard,
+        )
+
+    def _load_last_good(self) -> Desired | None:
+        try:
+            doc = json.loads(self.config.desired_file.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning("last good desired state %s unreadable (%s)", self.config.desired_file, e)
+            return None
+        try:
+            return self._parse(doc)
+        except DesiredError as e:
+            log.warning("last good desired state: %s", e)
+            return None
+
+    def _parse(self, doc: Any) -> Desired:
+        return parse_desired(
+            doc, interface=self.config.interface, listen_port=self.config.listen_port
+        )
+
+    # --- the loop ---------------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig, handler in ((signal.SIGTERM, self.stop), (signal.SIGINT, self.stop),
+                             (signal.SIGHUP, self.reload)):  # fmt: skip
+            loop.add_signal_handler(sig, handler)
+        self._prepare_files()
+        self.tunnel = self._make_tunnel()
+        last_good = self._load_last_good()
+        if last_good is not None:
+            self._adopt(last_good)
+            if self.config.apply:
+                log.info("re-applying the last good desired state (%s)",
+                         last_good.document.get("generated_at"))  # fmt: skip
+                await self._apply(last_good, save=False)
+        await self._enroll()
+        if self.stopping:
+            return 0
+        self.responder, self.transports = await serve_responder(
+            self.config.probe.listen_port, self.probe_key, self._on_hello
+        )
+        self.responder.own_tag = hello_tag(self.public_key)
+        if self.desired is not None:
+            self._adopt(self.desired)
+        log.info("agent %s (site %s) running: interface %s, apply %s, responder on UDP %d",
+                 self.node, self.site, self.config.interface, self.config.apply,
+                 self.config.probe.listen_port)  # fmt: skip
+        self._schedule_jobs(time.monotonic())
+        try:
+            while not self.stopping:
+                now = time.monotonic()
+                for job in self.scheduler.due(now):
+                    self._start(job)
+                deadline = self.scheduler.next_deadline()
+                wait = 60.0 if deadline is None else max(0.0, deadline - time.monotonic())
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), min(wait, 60.0))
+        finally:
+            await self._shutdown()
+        return 0
+
+    def _schedule_jobs(self, now: float) -> None:
+        i = self.config.intervals
+        self.scheduler.add("desired", i.desired_s, now)
+        self.scheduler.add("report", i.report_s, now, first_within_s=min(i.report_s, 5.0))
+        self.scheduler.add("sample", SAMPLE_S, now, first_within_s=SAMPLE_S)
+        self.scheduler.add("rtt", i.rtt_s, now, first_within_s=min(i.rtt_s, 10.0))
+        self.scheduler.add("status", 5.0, now, first_within_s=1.0)
+        if self.config.probe.nat_responder is not None:
+            self.scheduler.add("nat", i.nat_s, now, first_within_s=min(i.nat_s, 5.0))
+        else:
+            self.scheduler.remove("nat")
+        if self.desired is not None:
+            self._schedule_peers(self.desired, now)
+
+    def _schedule_peers(self, desired: Desired, now: float) -> None:
+        wanted = {f"pmtu:{p.name}" for p in desired.peers}
+        for name in [n for n in self.scheduler.jobs if n.startswith("pmtu:")]:
+            if name not in wanted:
+                self.scheduler.remove(name)
+        for peer in desired.peers:
+            name = f"pmtu:{peer.name}"
+            if name not in self.scheduler.jobs:
+                self.scheduler.add(
+                    name,
+                    self.config.intervals.pmtu_s,
+                    now,
+                    first_within_s=min(10.0, self.config.intervals.pmtu_s),
+                )
+
+    def _start(self, job: str) -> None:
+        if job in self.tasks and not self.tasks[job].done():
+            return  # one at a time per job; the schedule comes round again
+        runs: dict[str, Callable[[], Awaitable[None]]] = {
+            "desired": self._job_desired,
+            "report": self._job_report,
+            "sample": self._job_sample,
+            "rtt": self._job_rtt,
+            "nat": self._job_nat,
+            "status": self._job_status,
+        }
+        if job.startswith("pmtu:"):
+            peer = job.removeprefix("pmtu:")
+            coro: Awaitable[None] = self._job_pmtu(peer)
+        else:
+            coro = runs[job]()
+        self.tasks[job] = asyncio.ensure_future(self._guarded(job, coro))
+
+    async def _guarded(self, job: str, coro: Awaitable[None]) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a job's bug must not stop the tunnel's agent
+            log.exception("job %s failed", job)
+
+    # --- jobs -------------------------------------------------------------------------------
+    async def _job_desired(self) -> None:
+        client = self._client()
+        try:
+            doc = await asyncio.to_thread(client.desired, self.node)
+        except api.ControllerError as e:
+            self._controller_failed(e)
+            return
+        self._controller_ok()
+        try:
+            desired = self._parse(doc)
+        except DesiredError as e:
+            log.error("%s; keeping the last good desired state", e)
+            return
+        self._adopt(desired)
+        self._schedule_peers(desired, time.monotonic())
+        if self.config.apply:
+            await self._apply(desired, save=True)
+        else:
+            await asyncio.to_thread(_write_json, self.config.desired_file, dict(desired.document))
+        if len(self.spool):
+            self._start("report")  # the controller answers: replay what waited
+
+    def _adopt(self, desired: Desired) -> None:
+        self.desired = desired
+        if self.site is None:
+            self.site = desired.site
+        if self.responder is not None:
+            self.responder.hello_tags = {hello_tag(p.public_key): p.name for p in desired.peers}
+
+    async def _apply(self, desired: Desired, *, save: bool) -> None:
+        from fleetvpn.wg.tunnel import ApplyError
+
+        started = datetime.now(UTC)
+        try:
+            changes = await asyncio.to_thread(self.tunnel.reconcile, desired.spec, desired.reasons)
+        except ApplyError as e:
+            log.error("apply failed and was rolled back: %s", e)
+            self.last_apply = {"at": started.isoformat(), "ok": False, "error": str(e),
+                               "changes": []}  # fmt: skip
+            return
+        except Exception as e:
+            log.error("apply failed: %s", e)
+            self.last_apply = {"at": started.isoformat(), "ok": False, "error": str(e),
+                               "changes": []}  # fmt: skip
+            return
+        # The wg layer logged each change with its reason as it applied it.
+        if changes or self.last_apply is None:
+            self.last_apply = {
+                "at": started.isoformat(),
+                "ok": True,
+                "error": None,
+                "changes": [f"{c.summary} — {c.reason}" for c in changes],
+            }
+        if save:
+            await asyncio.to_thread(_write_json, self.config.desired_file, dict(desired.document))
+
+    def _controller_ok(self) -> None:
+        if self.controller["reachable"] is False:
+            log.info("controller %s answers again", self.config.controller)
+        self.controller.update(reachable=True, error=None,
+                               last_ok_at=datetime.now(UTC).isoformat())  # fmt: skip
+
+    def _controller_failed(self, e: Exception) -> None:
+        if self.controller["reachable"] is not False or self.controller["error"] != str(e):
+            log.warning("controller: %s (tunnel keeps its settings; reports are spooled)", e)
+        self.controller.update(reachable=False, error=str(e))
+
+    async def _sample(self) -> None:
+        if self.tunnel is None:
+            return
+        try:
+            self.state = await asyncio.to_thread(self.tunnel.read)
+        except Exception as e:
+            log.warning("cannot read %s: %s", self.config.interface, e)
+            self.state = None
+
+    def _observations(self) -> list[PeerObservation]:
+        if self.desired is None:
+            return []
+        out = []
+        for plan in self.desired.peers:
+            status = self.state.peer(plan.public_key) if self.state else None
+            out.append(
+                PeerObservation(
+                    name=plan.name,
+                    public_key=plan.public_key,
+                    planned_endpoint=plan.endpoint,
+                    endpoint=status.endpoint if status else None,
+                    latest_handshake=status.latest_handshake if status else 0,
+                    rx_bytes=status.rx_bytes if status else 0,
+                    tx_bytes=status.tx_bytes if status else 0,
+                    pmtu=self.pmtu.get(plan.name),
+                    rtt=self.rtt.get(plan.name),
+                )
+            )
+        return out
+
+    async def _job_sample(self) -> None:
+        await self._sample()
+        now = time.monotonic()
+        for obs in self._observations():
+            age = time.time() - obs.latest_handshake if obs.latest_handshake else None
+            why = self.watch.observe(obs.name, obs.endpoint, age)
+            if why is not None:
+                log.info("re-probe %s: %s", obs.name, why)
+                self.scheduler.trigger(f"pmtu:{obs.name}", now, within_s=5.0)
+                self.wake.set()
+
+    async def _job_report(self) -> None:
+        await self._sample()
+        if self.site is None:
+            return
+        names = {p.public_key: p.name for p in self.desired.peers} if self.desired else {}
+        report = build_report(
+            report_id=str(uuid.uuid4()),
+            node=self.node,
+            site=self.site,
+            created_at=datetime.now(UTC).replace(microsecond=0),
+            peers=self._observations(),
+            nat=self.nat,
+            configured=configured_from(self.state, names),
+        )
+        await asyncio.to_thread(self.spool.put, report)
+        client = self._client()
+
+        def send(doc: dict[str, Any]) -> str | None:
+            try:
+                client.post_report(doc)
+            except api.Unreachable as e:
+                self._controller_failed(e)
+                return "retry"
+            except api.Refused as e:
+                if e.status in (401, 403):
+                    self._controller_failed(e)
+                    return "retry"  # a token problem is not the report's fault: keep it
+                return str(e)
+            return None
+
+        sent = await asyncio.to_thread(self.spool.flush, send)
+        if sent:
+            self._controller_ok()
+            if sent > 1:
+                log.info("replayed %d spooled reports in order", sent)
+        await self._job_status()
+
+    async def _job_status(self) -> None:
+        doc = status_document(
+            node=self.node,
+            site=self.site,
+            interface=self.config.interface,
+            apply=self.config.apply,
+            now=datetime.now(UTC),
+            peers=self._observations(),
+            nat=self.nat,
+            configured=configured_from(
+                self.state,
+                {p.public_key: p.name for p in self.desired.peers} if self.desired else {},
+            ),
+            controller=self.controller,
+            last_apply=self.last_apply,
+            spool=self.spool.stats(),
+            pid=os.getpid(),
+        )
+        await asyncio.to_thread(_write_json, self.config.status_file, doc)
+
+    async def _job_nat(self) -> None:
+        from fleetvpn.net.natprobe import measure_nat
+        from fleetvpn.net.pmtuprobe import ProbeError
+
+        target = self.config.probe.nat_responder
+        if target is None:
+            return
+        try:
+            result = await measure_nat(
+                target, self.probe_key, max_lifetime_s=self.config.probe.nat_max_lifetime_s
+            )
+        except (ProbeError, OSError) as e:
+            log.warning("NAT measurement against %s:%d failed: %s", *target, e)
+            return
+        self.nat = NatMeasurement(
+            measured_at=datetime.now(UTC).replace(microsecond=0),
+            nat=result.nat,
+            stateful_filter=result.stateful_filter,
+            mapped_address=result.mapped_address,
+            mapping_lifetime_s=result.mapping_lifetime_s,
+            resolution_s=result.resolution_s,
+            max_lifetime_s=self.config.probe.nat_max_lifetime_s,
+        )
+        log.info("NAT: %s", result.reason)
+
+    async def _job_rtt(self) -> None:
+        if self.desired is None:
+            return
+        port = self.config.probe.listen_port
+        peers = [p for p in self.desired.peers if p.tunnel_ipv4]
+
+        async def one(name: str, address: str) -> None:
+            with contextlib.suppress(OSError):
+                self.rtt[name] = await measure_rtt((address, port), self.probe_key)
+
+        await asyncio.gather(*(one(p.name, p.tunnel_ipv4 or "") for p in peers))
+
+    async def _job_pmtu(self, peer: str) -> None:
+        plan = (
+            next((p for p in self.desired.peers if p.name == peer), None) if self.desired else None
+        )
+        if plan is None or plan.endpoint is None:
+            return  # it dials us: it asks for a reverse run with a hello (probes.py)
+        why_not = self.budget.allow(peer, time.monotonic())
+        if why_not is not None:
+            log.info("PMTU towards %s postponed: %s", peer, why_not)
+            return
+        target = (_host(plan.endpoint), self.config.probe.listen_port)
+        await self._measure(peer, target, "forward")
+        if self.config.endpoint is None and self.responder is not None:
+            self.responder.send_hello(target)  # "probe me back": b → this node
+
+    def _on_hello(self, peer: str, addr: tuple[str, int]) -> None:
+        if self.stopping:
+            return
+        why_not = self.budget.allow(peer, time.monotonic())
+        if why_not is not None:
+            log.debug("hello from %s at %s:%d ignored: %s", peer, *addr, why_not)
+            return
+        key = f"reverse:{peer}"
+        if key in self.tasks and not self.tasks[key].done():
+            return
+        self.tasks[key] = asyncio.ensure_future(
+            self._guarded(key, self._measure(peer, addr, "reverse"))
+        )
+
+    async def _measure(self, peer: str, target: tuple[str, int], how: str) -> None:
+        from fleetvpn.net.pmtuprobe import ProbeError
+
+        self.budget.spend(peer, time.monotonic())
+        async with self.pmtu_slots:
+            try:
+                if how == "reverse":
+                    result = await measure_reverse(
+                        target, self.probe_key, self.config.probe.listen_port, PMTU_TIMEOUT_S
+                    )
+                else:
+                    result = await measure_forward(target, self.probe_key, PMTU_TIMEOUT_S)
+            except (ProbeError, OSError) as e:
+                log.warning("PMTU %s → %s (%s %s:%d) failed: %s", self.node, peer, how, *target, e)
+                return
+        family: Family = 6 if result.family == 6 else 4
+        before = self.pmtu.get(peer)
+        self.pmtu[peer] = PathMtu(family, result.path_mtu, result.icmp_seen, time.time(), how,
+                                  result.reason)  # fmt: skip
+        if before is None or before.path_mtu != result.path_mtu:
+            log.info("path MTU %s → %s: %d (%s, IPv%d, %d probes, %.2f s): %s", self.node, peer,
+                     result.path_mtu, how, family, result.probes_sent, result.elapsed_s,
+                     result.reason)  # fmt: skip
+        if before is not None and before.path_mtu != result.path_mtu:
+            self._start("report")  # a changed path: tell the controller now
+
+    # --- signals ----------------------------------------------------------------------------
+    def stop(self) -> None:
+        if not self.stopping:
+            log.info("stopping (on_stop: %s)", self.config.on_stop)
+        self.stopping = True
+        self.wake.set()
+
+    def reload(self) -> None:
+        if self.config_path is None:
+            return
+        try:
+            new = load(self.config_path)
+        except ConfigError as e:
+            log.error("SIGHUP: %s; keeping the running config", e)
+            return
+        fixed = ("node", "state_dir", "interface", "listen_port", "wireguard", "controller")
+        changed = [k for k in fixed if getattr(new, k) != getattr(self.config, k)]
+        if changed:
+            log.warning("SIGHUP: %s changed: takes effect at the next restart", ", ".join(changed))
+            new = replace(new, **{k: getattr(self.config, k) for k in fixed})
+        self.config = new
+        logging.getLogger("fleetvpn").setLevel(new.log_level.upper())
+        try:
+            self.probe_key = load_key(new.probe.key_file)
+        except KeyFileError as e:
+            log.error("SIGHUP: probe.key_file: %s; keeping the old probe key", e)
+        now = time.monotonic()
+        periods = {
+            "desired": new.intervals.desired_s,
+            "report": new.intervals.report_s,
+            "rtt": new.intervals.rtt_s,
+        }
+        for job, period in periods.items():
+            self.scheduler.set_period(job, period, now)
+        for job in [n for n in self.scheduler.jobs if n.startswith("pmtu:")]:
+            self.scheduler.set_period(job, new.intervals.pmtu_s, now)
+        if new.probe.nat_responder is not None:
+            if "nat" in self.scheduler.jobs:
+                self.scheduler.set_period("nat", new.intervals.nat_s, now)
+            else:
+                self.scheduler.add("nat", new.intervals.nat_s, now, first_within_s=5.0)
+        else:
+            self.scheduler.remove("nat")
+        log.info("SIGHUP: config %s reloaded", self.config_path)
+        self.scheduler.trigger("desired", now)
+        self.wake.set()
+
+    async def _shutdown(self) -> None:
+        for task in self.tasks.values():
+            task.cancel()
+        for task in self.tasks.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for transport in self.transports:
+            transport.close()
+        if self.config.on_stop == "down" and self.tunnel is not None:
+            log.info("on_stop: down: removing %s", self.config.interface)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.tunnel.down)
+        else:
+            log.info("the tunnel stays up (on_stop: keep)")
+        with contextlib.suppress(Exception):
+            await self._job_status()
+
+
+def run(config_path: Path) -> int:
+    """Entry point of ``fleetvpn agent run``; returns the exit status."""
+    try:
+        config = load(config_path)
+    except ConfigError as e:
+        raise FatalError(str(e)) from None
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+    )
+    agent = Agent(config, config_path)
+    return asyncio.run(agent.run())

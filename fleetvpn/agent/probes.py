@@ -1,0 +1,227 @@
+"""The agent's probing adapters: its responder, reverse PMTU runs, RTT/loss through the tunnel.
+
+Path MTU has a direction, and one ``measure_pmtu`` run measures only sender → responder (the
+probes are large, each ack is small: a reply is never larger than its request). So node a's
+report carries a → b, b's report carries b → a, and the controller sets each sender's route
+from its own direction (policy_mtu). A peer b can probe a only if its probes can reach a's
+responder — not when a is behind a NAT or a stateful firewall. The agents close that gap
+themselves, without the controller:
+
+1. Forward: every node probes each peer that has an endpoint (is dialable) on the peer's probe
+   port, from an ephemeral port; its NAT lets the acks back in.
+2. Reverse ("probe me back"): a node without an endpoint of its own, after probing a dialable
+   peer b, sends b a *hello* from its responder's socket: an authenticated BINDING_REQUEST
+   whose txn is :func:`hello_tag` of its WireGuard public key. That packet opens a mapping
+   a:probe_port ↔ b:probe_port in a's NAT (and b's answer makes it established). b's responder
+   recognises the tag of one of its peers and b then probes a *from its own probe port*
+   (a socket bound to it with SO_REUSEPORT and connected to the address the hello came from —
+   Linux hands that connected socket the replies from there, the responder everything else),
+   so the probes match the mapping and a's responder acks them. The probes keep the mapping
+   alive while they run; nothing needs a keepalive in between. b reports b → a as its own
+   measurement. A forged or replayed hello cannot get through (HMAC, replay window), and a
+   real one costs b at most one run per peer per :class:`~fleetvpn.agent.schedule.ProbeBudget`.
+3. Two nodes without endpoints have no tunnel (WireGuard has no NAT traversal), so no link
+   to measure.
+
+So every link with a tunnel is measured in both directions by its senders. The limit: all
+agents use the same probe port (the desired state does not carry a peer's probe port).
+
+RTT and loss go *through the tunnel*: a few small authenticated probes to the peer's responder
+at its tunnel address (the responder listens on every address), so they measure what the
+tunnel's users get, and the path the peer's handshakes keep open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from typing import Final
+
+from fleetvpn.agent.report import Rtt
+from fleetvpn.net import wire
+from fleetvpn.net.pmtuprobe import PmtuReport, measure_pmtu
+from fleetvpn.net.responder import Responder
+
+HELLO_DOMAIN: Final = b"fleetvpn probe-me-back v1\0"
+RTT_PROBES: Final = 4
+RTT_SPACING_S: Final = 0.2
+RTT_TIMEOUT_S: Final = 2.0
+RTT_PROBE_BYTES: Final = 128  # IP packet size of an RTT probe
+
+
+def hello_tag(public_key: str) -> int:
+    """The txn a node puts in its hellos: derived from its WireGuard public key, so a peer knows
+    who asks without any new wire format (and the tag reveals nothing the peer does not know)."""
+    digest = hashlib.sha256(HELLO_DOMAIN + public_key.encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+class AgentResponder(Responder):
+    """The probe responder (fleetvpn.net.responder) plus the agent's two additions: it tells
+    the agent about an authenticated hello from a known peer, and it sends this node's hellos.
+
+    ``hello_tags``: tag → peer name (updated by the agent from the desired state);
+    ``on_hello(peer, addr)`` is called for each accepted hello."""
+
+    def __init__(self, key: bytes, on_hello: Callable[[str, tuple[str, int]], None]) -> None:
+        super().__init__(key)
+        self.hello_tags: dict[int, str] = {}
+        self.on_hello = on_hello
+        self.own_tag: int | None = None
+        self.hellos_sent = 0
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            peek = wire.decode(data, self.key)
+        except wire.WireError:
+            peek = None
+        body = peek.body if peek is not None else None
+        if isinstance(body, wire.BindingReply) and body.txn == self.own_tag:
+            return  # the answer to our own hello: it did its job (opened the mapping)
+        accepted = self.counters.accepted
+        super().datagram_received(data, addr)
+        if self.counters.accepted == accepted or not isinstance(body, wire.BindingRequest):
+            return
+        peer = self.hello_tags.get(body.txn)
+        if peer is not None:
+            self.on_hello(peer, (addr[0], addr[1]))
+
+    def send_hello(self, target: tuple[str, int]) -> None:
+        if self.transport is None or self.own_tag is None:
+            return
+        body = wire.BindingRequest(self.own_tag)
+        packet = self.sealer.seal(body, time.time(), pad_to=wire.min_len(body))
+        with contextlib.suppress(OSError):
+            self.transport.sendto(packet, target)
+            self.hellos_sent += 1
+
+
+def _reuse_socket(family: int, port: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+    return sock
+
+
+async def serve_responder(
+    port: int, key: bytes, on_hello: Callable[[str, tuple[str, int]], None]
+) -> tuple[AgentResponder, list[asyncio.DatagramTransport]]:
+    """The responder on ``port`` of every IPv4 address (and IPv6 where the host has it), with
+    SO_REUSEPORT so reverse runs can send from the same port."""
+    loop = asyncio.get_running_loop()
+    protocol = AgentResponder(key, on_hello)
+    transports: list[asyncio.DatagramTransport] = []
+    main, _ = await loop.create_datagram_endpoint(
+        lambda: protocol, sock=_reuse_socket(socket.AF_INET, port)
+    )
+    other, _ = await loop.create_datagram_endpoint(
+        asyncio.DatagramProtocol, local_addr=("0.0.0.0", 0)
+    )
+    protocol.other = other
+    transports += [main, other]
+    return protocol, transports
+
+
+async def measure_forward(target: tuple[str, int], key: bytes, timeout_s: float) -> PmtuReport:
+    return await measure_pmtu(target, key, timeout_s=timeout_s)
+
+
+async def measure_reverse(
+    target: tuple[str, int], key: bytes, port: int, timeout_s: float
+) -> PmtuReport:
+    """Probe ``target`` (the address a hello came from) from our own probe ``port``."""
+    family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
+    sock = _reuse_socket(family, port)
+    try:
+        sock.connect(target)
+    except OSError:
+        sock.close()
+        raise
+    return await measure_pmtu(target, key, timeout_s=timeout_s, sock=sock)
+
+
+async def measure_rtt(
+    target: tuple[str, int],
+    key: bytes,
+    *,
+    probes: int = RTT_PROBES,
+    spacing_s: float = RTT_SPACING_S,
+    timeout_s: float = RTT_TIMEOUT_S,
+) -> Rtt:
+    """``probes`` small authenticated probes to the responder at ``target``; the smallest RTT of
+    those answered (the path, not the queue), and the share unanswered after ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sealer = wire.Sealer(key, secrets.randbits(64))
+    guard = wire.ReplayGuard()
+    sent_at: dict[int, float] = {}  # probe id -> when sent, until answered
+    sent = 0
+    rtts: list[float] = []
+    wake = asyncio.Event()
+    try:
+        sock.connect(target)
+        loop.add_reader(sock.fileno(), wake.set)
+        base = secrets.randbits(31)
+        next_send = loop.time()
+        deadline: float | None = None
+        while True:
+            now = loop.time()
+            if sent < probes and now >= next_send:
+                probe_id = base + sent
+                sent += 1
+                packet = sealer.seal(
+                    wire.PmtuProbe(probe_id),
+                    time.time(),
+                    pad_to=wire.udp_payload_len(
+                        RTT_PROBE_BYTES, 6 if family == socket.AF_INET6 else 4
+                    ),
+                )
+                sent_at[probe_id] = now
+                with contextlib.suppress(OSError):
+                    sock.send(packet)
+                next_send = now + spacing_s
+                if sent == probes:
+                    deadline = now + timeout_s
+            while True:
+                try:
+                    data = sock.recv(2048)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    continue  # ICMP (port unreachable …): the probe counts as lost
+                try:
+                    message = wire.decode(data, key)
+                    guard.check(message, time.time())
+                except wire.WireError:
+                    continue
+                if isinstance(message.body, wire.PmtuAck):
+                    started = sent_at.pop(message.body.probe_id, None)
+                    if started is not None:
+                        rtts.append(loop.time() - started)
+            if len(rtts) >= probes or (deadline is not None and loop.time() >= deadline):
+                break
+            wait = (deadline if deadline is not None else next_send) - loop.time()
+            wake.clear()
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), wait)
+    finally:
+        with contextlib.suppress(ValueError, OSError):
+            loop.remove_reader(sock.fileno())
+        sock.close()
+    return Rtt(
+        rtt_s=min(rtts) if rtts else None,
+        loss_ratio=1.0 - len(rtts) / probes,
+        sent=probes,
+        measured_at=time.time(),
+    )
