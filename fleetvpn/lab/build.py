@@ -567,6 +567,8 @@ def write_inventory(plan: Plan, topo: Topology, paths: LabPaths, path: Path) -> 
                 "fleetvpn_bin": str(Path(sys.executable).parent / "fleetvpn"),
                 "fleetvpn_python": sys.executable,
                 "fleetvpn_service_manager": "process",
+                # /var/log is shared by every lab host; each host's /var/lib/fleetvpn is its own.
+                "fleetvpn_log_dir": "/var/lib/fleetvpn/log",
             },
             "hosts": hostvars,
             "children": {
