@@ -13,13 +13,16 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleetvpn import __version__
 from fleetvpn.controller.config import TunnelConfig
@@ -31,6 +34,7 @@ from fleetvpn.controller.store import (
     Principal,
     Store,
     StoreError,
+    hash_token,
     utcnow,
 )
 from fleetvpn.model import NAME_PATTERN, Override, ReportError, parse_endpoint, parse_report
@@ -49,9 +53,8 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The request body as JSON; 413 past ``limit`` bytes (checked while reading), 400 if not
-    JSON."""
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body; 413 past ``limit`` bytes (checked while reading)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"body of {declared} bytes is over the limit of {limit}")
@@ -60,10 +63,77 @@ async def read_json(request: Request, limit: int) -> Any:
         body += chunk
         if len(body) > limit:
             raise ApiError(413, f"body is over the limit of {limit} bytes")
+    return bytes(body)
+
+
+def decode_json(body: bytes) -> Any:
+    """``body`` as JSON; 400 if it is not."""
     try:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ApiError(400, f"body is not valid JSON: {e}") from None
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The request body as JSON; 413 past ``limit`` bytes (checked while reading), 400 if not
+    JSON."""
+    return decode_json(await read_body(request, limit))
+
+
+AUTH_CACHE_S = 5.0
+NODE_WAIT_S = 30.0  # how long a node's first desired-state request waits for a view with it
+
+
+class TokenCache:
+    """``store.authenticate`` remembered for ``ttl_s`` seconds per token (only tokens that were
+    valid: an unknown token is looked up every time, so a node that just enrolled is known at
+    once). A token revoked in the store is refused at most ``ttl_s`` after the revocation;
+    ``ttl_s`` 0 looks every token up. Thread-safe (one dict assignment per miss)."""
+
+    MAX_ENTRIES = 200_000
+
+    def __init__(self, store: Store, ttl_s: float) -> None:
+        self.store = store
+        self.ttl_s = ttl_s
+        self._known: dict[str, tuple[float, Principal]] = {}
+
+    def authenticate(self, token: str) -> Principal | None:
+        if self.ttl_s <= 0:
+            return self.store.authenticate(token)
+        now = time.monotonic()
+        digest = hash_token(token)
+        hit = self._known.get(digest)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        who = self.store.authenticate(token)
+        if who is None:
+            self._known.pop(digest, None)
+            return None
+        if len(self._known) >= self.MAX_ENTRIES:
+            self._known = {k: v for k, v in self._known.items() if v[0] > now}
+        self._known[digest] = (now + self.ttl_s, who)
+        return who
+
+
+class _NoStore:
+    """Every answer says ``cache-control: no-store`` (plain ASGI: the decorator middleware
+    costs a task and a stream per request)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_no_store(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k != b"cache-control"]
+                message["headers"] = [*headers, (b"cache-control", b"no-store")]
+            await send(message)
+
+        await self.app(scope, receive, send_no_store)
 
 
 def _public_key(value: Any) -> str:
@@ -95,12 +165,23 @@ def create_app(
     retention: timedelta | None = None,
     responder: tuple[tuple[str, int], bytes] | None = None,
     tunnel: TunnelConfig | None = None,
-    view_max_age_s: float = 5.0,
+    view_max_age_s: float = 30.0,
+    view_min_interval_s: float = 0.0,
+    view_fresh_wait_s: float = 0.25,
+    auth_cache_s: float = AUTH_CACHE_S,
 ) -> FastAPI:
     """The API over ``store``. With ``retention``, history older than that is pruned hourly;
     with ``responder`` (listen address, probe key), the probe responder runs beside the API.
-    Fleet queries share one computed view, at most ``view_max_age_s`` old; writes through this
-    API refresh it at once."""
+
+    Fleet queries share one view of the fleet, recomputed in a background thread (see
+    :class:`~fleetvpn.controller.fleet.FleetCache`): a write marks it dirty; it is recomputed at
+    most every ``view_min_interval_s`` (and never busier than half a core), and when older than
+    ``view_max_age_s``. Requests answer from the last complete view at once; where a recompute
+    takes at most ``view_fresh_wait_s`` they wait for one that includes the writes before them.
+    The view's age is in each fleet response (``generated_at``; header ``x-fleetvpn-view-age-s``).
+
+    Tokens are checked against the store and remembered for ``auth_cache_s`` seconds: a token
+    revoked in the store is refused at most that long after the revocation."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -110,20 +191,55 @@ def create_app(
 
             handle = await serve(*responder)
         pruning = asyncio.create_task(_prune_forever(store, retention)) if retention else None
+        cache.start()
         try:
             yield
         finally:
+            await asyncio.to_thread(cache.stop)
             if pruning is not None:
                 pruning.cancel()
             if handle is not None:
                 handle.close()
 
     app = FastAPI(title="fleetvpn controller", version=__version__, lifespan=lifespan)
+    app.add_middleware(_NoStore)
     tunnel = tunnel or TunnelConfig()
-    cache = FleetCache(store, max_age_s=view_max_age_s)
+    asked: dict[str, Callable[[FleetView], object]] = {}  # renderings to make for each new view
+
+    def prepare(new: FleetView) -> None:
+        for key, make in list(asked.items()):
+            new.memo(key, lambda make=make: make(new))  # type: ignore[misc]
+
+    cache = FleetCache(
+        store,
+        max_age_s=view_max_age_s,
+        min_interval_s=view_min_interval_s,
+        fresh_wait_s=view_fresh_wait_s,
+        prepare=prepare,
+    )
+    app.state.fleet_cache = cache
+    tokens = TokenCache(store, auth_cache_s)
 
     def view() -> FleetView:
-        return cache.get(utcnow())
+        return cache.get()
+
+    def node_view(name: str, who: Principal) -> FleetView:
+        """A view with ``name`` in it: one that includes the writes so far if the last one does
+        not know the node (it may have enrolled a moment ago)."""
+        fleet = view()
+        if name not in fleet.node_sites:
+            fleet = cache.get_fresh(timeout=NODE_WAIT_S)
+        if name not in fleet.node_sites:
+            if who.kind == "node" and who.name == name:  # enrolled, not in a view yet
+                raise ApiError(503, f"{name} is not in the fleet view yet; retry shortly")
+            raise ApiError(404, f"no node {name!r}")
+        return fleet
+
+    def fleet_response(fleet: FleetView, content: bytes, media_type: str) -> Response:
+        age = max(0.0, (utcnow() - fleet.generated_at).total_seconds())
+        return Response(
+            content, media_type=media_type, headers={"x-fleetvpn-view-age-s": f"{age:.1f}"}
+        )
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -139,7 +255,7 @@ def create_app(
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise ApiError(401, "missing bearer token (Authorization: Bearer …)")
-        who = store.authenticate(token.strip())
+        who = tokens.authenticate(token.strip())
         if who is None:
             raise ApiError(401, "unknown or revoked token")
         return who
@@ -149,12 +265,6 @@ def create_app(
         if who.kind != "admin":
             raise ApiError(403, "needs an admin token")
         return who
-
-    @app.middleware("http")
-    async def no_store(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
-        response = await call_next(request)
-        response.headers["cache-control"] = "no-store"
-        return response
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
@@ -203,7 +313,8 @@ def create_app(
         who = principal(request)
         if who.kind != "node":
             raise ApiError(403, "reports come from nodes (use the node's own token)")
-        doc = await read_json(request, max_body_bytes)
+        raw = await read_body(request, max_body_bytes)
+        doc = decode_json(raw)
         try:
             report = parse_report(doc)
         except ReportError as e:
@@ -216,6 +327,10 @@ def create_app(
             raise ApiError(
                 422, f"site: {report.node} enrolled in site {who.site}, not {report.site}"
             )
+        try:  # stored as sent (it is valid: parse_report accepted it), not encoded again
+            body: str | dict[str, Any] = raw.decode()
+        except UnicodeDecodeError:  # JSON in UTF-16/32: json.loads takes it, store UTF-8
+            body = doc
         links = [
             {
                 "peer": m.peer,
@@ -242,10 +357,11 @@ def create_app(
                 "resolution_s": report.nat.resolution_s,
                 "stateful_filter": report.nat.stateful_filter,
             }
-        stored = store.put_report(
-            who, report.report_id, report.created_at, report.to_json(), links, nat
+        stored = await run_in_threadpool(
+            store.put_report, who, report.report_id, report.created_at, body, links, nat
         )
-        cache.invalidate()
+        if stored:
+            cache.invalidate()
         return JSONResponse(
             {"report_id": report.report_id, "stored": stored}, status_code=201 if stored else 200
         )
@@ -285,11 +401,28 @@ def create_app(
         return {"deleted": True}
 
     @app.get("/v1/health")
-    def health(request: Request, site: str | None = None, problems: bool = False) -> dict[str, Any]:
-        from fleetvpn.controller.fleet import health_json
+    def health(
+        request: Request,
+        site: str | None = None,
+        problems: bool = False,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> Response:
+        """Link health. ``site``: links with an end there; ``problems``: only links not ok;
+        ``limit`` / ``after``: one page (``next_after`` in the answer is the next cursor)."""
+        from fleetvpn.controller.fleet import health_bytes
 
         admin(request)
-        return health_json(view(), site, problems)
+        if limit is not None and limit < 0:
+            raise ApiError(422, f"limit: {limit} is negative")
+        if after is not None and "," not in after:
+            raise ApiError(422, f"after: {after!r} is not a cursor (a,b: from next_after)")
+        fleet = view()
+        if site is None and limit is None and after is None:  # the whole fleet: one encoding
+            key = f"health::{int(problems)}"
+            asked[key] = lambda v: health_bytes(v, None, problems)
+        content = health_bytes(fleet, site, problems, limit=limit, after=after)
+        return fleet_response(fleet, content, "application/json")
 
     @app.get("/v1/tune")
     def tune(request: Request, site: str | None = None) -> dict[str, Any]:
@@ -305,10 +438,7 @@ def create_app(
         who = principal(request)
         if who.kind != "admin" and who.name != name:
             raise ApiError(403, f"{who.name} may read only its own desired state")
-        fleet = view()
-        if name not in fleet.node_sites:
-            raise ApiError(404, f"no node {name!r}")
-        return desired_json(fleet, name, tunnel)
+        return desired_json(node_view(name, who), name, tunnel)
 
     @app.get("/v1/nodes/{name}/config/{kind}")
     def node_config(request: Request, name: str, kind: str) -> dict[str, Any]:
@@ -321,9 +451,7 @@ def create_app(
             raise ApiError(403, f"{who.name} may read only its own config")
         if kind not in KINDS:
             raise ApiError(404, f"no config kind {kind!r} (known: {', '.join(KINDS)})")
-        fleet = view()
-        if name not in fleet.node_sites:
-            raise ApiError(404, f"no node {name!r}")
+        fleet = node_view(name, who)
         return {
             "schema_version": 1,
             "node": name,
@@ -357,7 +485,10 @@ def create_app(
     def metrics() -> Response:
         from fleetvpn.controller.metrics import render
 
-        return Response(render(view()), media_type="text/plain; version=0.0.4")
+        fleet = view()
+        asked["metrics"] = render
+        content = fleet.memo("metrics", lambda: render(fleet))
+        return fleet_response(fleet, content, "text/plain; version=0.0.4")
 
     return app
 

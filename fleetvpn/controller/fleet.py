@@ -10,29 +10,40 @@ all read a FleetView.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import bisect
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from fleetvpn.controller import policy
 from fleetvpn.controller.config import TunnelConfig
-from fleetvpn.controller.health import measurement_of
-from fleetvpn.controller.store import Store
+from fleetvpn.controller.store import Store, utcnow
+from fleetvpn.controller.trusted import stored_report
 from fleetvpn.model import (
+    ConfiguredPeer,
     KeepaliveState,
     LinkHealth,
+    LinkMeasurement,
     MappingLoss,
     NatMeasurement,
     NodeMtuPlan,
     Override,
     PeerKeepalive,
     Report,
+    RouteMtu,
     SiteKeepalive,
     StoredReport,
     format_time,
 )
 
 _STATE_KEY = "keepalive:site:"
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,20 @@ class FleetView:
     node_sites: dict[str, str]
     nodes: dict[str, NodeInfo]
     peers: dict[str, list[str]]  # node → the nodes it has a tunnel with
+    # Renderings of this view (health JSON bytes, /metrics text, …), made once on first use.
+    _memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    _memo_lock: threading.RLock = field(default_factory=threading.RLock, compare=False, repr=False)
+
+    def memo(self, key: str, make: Callable[[], T]) -> T:
+        """``make()`` once per view and key (a view never changes, so neither does this)."""
+        try:
+            return cast(T, self._memo[key])
+        except KeyError:
+            pass
+        with self._memo_lock:  # one maker at a time: concurrent askers wait for the first
+            if key not in self._memo:
+                self._memo[key] = make()
+            return cast(T, self._memo[key])
 
 
 def peerings(nodes: dict[str, NodeInfo]) -> set[tuple[str, str]]:
@@ -103,22 +128,127 @@ def peerings(nodes: dict[str, NodeInfo]) -> set[tuple[str, str]]:
     }
 
 
-def _stored(received_at: datetime, body: dict[str, Any]) -> StoredReport:
-    return StoredReport(received_at, Report.from_json(body))
+class Sources:
+    """What compute() reads from the store, kept between computes so that each recompute reads
+    only what changed: every node's two newest reports, parsed once (through the trusted fast
+    path: they were validated when they arrived), and the NAT measurements of the lifetime
+    window. Which reports are the newest two comes from the nodes table (the store records
+    them at ingest), so nothing scans the reports. One instance per FleetCache; not shared
+    between threads."""
+
+    # NAT rows are read again from reports that arrived this long before the previous read: a
+    # transaction that was still open then (PostgreSQL commits out of id order) is seen too.
+    NAT_REREAD_S = 60.0
+
+    def __init__(self) -> None:
+        self._reports: dict[str, Report] = {}  # report_id → parsed, only the newest two per node
+        self._nat: dict[int, tuple[str, NatMeasurement]] = {}  # row id → (node, measurement)
+        self._nat_read_at: datetime | None = None
+
+    def reports(
+        self, store: Store, node_sites: dict[str, str]
+    ) -> tuple[dict[str, StoredReport], dict[str, Report]]:
+        """(node → its latest report as received, node → the report before it)."""
+        heads = store.report_heads()
+        wanted = {
+            report_id
+            for node, (latest, _, previous) in heads.items()
+            if node in node_sites
+            for report_id in (latest, previous)
+            if report_id is not None
+        }
+        known = {k: v for k, v in self._reports.items() if k in wanted}
+        missing = sorted(wanted - known.keys())
+        for report_id, (_, body) in store.report_bodies(missing).items():
+            known[report_id] = stored_report(body)
+        self._reports = known
+        latest: dict[str, StoredReport] = {}
+        previous: dict[str, Report] = {}
+        for node, (latest_id, received_at, previous_id) in heads.items():
+            if node not in node_sites:
+                continue
+            if latest_id in known and received_at is not None:
+                latest[node] = StoredReport(received_at, known[latest_id])
+            if previous_id in known:
+                previous[node] = known[previous_id]
+        return latest, previous
+
+    def nat(
+        self, store: Store, node_sites: dict[str, str], now: datetime
+    ) -> dict[str, list[NatMeasurement]]:
+        """node → its NAT measurements within the lifetime window, and its newest however old."""
+        since = now - timedelta(seconds=policy.LIFETIME_WINDOW_S)
+        if self._nat_read_at is None:
+            rows = store.nat_history(since)
+        else:
+            reread_from = self._nat_read_at - timedelta(seconds=self.NAT_REREAD_S)
+            rows = store.nat_received_since(reread_from)
+        self._nat_read_at = now
+        for row in rows:
+            if row["id"] not in self._nat:
+                self._nat[row["id"]] = (
+                    row["node"],
+                    NatMeasurement(
+                        measured_at=row["measured_at"],
+                        nat=row["nat"],
+                        stateful_filter=row["stateful_filter"],
+                        mapped_address=row["mapped_address"],
+                        mapping_lifetime_s=row["mapping_lifetime_s"],
+                        resolution_s=row["resolution_s"],
+                        max_lifetime_s=row["max_lifetime_s"],
+                    ),
+                )
+        newest: dict[str, int] = {}
+        for row_id, (node, _) in self._nat.items():
+            if row_id > newest.get(node, -1):
+                newest[node] = row_id
+        keep_ids = set(newest.values())
+        self._nat = {
+            row_id: value
+            for row_id, value in self._nat.items()
+            if row_id in keep_ids or value[1].measured_at >= since
+        }
+        by_node: dict[str, list[NatMeasurement]] = {}
+        for _, (node, m) in sorted(self._nat.items()):
+            if node in node_sites:
+                by_node.setdefault(node, []).append(m)
+        return by_node
 
 
-def _configured(stored: StoredReport | None, peer: str) -> tuple[int | None, int | None]:
-    """(route MTU or interface MTU, keepalive) that node says it applies towards peer."""
-    if stored is None:
-        return None, None
-    configured = stored.report.configured
-    for p in configured.peers:
-        if p.peer == peer:
-            return p.route_mtu or configured.interface_mtu, p.keepalive_s
-    return configured.interface_mtu, None
+@dataclass(frozen=True)
+class _NodeIndex:
+    """One node's latest report, indexed by peer (built once per compute, not per direction)."""
+
+    stored: StoredReport | None
+    measurements: dict[str, LinkMeasurement]  # peer → the one measurement_of() picks
+    configured: dict[str, ConfiguredPeer]
+    interface_mtu: int | None
+    routes: dict[str, RouteMtu]
 
 
-def compute(store: Store, now: datetime) -> FleetView:
+def _index(stored: StoredReport | None, plan: NodeMtuPlan | None) -> _NodeIndex:
+    chosen: dict[str, LinkMeasurement] = {}
+    interface_mtu = None
+    configured: dict[str, ConfiguredPeer] = {}
+    if stored is not None:
+        for m in stored.report.measurements:  # as measurement_of: the first in use, else first
+            current = chosen.get(m.peer)
+            if current is None or (current.endpoint is None and m.endpoint is not None):
+                chosen[m.peer] = m
+        interface_mtu = stored.report.configured.interface_mtu
+        for p in stored.report.configured.peers:
+            configured.setdefault(p.peer, p)
+    routes: dict[str, RouteMtu] = {}
+    if plan is not None:
+        for r in plan.routes:
+            routes.setdefault(r.peer, r)
+    return _NodeIndex(stored, chosen, configured, interface_mtu, routes)
+
+
+def compute(store: Store, now: datetime, sources: Sources | None = None) -> FleetView:
+    """The fleet now. ``sources``: what earlier computes read (a FleetCache keeps one), so
+    that only new reports are read and parsed; None reads everything."""
+    sources = sources or Sources()
     infos = {
         n["name"]: NodeInfo(
             n["id"], n["name"], n["site"], n["public_key"], n["listen_port"], n["endpoint"]
@@ -127,12 +257,11 @@ def compute(store: Store, now: datetime) -> FleetView:
         if n["revoked_at"] is None
     }
     node_sites = {name: info.site for name, info in infos.items()}
-    history = store.latest_reports(per_node=2)
-    latest = {node: _stored(*reports[0]) for node, reports in history.items() if node in node_sites}
+    latest, previous_reports = sources.reports(store, node_sites)
 
     planned = peerings(infos)
     measured = {
-        (min(node, m.peer), max(node, m.peer))
+        (node, m.peer) if node < m.peer else (m.peer, node)
         for node, stored in latest.items()
         for m in stored.report.measurements
         if m.peer in node_sites
@@ -150,40 +279,32 @@ def compute(store: Store, now: datetime) -> FleetView:
     measurements = policy.latest_link_measurements(s.report for s in latest.values())
     mtus = policy.decide_mtus(pairs, measurements, node_sites, overrides)
 
-    since = now - timedelta(seconds=policy.LIFETIME_WINDOW_S)
-    nat_by_node: dict[str, list[NatMeasurement]] = {}
-    for row in store.nat_history(since):
-        nat_by_node.setdefault(row["node"], []).append(
-            NatMeasurement(
-                measured_at=row["measured_at"],
-                nat=row["nat"],
-                stateful_filter=row["stateful_filter"],
-                mapped_address=row["mapped_address"],
-                mapping_lifetime_s=row["mapping_lifetime_s"],
-                resolution_s=row["resolution_s"],
-                max_lifetime_s=row["max_lifetime_s"],
-            )
-        )
+    nat_by_node = sources.nat(store, node_sites, now)
     nodes = [
         policy.NodeNat(node, site, tuple(nat_by_node.get(node, ())))
         for node, site in sorted(node_sites.items())
     ]
+    saved = store.load_policy_states(_STATE_KEY)
     previous: dict[str, KeepaliveState] = {}
     for site in set(node_sites.values()):
-        saved = store.load_policy_state(_STATE_KEY + site)
-        if saved is not None:
-            previous[site] = KeepaliveState.from_json(saved)
-    losses = _mapping_losses(history, latest)
+        if _STATE_KEY + site in saved:
+            previous[site] = KeepaliveState.from_json(saved[_STATE_KEY + site])
+    losses = _mapping_losses(previous_reports, latest)
     keepalives = policy.decide_keepalives(nodes, pairs, previous, losses, overrides, now)
-    for site, new_state in keepalives.states.items():
-        if previous.get(site) != new_state:
-            store.save_policy_state(_STATE_KEY + site, new_state.to_json())
+    store.save_policy_states(
+        {
+            _STATE_KEY + site: new_state.to_json()
+            for site, new_state in keepalives.states.items()
+            if previous.get(site) != new_state
+        }
+    )
 
     lifetimes = {site: d.mapping_lifetime_s for site, d in keepalives.sites.items()}
+    index = {node: _index(latest.get(node), mtus.nodes.get(node)) for node in node_sites}
     rows = []
     for a, b in pairs:
-        ab = _direction(a, b, latest, mtus, keepalives, lifetimes, node_sites, now)
-        ba = _direction(b, a, latest, mtus, keepalives, lifetimes, node_sites, now)
+        ab = _direction(a, b, index[a], mtus, keepalives, lifetimes, node_sites, now)
+        ba = _direction(b, a, index[b], mtus, keepalives, lifetimes, node_sites, now)
         link = policy.classify_link(ab.health, ba.health)
         ages = [(now - latest[n].received_at).total_seconds() for n in (a, b) if n in latest]
         site_lifetimes = [
@@ -211,23 +332,30 @@ def compute(store: Store, now: datetime) -> FleetView:
 def _direction(
     node: str,
     peer: str,
-    latest: dict[str, StoredReport],
+    index: _NodeIndex,
     mtus: policy.FleetMtu,
     keepalives: policy.FleetKeepalive,
     lifetimes: dict[str, float | None],
     node_sites: dict[str, str],
     now: datetime,
 ) -> Direction:
-    stored = latest.get(node)
-    m = measurement_of(stored, peer) if stored is not None else None
-    plan = mtus.nodes.get(node)
-    route = next((r for r in plan.routes if r.peer == peer), None) if plan else None
+    stored = index.stored
+    m = index.measurements.get(peer)
+    route = index.routes.get(peer)
     decision = mtus.directions[node, peer]
     recommended_mtu = route.route_mtu if route else decision.tunnel_mtu
     mtu_reason = f"{decision.reason}; {route.reason}" if route else decision.reason
     keepalive = keepalives.peers.get((node, peer))
     recommended_keepalive = keepalive.keepalive_s if keepalive else 0
-    configured_mtu, configured_keepalive = _configured(stored, peer)
+    peer_config = index.configured.get(peer)
+    configured_mtu: int | None = None
+    configured_keepalive: int | None = None
+    if stored is not None:  # what node says it applies towards peer
+        if peer_config is not None:
+            configured_mtu = peer_config.route_mtu or index.interface_mtu
+            configured_keepalive = peer_config.keepalive_s
+        else:
+            configured_mtu = index.interface_mtu
     health = policy.classify_direction(
         node,
         peer,
@@ -236,6 +364,8 @@ def _direction(
         recommended_route_mtu=recommended_mtu,
         recommended_keepalive_s=recommended_keepalive,
         mapping_lifetime_s=lifetimes.get(node_sites[node]),
+        measurement=m,
+        peer_config=peer_config,
     )
     return Direction(
         node=node,
@@ -256,7 +386,7 @@ def _direction(
 
 
 def _mapping_losses(
-    history: dict[str, list[tuple[datetime, dict[str, Any]]]], latest: dict[str, StoredReport]
+    previous: dict[str, Report], latest: dict[str, StoredReport]
 ) -> list[MappingLoss]:
     """Losses each node's two newest reports reveal (the policy ignores ones it has seen)."""
     applied = {
@@ -265,9 +395,8 @@ def _mapping_losses(
         for p in stored.report.configured.peers
     }
     losses: list[MappingLoss] = []
-    for node, reports in history.items():
-        if len(reports) == 2 and node in latest:
-            before = Report.from_json(reports[1][1])
+    for node, before in previous.items():
+        if node in latest:
             losses += policy.detect_mapping_losses(before, latest[node].report, applied)
     return losses
 
@@ -295,41 +424,104 @@ def direction_json(d: Direction) -> dict[str, Any]:
     }
 
 
-def health_json(view: FleetView, site: str | None = None, problems: bool = False) -> dict[str, Any]:
-    rows = [
-        r
-        for r in view.links
-        if (site is None or site in (r.site_a, r.site_b)) and (not problems or r.state != "ok")
-    ]
-    counts: dict[str, int] = {}
-    for r in view.links:
-        counts[r.state] = counts.get(r.state, 0) + 1
+def link_json(r: LinkRow) -> dict[str, Any]:
+    return {
+        "a": r.a,
+        "b": r.b,
+        "site_a": r.site_a,
+        "site_b": r.site_b,
+        "state": r.state,
+        "reason": r.reason,
+        "mapping_lifetime_s": r.mapping_lifetime_s,
+        "report_age_s": None if r.report_age_s is None else round(r.report_age_s, 1),
+        "a_to_b": direction_json(r.a_to_b),
+        "b_to_a": direction_json(r.b_to_a),
+    }
+
+
+def link_cursor(row: LinkRow) -> str:
+    """The paging cursor of a link row: ``a,b`` (names have no comma)."""
+    return f"{row.a},{row.b}"
+
+
+def _site_rows(view: FleetView, site: str) -> list[LinkRow]:
+    def index() -> dict[str, list[LinkRow]]:
+        by_site: dict[str, list[LinkRow]] = {}
+        for r in view.links:
+            by_site.setdefault(r.site_a, []).append(r)
+            if r.site_b != r.site_a:
+                by_site.setdefault(r.site_b, []).append(r)
+        return by_site
+
+    return view.memo("links-by-site", index).get(site, [])
+
+
+def health_json(
+    view: FleetView,
+    site: str | None = None,
+    problems: bool = False,
+    *,
+    limit: int | None = None,
+    after: str | None = None,
+) -> dict[str, Any]:
+    """The health document: links (those with an end in ``site``; with ``problems`` only those
+    not ok), the fleet's summary (always the whole fleet) and the sites' keepalives.
+
+    Paging: links come ordered by (a, b); ``after`` (a cursor, ``a,b``) starts after that link,
+    ``limit`` caps how many; ``next_after`` is the cursor to ask for the next page, None after
+    the last. ``links_matched`` counts every link the filters match, on all pages."""
+    rows = view.links if site is None else _site_rows(view, site)
+    if problems:
+        rows = [r for r in rows if r.state != "ok"]
+    matched = len(rows)
+    if after is not None:
+        a, _, b = after.partition(",")
+        rows = rows[bisect.bisect_right(rows, (a, b), key=lambda r: (r.a, r.b)) :]
+    next_after = None
+    if limit is not None and len(rows) > limit:
+        rows = rows[:limit]
+        next_after = link_cursor(rows[-1]) if rows else after
+    counts: dict[str, int] = view.memo("summary", lambda: _summary(view))
     return {
         "schema_version": 1,
         "generated_at": format_time(view.generated_at),
-        "summary": counts,
-        "healthy": all(r.state == "ok" for r in view.links),
-        "links": [
-            {
-                "a": r.a,
-                "b": r.b,
-                "site_a": r.site_a,
-                "site_b": r.site_b,
-                "state": r.state,
-                "reason": r.reason,
-                "mapping_lifetime_s": r.mapping_lifetime_s,
-                "report_age_s": None if r.report_age_s is None else round(r.report_age_s, 1),
-                "a_to_b": direction_json(r.a_to_b),
-                "b_to_a": direction_json(r.b_to_a),
-            }
-            for r in rows
-        ],
+        "summary": dict(counts),
+        "healthy": all(state == "ok" for state in counts),
+        "links_matched": matched,
+        "next_after": next_after,
+        "links": [link_json(r) for r in rows],
         "sites": [
             {"site": s.site, **{k: v for k, v in s.to_json().items() if k != "site"}}
             for name, s in sorted(view.sites.items())
             if site is None or name == site
         ],
     }
+
+
+def _summary(view: FleetView) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in view.links:
+        counts[r.state] = counts.get(r.state, 0) + 1
+    return counts
+
+
+def health_bytes(
+    view: FleetView,
+    site: str | None = None,
+    problems: bool = False,
+    *,
+    limit: int | None = None,
+    after: str | None = None,
+) -> bytes:
+    """:func:`health_json` as UTF-8 JSON; unpaged documents are encoded once per view."""
+
+    def encode() -> bytes:
+        doc = health_json(view, site, problems, limit=limit, after=after)
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+    if limit is None and after is None:
+        return view.memo(f"health:{site or ''}:{int(problems)}", encode)
+    return encode()
 
 
 def desired_json(view: FleetView, node: str, tunnel: TunnelConfig) -> dict[str, Any]:
@@ -400,33 +592,156 @@ def tune_json(view: FleetView, site: str | None = None) -> dict[str, Any]:
 
 
 class FleetCache:
-    """One FleetView shared by every reader, recomputed when it is older than ``max_age_s`` or
-    after a write through this process (``invalidate``). Several controllers on one PostgreSQL
-    database see each other's writes within ``max_age_s``. Thread-safe: one recompute at a time,
-    readers of a fresh view never wait."""
+    """One FleetView shared by every reader, recomputed in the background, off the request path.
 
-    def __init__(self, store: Store, max_age_s: float = 5.0) -> None:
-        import threading
+    Readers get the last complete view at once (its ``generated_at`` says how old it is); only
+    the very first reader waits, for the first view. Writes through this process call
+    :meth:`invalidate`: the view is then dirty and a background thread recomputes it — after a
+    pause of ``max(min_interval_s, busy_ratio × the last compute's duration)`` since the last
+    one ended, so that recomputing a large fleet under a stream of reports takes at most
+    1 / (1 + busy_ratio) of a core and ingest keeps the rest. Without writes the view is
+    recomputed when older than ``max_age_s`` (report ages, staleness and other controllers'
+    writes to a shared PostgreSQL move on without writes here).
 
+    Read-your-writes where it is cheap: when the last compute took at most ``fresh_wait_s``,
+    :meth:`get` waits (up to ``fresh_wait_s`` plus the pause) for a view that includes every
+    write made before it was called; a small fleet therefore always answers with its latest
+    state, a large one with the last complete view. :meth:`get_fresh` waits for such a view
+    whatever it costs (bounded by ``timeout``).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_age_s: float = 30.0,
+        min_interval_s: float = 0.0,
+        busy_ratio: float = 1.0,
+        fresh_wait_s: float = 0.25,
+        prepare: Callable[[FleetView], None] | None = None,
+    ) -> None:
         self.store = store
         self.max_age_s = max_age_s
-        self._lock = threading.Lock()
+        self.min_interval_s = min_interval_s
+        self.busy_ratio = busy_ratio
+        self.fresh_wait_s = fresh_wait_s
+        self.prepare = prepare  # run on each new view after it is served (pre-render)
+        self.last_compute_s = 0.0
+        self.computes = 0
+        self._sources = Sources()
+        self._changed = threading.Condition()
+        self._writes = 0  # writes announced so far
         self._view: FleetView | None = None
-        self._stale = True
+        self._view_writes = -1  # writes the current view includes
+        self._error: Exception | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._changed:
+            if self._thread is None:
+                self._stopping = False
+                self._thread = threading.Thread(
+                    target=self._run, name="fleet-recompute", daemon=True
+                )
+                self._thread.start()
+
+    def stop(self) -> None:
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+
+    # --- writers and readers -----------------------------------------------------------------
 
     def invalidate(self) -> None:
-        self._stale = True
+        """A write happened (call it after the write committed)."""
+        with self._changed:
+            self._writes += 1
+            self._changed.notify_all()
 
-    def get(self, now: datetime) -> FleetView:
-        view = self._view
-        if view is not None and not self._stale and self._fresh(view, now):
-            return view
-        with self._lock:
-            view = self._view
-            if view is None or self._stale or not self._fresh(view, now):
-                self._stale = False
-                view = self._view = compute(self.store, now)
-            return view
+    def peek(self) -> FleetView | None:
+        """The last complete view, or None before the first: never waits, never computes."""
+        return self._view
 
-    def _fresh(self, view: FleetView, now: datetime) -> bool:
-        return (now - view.generated_at).total_seconds() < self.max_age_s
+    def get(self) -> FleetView:
+        """The last complete view (see the class docstring for when this waits)."""
+        self.start()
+        with self._changed:
+            if self._view is not None and (
+                self._view_writes >= self._writes or self.last_compute_s > self.fresh_wait_s
+            ):
+                return self._view
+            wanted = self._writes
+            pause = max(self.min_interval_s, self.busy_ratio * self.last_compute_s)
+            deadline = None if self._view is None else time.monotonic() + self.fresh_wait_s + pause
+            return self._wait(wanted, deadline)
+
+    def get_fresh(self, timeout: float) -> FleetView:
+        """A view that includes every write made before this call; after ``timeout`` seconds
+        the last complete view (the caller can tell by its ``generated_at``)."""
+        self.start()
+        with self._changed:
+            return self._wait(self._writes, time.monotonic() + timeout)
+
+    def _wait(self, wanted: int, deadline: float | None) -> FleetView:
+        while self._view_writes < wanted or self._view is None:
+            if self._view is None and self._error is not None:
+                raise self._error
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            self._changed.wait(left)
+        assert self._view is not None
+        return self._view
+
+    # --- the background thread ---------------------------------------------------------------
+
+    def _due(self) -> float | None:
+        """Seconds until the next recompute is due (0: now), None: only when told."""
+        if self._view is None or self._view_writes < self._writes:
+            return 0.0
+        age = (utcnow() - self._view.generated_at).total_seconds()
+        return max(0.0, self.max_age_s - age)
+
+    def _run(self) -> None:
+        ended = 0.0
+        while True:
+            with self._changed:
+                while not self._stopping and (due := self._due()) != 0.0:
+                    self._changed.wait(due)
+                if self._stopping:
+                    return
+                pause = max(self.min_interval_s, self.busy_ratio * self.last_compute_s)
+                while not self._stopping and (left := ended + pause - time.monotonic()) > 0:
+                    self._changed.wait(left)  # writes meanwhile are in the next view
+                if self._stopping:
+                    return
+                writes = self._writes  # read before the store: a racing write is redone
+            started = time.monotonic()
+            try:
+                view = compute(self.store, utcnow(), self._sources)
+            except Exception as e:  # keep serving the last view; say why, try again later
+                log.exception("fleet recompute failed; serving the previous view")
+                self._sources = Sources()
+                with self._changed:
+                    self._error = e
+                    self._changed.notify_all()
+                ended = time.monotonic()
+                self.last_compute_s = max(self.last_compute_s, ended - started, 1.0)
+                continue
+            ended = time.monotonic()
+            self.last_compute_s = ended - started
+            with self._changed:
+                self._view, self._view_writes, self._error = view, writes, None
+                self.computes += 1
+                self._changed.notify_all()
+            if self.prepare is not None:
+                try:
+                    self.prepare(view)
+                except Exception:
+                    log.exception("pre-rendering the fleet view failed")

@@ -21,7 +21,13 @@ from datetime import datetime
 from typing import Final
 
 from fleetvpn.controller.policy_mtu import overhead_for, padded_outer_bytes
-from fleetvpn.model import HealthState, LinkHealth, LinkMeasurement, StoredReport
+from fleetvpn.model import (
+    ConfiguredPeer,
+    HealthState,
+    LinkHealth,
+    LinkMeasurement,
+    StoredReport,
+)
 
 # WireGuard rejects a session's keys 180 s after its handshake (wireguard-go device/constants.go
 # RejectAfterTime); with traffic or keepalives a new handshake comes every ~120 s.
@@ -44,6 +50,13 @@ SEVERITY: Final[tuple[HealthState, ...]] = (
 )
 
 
+class _Unset:
+    """The type of "not given" for arguments whose None means something."""
+
+
+_UNSET: Final = _Unset()
+
+
 def measurement_of(stored: StoredReport, peer: str) -> LinkMeasurement | None:
     """node's measurement of ``peer`` in its report: the one over the endpoint in use, if any."""
     candidates = [m for m in stored.report.measurements if m.peer == peer]
@@ -61,13 +74,18 @@ def classify_direction(
     recommended_route_mtu: int | None = None,
     recommended_keepalive_s: int | None = None,
     mapping_lifetime_s: float | None = None,
+    measurement: LinkMeasurement | _Unset | None = _UNSET,
+    peer_config: ConfiguredPeer | _Unset | None = _UNSET,
 ) -> LinkHealth:
     """The health of node → peer as ``node``'s latest report shows it.
 
     ``stored``: node's latest accepted report (None: never reported).  ``now``: the controller's
     clock (aware).  ``recommended_route_mtu`` / ``recommended_keepalive_s``: the policy's values
     for what node applies towards peer (None: no comparison).  ``mapping_lifetime_s``: the
-    smallest recent lifetime at node's site (None: unknown or no NAT).  Never raises.
+    smallest recent lifetime at node's site (None: unknown or no NAT).  ``measurement`` /
+    ``peer_config``: :func:`measurement_of` ``stored`` for peer and ``stored``'s configured
+    entry for peer, when the caller has them indexed already (a fleet asks 200,000 times).
+    Never raises.
     """
 
     def health(state: HealthState, reason: str) -> LinkHealth:
@@ -80,7 +98,7 @@ def classify_direction(
         return health(
             "stale", f"last report from {node} {report_age_s:.0f} s ago (> {STALE_AFTER_S:.0f} s)"
         )
-    m = measurement_of(stored, peer)
+    m = measurement_of(stored, peer) if isinstance(measurement, _Unset) else measurement
     if m is None:
         return health("unmeasured", f"{node}'s report has no measurement of {peer}")
     if m.handshake_age_s is None:
@@ -93,7 +111,8 @@ def classify_direction(
             f"REJECT_AFTER_TIME): no valid session",
         )
     configured = stored.report.configured
-    peer_config = next((p for p in configured.peers if p.peer == peer), None)
+    if isinstance(peer_config, _Unset):
+        peer_config = next((p for p in configured.peers if p.peer == peer), None)
     route_mtu = peer_config.route_mtu if peer_config else None
     interface_mtu = configured.interface_mtu or route_mtu
     problems: list[str] = []

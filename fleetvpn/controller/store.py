@@ -27,6 +27,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+import sqlalchemy.dialects.postgresql
+import sqlalchemy.dialects.sqlite
 from sqlalchemy.engine import Connection, Engine
 
 metadata = sa.MetaData()
@@ -69,7 +71,13 @@ nodes = sa.Table(
     sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
     sa.Column("enrolled_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("revoked_at", sa.DateTime(timezone=True)),
-    sa.Column("last_report_at", sa.DateTime(timezone=True)),
+    sa.Column("last_report_at", sa.DateTime(timezone=True)),  # the latest report's created_at
+    # The node's two newest reports (by created_at), kept at ingest so that nothing scans the
+    # reports table to find them (migration 2). Plain ids, not foreign keys: pruning may drop
+    # the report; a missing body reads as no report.
+    sa.Column("latest_report_id", sa.String(36)),
+    sa.Column("previous_report_id", sa.String(36)),
+    sa.Column("previous_report_at", sa.DateTime(timezone=True)),
 )
 reports = sa.Table(
     "reports",
@@ -79,6 +87,7 @@ reports = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
     sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("body", sa.Text, nullable=False),
+    sa.Index("ix_reports_received_at", "received_at"),  # migration 2
 )
 link_measurements = sa.Table(
     "link_measurements",
@@ -139,8 +148,43 @@ def _v1(conn: Connection) -> None:
     metadata.create_all(conn)
 
 
+_V2_NODE_COLUMNS = ("latest_report_id", "previous_report_id", "previous_report_at")
+
+
+def _v2(conn: Connection) -> None:
+    """Each node's two newest report ids on its row; reports indexed by arrival. (A database
+    created by this version's ``_v1`` already has them: ``_v1`` creates the current tables.)"""
+    inspector = sa.inspect(conn)
+    have = {c["name"] for c in inspector.get_columns("nodes")}
+    for name in _V2_NODE_COLUMNS:
+        if name not in have:
+            column = nodes.c[name]
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.exec_driver_sql(f"ALTER TABLE nodes ADD COLUMN {name} {kind}")
+    if "ix_reports_received_at" not in {i["name"] for i in inspector.get_indexes("reports")}:
+        sa.Index("ix_reports_received_at", reports.c.received_at).create(conn)
+    ranked = sa.select(
+        reports.c.node_id,
+        reports.c.report_id,
+        reports.c.created_at,
+        sa.func.row_number()
+        .over(partition_by=reports.c.node_id, order_by=reports.c.created_at.desc())
+        .label("rank"),
+    ).subquery()
+    heads: dict[int, dict[str, Any]] = {}
+    for node_id, report_id, created_at, rank in conn.execute(
+        sa.select(ranked).where(ranked.c.rank <= 2).order_by(ranked.c.node_id, ranked.c.rank)
+    ):
+        if rank == 1:
+            heads[node_id] = {"latest_report_id": report_id, "last_report_at": created_at}
+        else:
+            heads[node_id] |= {"previous_report_id": report_id, "previous_report_at": created_at}
+    for node_id, values in heads.items():
+        conn.execute(nodes.update().where(nodes.c.id == node_id).values(**values))
+
+
 # Append-only: a released migration is never edited; a new schema change is a new function.
-MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1)]
+MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1), (2, _v2)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
@@ -199,7 +243,7 @@ class Store:
     def open(cls, url: str) -> Store:
         if url.startswith("postgresql://"):
             url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-        engine = sa.create_engine(url, future=True, pool_pre_ping=True)
+        engine = sa.create_engine(url, future=True)
         if engine.dialect.name == "sqlite":
             sa.event.listen(engine, "connect", _sqlite_pragmas)
         store = cls(engine)
@@ -362,59 +406,106 @@ class Store:
         principal: Principal,
         report_id: str,
         created_at: datetime,
-        body: dict[str, Any],
+        body: dict[str, Any] | str,
         links: list[dict[str, Any]],
         nat: dict[str, Any] | None,
     ) -> bool:
-        """Store one report; False if this report_id was stored before (nothing changes)."""
+        """Store one report; False if this report_id was stored before (nothing changes).
+
+        ``body``: the report as JSON text (the validated request, stored as sent) or as a dict
+        (encoded here). One transaction: the report (``INSERT … ON CONFLICT DO NOTHING``), its
+        measurement rows (one executemany) and the node's newest-two report ids."""
         if principal.kind != "node" or principal.node_id is None:
             raise Forbidden("only a node writes reports")
+        node_id = principal.node_id
+        text = body if isinstance(body, str) else json.dumps(body, sort_keys=True)
         now = utcnow()
         with self.tx() as conn:
-            seen = conn.execute(
-                sa.select(reports.c.node_id).where(reports.c.report_id == report_id)
-            ).first()
-            if seen is not None:
-                if seen.node_id != principal.node_id:
+            inserted = conn.execute(
+                self._insert_report,
+                {"report_id": report_id, "node_id": node_id, "created_at": created_at,
+                 "received_at": now, "body": text},
+            )  # fmt: skip
+            if inserted.first() is None:  # the id was there: a replay, or another node's
+                owner = conn.scalar(
+                    sa.select(reports.c.node_id).where(reports.c.report_id == report_id)
+                )
+                if owner != node_id:
                     raise Forbidden(f"report {report_id} belongs to another node")
                 return False
-            conn.execute(
-                reports.insert().values(
-                    report_id=report_id,
-                    node_id=principal.node_id,
-                    created_at=created_at,
-                    received_at=now,
-                    body=json.dumps(body, sort_keys=True),
-                )
-            )
-            rows = [
-                {
-                    **link,
-                    "report_id": report_id,
-                    "node_id": principal.node_id,
-                    "measured_at": created_at,
-                }
-                for link in links
-            ]
-            if rows:
-                conn.execute(link_measurements.insert(), rows)
+            if links:
+                conn.execute(
+                    link_measurements.insert(),
+                    [
+                        {**link, "report_id": report_id, "node_id": node_id,
+                         "measured_at": created_at}
+                        for link in links
+                    ],
+                )  # fmt: skip
             if nat is not None:  # with its own measured_at: NAT searches keep their own time
                 conn.execute(
-                    nat_measurements.insert().values(
-                        **nat, report_id=report_id, node_id=principal.node_id
-                    )
+                    nat_measurements.insert(), {**nat, "report_id": report_id, "node_id": node_id}
                 )
             conn.execute(
-                nodes.update()
-                .where(nodes.c.id == principal.node_id)
-                .values(last_report_at=sa.func.coalesce(nodes.c.last_report_at, created_at))
-            )
-            conn.execute(
-                nodes.update()
-                .where(nodes.c.id == principal.node_id, nodes.c.last_report_at < created_at)
-                .values(last_report_at=created_at)
+                _ADVANCE_HEADS, {"node_id": node_id, "report_id": report_id, "at": created_at}
             )
         return True
+
+    @property
+    def _insert_report(self) -> sa.Insert:
+        insert = (
+            sa.dialects.postgresql.insert
+            if self.engine.dialect.name == "postgresql"
+            else sa.dialects.sqlite.insert
+        )
+        return (
+            insert(reports)
+            .on_conflict_do_nothing(index_elements=["report_id"])
+            .returning(reports.c.report_id)
+        )
+
+    def report_heads(self) -> dict[str, tuple[str | None, datetime | None, str | None]]:
+        """Every node not revoked → (latest report id, when it arrived, previous report id); ids
+        None before its first (second) report. One read of the nodes table, no report bodies."""
+        query = sa.select(
+            nodes.c.name, nodes.c.latest_report_id, reports.c.received_at,
+            nodes.c.previous_report_id,
+        ).select_from(
+            nodes.outerjoin(reports, reports.c.report_id == nodes.c.latest_report_id)
+        ).where(nodes.c.revoked_at.is_(None))  # fmt: skip
+        with self.tx() as conn:
+            return {
+                str(name): (latest, _aware(received_at), previous)
+                for name, latest, received_at, previous in conn.execute(query)
+            }
+
+    def report_bodies(self, report_ids: list[str]) -> dict[str, tuple[datetime, str]]:
+        """report_id → (received_at, body as stored) for those that exist (pruned ones do not)."""
+        out: dict[str, tuple[datetime, str]] = {}
+        with self.tx() as conn:
+            for i in range(0, len(report_ids), 500):
+                chunk = report_ids[i : i + 500]
+                query = sa.select(reports.c.report_id, reports.c.received_at, reports.c.body)
+                for report_id, received_at, body in conn.execute(
+                    query.where(reports.c.report_id.in_(chunk))
+                ):
+                    received = _aware(received_at)
+                    assert received is not None
+                    out[str(report_id)] = (received, str(body))
+        return out
+
+    def nat_received_since(self, since: datetime) -> list[dict[str, Any]]:
+        """NAT measurements of the reports that arrived at or after ``since`` (node not revoked),
+        with the node's name and site and the row id (for callers that keep what they read)."""
+        nm = nat_measurements
+        query = (
+            sa.select(nm, nodes.c.name.label("node"), nodes.c.site)
+            .join(reports, reports.c.report_id == nm.c.report_id)
+            .join(nodes, nodes.c.id == nm.c.node_id)
+            .where(reports.c.received_at >= since, nodes.c.revoked_at.is_(None))
+        )
+        with self.tx() as conn:
+            return [_row(r) for r in conn.execute(query)]
 
     def report_count(self, node: str | None = None) -> int:
         query = sa.select(sa.func.count()).select_from(reports)
@@ -572,6 +663,27 @@ class Store:
             text = conn.scalar(sa.select(policy_state.c.state).where(policy_state.c.key == key))
         return None if text is None else dict(json.loads(text))
 
+    def load_policy_states(self, prefix: str) -> dict[str, dict[str, Any]]:
+        """Every saved policy state whose key starts with ``prefix``: key → state (one query)."""
+        query = sa.select(policy_state.c.key, policy_state.c.state).where(
+            policy_state.c.key.startswith(prefix, autoescape=True)
+        )
+        with self.tx() as conn:
+            return {str(key): dict(json.loads(text)) for key, text in conn.execute(query)}
+
+    def save_policy_states(self, states: dict[str, dict[str, Any]]) -> None:
+        """Replace several policy states in one transaction."""
+        if not states:
+            return
+        now = utcnow()
+        with self.tx() as conn:
+            conn.execute(policy_state.delete().where(policy_state.c.key.in_(list(states))))
+            conn.execute(
+                policy_state.insert(),
+                [{"key": k, "state": json.dumps(v, sort_keys=True), "updated_at": now}
+                 for k, v in states.items()],
+            )  # fmt: skip
+
     def save_policy_state(self, key: str, state: dict[str, Any]) -> None:
         with self.tx() as conn:
             conn.execute(policy_state.delete().where(policy_state.c.key == key))
@@ -580,6 +692,33 @@ class Store:
                     key=key, state=json.dumps(state, sort_keys=True), updated_at=utcnow()
                 )
             )
+
+
+# The node's newest two reports by created_at, in one statement (every right-hand side reads
+# the row as it was): a newer report pushes the latest down to previous; an older one that is
+# still newer than the previous replaces it; an older one still is history only.
+_AT = sa.bindparam("at", type_=sa.DateTime(timezone=True))
+_ID = sa.bindparam("report_id", type_=sa.String(36))
+_NEWER = sa.or_(nodes.c.last_report_at.is_(None), nodes.c.last_report_at <= _AT)
+_SECOND = sa.or_(nodes.c.previous_report_at.is_(None), nodes.c.previous_report_at <= _AT)
+_ADVANCE_HEADS = (
+    nodes.update()
+    .where(nodes.c.id == sa.bindparam("node_id"))
+    .values(
+        latest_report_id=sa.case((_NEWER, _ID), else_=nodes.c.latest_report_id),
+        last_report_at=sa.case((_NEWER, _AT), else_=nodes.c.last_report_at),
+        previous_report_id=sa.case(
+            (_NEWER, nodes.c.latest_report_id),
+            (_SECOND, _ID),
+            else_=nodes.c.previous_report_id,
+        ),
+        previous_report_at=sa.case(
+            (_NEWER, nodes.c.last_report_at),
+            (_SECOND, _AT),
+            else_=nodes.c.previous_report_at,
+        ),
+    )
+)
 
 
 def _row(row: sa.Row[Any]) -> dict[str, Any]:

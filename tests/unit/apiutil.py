@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from typing import Any
 
 import httpx
 import uvicorn
@@ -13,15 +14,24 @@ from fleetvpn.controller.api import create_app
 from fleetvpn.controller.store import Store
 
 PUBLIC_KEY = "x" * 43 + "="
+AUTH_CACHE_TEST_S = 0.2  # how long the test servers remember a token
+
+
+# Tests see their own writes: a view of a test's few nodes computes in milliseconds, so every
+# fleet query waits for the view that includes the writes before it (FleetCache.get).
+TEST_APP_OPTIONS: dict[str, Any] = {"view_fresh_wait_s": 10.0, "auth_cache_s": AUTH_CACHE_TEST_S}
 
 
 class Server:
-    def __init__(self, store: Store, max_body_bytes: int = 64 * 1024) -> None:
+    def __init__(self, store: Store, max_body_bytes: int = 64 * 1024, **app_options: Any) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
+        self.app = create_app(
+            store, max_body_bytes=max_body_bytes, **(TEST_APP_OPTIONS | app_options)
+        )
         config = uvicorn.Config(
-            create_app(store, max_body_bytes=max_body_bytes),
+            self.app,
             host="127.0.0.1",
             port=self.port,
             log_level="warning",

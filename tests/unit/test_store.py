@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from fleetvpn.controller.store import Conflict, Forbidden, Store
+from fleetvpn.controller.store import SCHEMA_VERSION, Conflict, Forbidden, Store
 
 KEY_A = "A" * 43 + "="
 KEY_B = "B" * 43 + "="
@@ -23,11 +23,11 @@ def _link(peer: str, mtu: int | None) -> dict[str, object]:
 
 def test_migrations_are_recorded_and_idempotent(store_url: str) -> None:
     first = Store.open(store_url)
-    assert first.schema_version() == 1
+    assert first.schema_version() == SCHEMA_VERSION == 2
     assert first.migrate() == []
     first.close()
     again = Store.open(store_url)
-    assert again.schema_version() == 1
+    assert again.schema_version() == SCHEMA_VERSION
     if again.engine.dialect.name == "sqlite":
         with again.engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
