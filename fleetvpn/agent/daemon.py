@@ -72,7 +72,7 @@ SAMPLE_S: Final = 10.0  # wg show: handshakes, endpoints, counters (re-probe tri
 PMTU_TIMEOUT_S: Final = 30.0
 MAX_PMTU_RUNS: Final = 2  # at once, whatever the number of peers
 ENROLL_RETRY_S: Final = (1.0, 60.0)
-REVERSE_WITHIN_S: Final = 2.0  # a hello's mapping lives at least the NAT's unreplied timeout
+HELLO_REPEAT_S: Final = 60.0  # the first hello to a peer is sent again once, this much later
 
 
 class FatalError(RuntimeError):
@@ -117,6 +117,7 @@ class Agent:
         self.transports: list[asyncio.DatagramTransport] = []
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.pmtu_slots = asyncio.Semaphore(MAX_PMTU_RUNS)
+        self.hellos_repeated: set[str] = set()
         self.wake = asyncio.Event()
         self.stopping = False
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -533,6 +534,11 @@ class Agent:
         await self._measure(peer, target, "forward")
         if self.config.endpoint is None and self.responder is not None:
             self.responder.send_hello(target)  # "probe me back": b → this node
+            if peer not in self.hellos_repeated:  # a peer that learns of us later gets a 2nd
+                self.hellos_repeated.add(peer)
+                asyncio.get_running_loop().call_later(
+                    HELLO_REPEAT_S, self.responder.send_hello, target
+                )
 
     def _on_hello(self, peer: str, addr: tuple[str, int]) -> None:
         if self.stopping:

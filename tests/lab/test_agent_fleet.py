@@ -14,7 +14,6 @@ middle of an apply comes back to a consistent, working tunnel.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
@@ -45,6 +44,9 @@ SITE_MTU = {"hub": 1500, "branch": 1400, "home": 1492, "office": 1460, "cloud": 
 # The shortest established-flow timer on each stateful site's way out (the topology's conntrack).
 SITE_LIFETIME = {"branch": 20, "home": 30, "office": 40}
 WG_ENV = {**os.environ, "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
+# Run the controller from another source tree (a snapshot of a known-good commit), for when the
+# controller in this tree is being rebuilt under the test: FVAGT_CONTROLLER_SRC=/path/to/tree.
+CONTROLLER_SRC = os.environ.get("FVAGT_CONTROLLER_SRC")
 
 
 class Fleet:
@@ -72,14 +74,15 @@ class Fleet:
     def sh(self, host: str, script: str) -> str:
         return wgutil.sh(self.ns(host), script)
 
-    def spawn(self, host: str, *args: str) -> subprocess.Popen[bytes]:
+    def spawn(self, host: str, *args: str, src: str | None = None) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"{host}.log", "ab")  # noqa: SIM115 - the process owns it
+        env = WG_ENV if src is None else {**WG_ENV, "PYTHONPATH": src}
         return subprocess.Popen(
             [*self.ns(host).prefix(), sys.executable, "-m", "fleetvpn", *args],
             stdout=log,
             stderr=log,
-            env=WG_ENV,
-            cwd=REPO,
+            env=env,
+            cwd=src or REPO,
         )
 
     # --- the controller ----------------------------------------------------------------------
@@ -103,7 +106,12 @@ class Fleet:
 
     def start_controller(self) -> None:
         self.procs["controller"] = self.spawn(
-            "controller", "controller", "serve", "--config", "/etc/fleetvpn/controller.yml"
+            "controller",
+            "controller",
+            "serve",
+            "--config",
+            "/etc/fleetvpn/controller.yml",
+            src=CONTROLLER_SRC,
         )
         deadline = time.monotonic() + 60
         while True:
@@ -143,7 +151,8 @@ class Fleet:
         admin = subprocess.run(
             [*self.ns("controller").prefix(), sys.executable, "-m", "fleetvpn", "controller",
              "admin-token", "--config", "/etc/fleetvpn/controller.yml"],
-            capture_output=True, text=True, check=True, cwd=REPO,
+            capture_output=True, text=True, check=True, cwd=CONTROLLER_SRC or REPO,
+            env={**os.environ, "PYTHONPATH": CONTROLLER_SRC} if CONTROLLER_SRC else None,
         )  # fmt: skip
         self.admin = admin.stdout.strip()
         self.start_controller()
@@ -173,9 +182,7 @@ class Fleet:
         self.host_file(host, "/etc/fleetvpn/agent.yml").write_text("\n".join(lines) + "\n")
 
     def start_agent(self, host: str) -> None:
-        self.procs[host] = self.spawn(
-            host, "agent", "run", "--config", "/etc/fleetvpn/agent.yml"
-        )
+        self.procs[host] = self.spawn(host, "agent", "run", "--config", "/etc/fleetvpn/agent.yml")
 
     def status(self, host: str) -> dict[str, Any]:
         try:
@@ -216,9 +223,7 @@ class Fleet:
         return [a.split("/")[0] for a in desired["addresses"]]
 
     def planned_links(self) -> set[tuple[str, str]]:
-        return {
-            (min(a, b), max(a, b)) for a in PUBLIC for b in AGENTS if a != b
-        }
+        return {(min(a, b), max(a, b)) for a in PUBLIC for b in AGENTS if a != b}
 
 
 def expected_path_mtu(fleet: Fleet, a: str, b: str) -> int:
