@@ -33,9 +33,10 @@ test-unit: venv
 	$(BIN)/pytest -q tests/unit
 
 lint: venv
-	$(BIN)/ruff check fleetvpn tests benchmarks
-	$(BIN)/ruff format --check fleetvpn tests benchmarks
+	$(BIN)/ruff check fleetvpn tests benchmarks ansible_collections
+	$(BIN)/ruff format --check fleetvpn tests benchmarks ansible_collections
 	$(BIN)/mypy
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/ansible-lint --profile production
 
 bench: setup
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done

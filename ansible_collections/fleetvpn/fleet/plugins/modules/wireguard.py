@@ -16,7 +16,7 @@ description:
     the interface is created only when it does not exist and is never restarted for a setting.
     A failed step rolls back to the state read before the apply.
   - Generates the private key on the node when O(private_key_file) does not exist (mode 0600,
-    never overwritten). The private key never leaves the node and is never read by this module:
+    never overwritten). The private key never leaves the node and is never read by this module;
     WireGuard is given the file's path; the diff and the results show public keys only.
   - Every change carries its reason (from the C(*_reason) fields of the desired state).
   - Runs under a Python that can import fleetvpn (set C(ansible_python_interpreter) for this task,
@@ -135,6 +135,7 @@ changes:
   sample: [{summary: "peer hub: keepalive 25 => 8", reason: "branch1 is behind NAT: ..."}]
 """
 
+import contextlib
 import os
 import sys
 
@@ -206,7 +207,9 @@ def render(spec_like, desired, public_key):
     lines.append(f"  mtu {spec_like['mtu']}")
     for address in sorted(spec_like["addresses"]):
         lines.append(f"  address {address}")
-    for peer in sorted(spec_like["peers"], key=lambda q: (names.get(q["public_key"], "~"), q["public_key"])):
+    for peer in sorted(
+        spec_like["peers"], key=lambda q: (names.get(q["public_key"], "~"), q["public_key"])
+    ):
         key = peer["public_key"]
         name = names.get(key, "")
         lines.append(f"peer {name + ' ' if name else ''}{key}")
@@ -313,10 +316,8 @@ def main():
     key_file = p["private_key_file"]
     # wireguard-go stays behind as a daemon of its own; it must not share our session, whose
     # terminal (Ansible asks for a pty) hangs up, with a SIGHUP, when the connection closes.
-    try:
+    with contextlib.suppress(OSError):  # already a session leader
         os.setsid()
-    except OSError:
-        pass  # already a session leader
     tunnel = WgTunnel(p["interface"], key_file, implementation=p["implementation"])
     result = {"changed": False, "changes": [], "public_key": ""}
 
@@ -336,7 +337,10 @@ def main():
     if not key_exists:
         result["changed"] = True
         result["changes"].append(
-            {"summary": f"generate a private key in {key_file}", "reason": "the node has no key yet"}
+            {
+                "summary": f"generate a private key in {key_file}",
+                "reason": "the node has no key yet",
+            }
         )
         if not module.check_mode:
             os.makedirs(os.path.dirname(key_file) or "/", mode=0o700, exist_ok=True)
@@ -357,7 +361,8 @@ def main():
     for i, peer in enumerate(p["peers"]):
         for field in ("public_key", "allowed_ips"):
             if not peer.get(field):
-                module.fail_json(msg=f"peers[{i}] ({peer_name(peer) if peer.get('public_key') else '?'}): {field} is required")
+                who = peer_name(peer) if peer.get("public_key") else "?"
+                module.fail_json(msg=f"peers[{i}] ({who}): {field} is required")
     desired = desired_spec(p)
     reasons = reasons_of(p)
     try:
@@ -375,7 +380,11 @@ def main():
             changes = tunnel.reconcile(desired, reasons, dry_run=module.check_mode)
         else:  # check mode before the key exists: plan against a key that will be made
             changes = wg_diff.plan(
-                desired, before, reasons, private_key_file=key_file, implementation=p["implementation"]
+                desired,
+                before,
+                reasons,
+                private_key_file=key_file,
+                implementation=p["implementation"],
             )
     except ApplyError as e:
         module.fail_json(msg=str(e), rolled_back=e.rolled_back, changes=result["changes"])
