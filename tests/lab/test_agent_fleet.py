@@ -14,6 +14,7 @@ middle of an apply comes back to a consistent, working tunnel.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -63,6 +64,8 @@ class Fleet:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.admin = ""
         self.site = {h: self.plan.hosts[h].site for h in AGENTS}
+        self.nat_s = 75  # short: the NAT-timeout change below must be noticed in the test
+        self.rtt_s: dict[str, int] = {}
 
     # --- files and processes ---------------------------------------------------------------
     def host_file(self, host: str, path: str) -> Path:
@@ -173,7 +176,8 @@ class Fleet:
             "probe:",
             f"  nat_responder: {self.controller_ip}:{NAT_PORT}",
             "  nat_max_lifetime_s: 60",
-            "intervals: {report_s: 4, desired_s: 4, pmtu_s: 120, nat_s: 3600, rtt_s: 5}",
+            f"intervals: {{report_s: 4, desired_s: 4, pmtu_s: 120, nat_s: {self.nat_s}, "
+            f"rtt_s: {self.rtt_s.get(host, 5)}}}",
             "log_level: info",
         ]
         if host in PUBLIC:
@@ -337,3 +341,193 @@ def test_fleet_measures_applies_and_carries_bulk_tcp(fleet: Fleet) -> None:
             if result != (True, size):
                 failures.append(f"{src}→{dst}: {result}")
     assert not failures, failures
+    print("links (a↔b: path MTU a→b / b→a, measured by each sender):")
+    for row in fleet.health()["links"]:
+        print(
+            f"  {row['a']}↔{row['b']}: {row['a_to_b']['path_mtu']}/{row['b_to_a']['path_mtu']}, "
+            f"configured MTU {row['a_to_b']['configured_mtu']}/{row['b_to_a']['configured_mtu']}, "
+            f"state {row['state']}"
+        )
+    print("mapping lifetimes:", {s: sites[s]["mapping_lifetime_s"] for s in SITE_LIFETIME})
+    print(f"bulk TCP: {size} bytes each way over {len(fleet.planned_links())} links")
+
+
+def _log_offset(fleet: Fleet, host: str) -> int:
+    return (fleet.logs / f"{host}.log").stat().st_size
+
+
+def _log_since(fleet: Fleet, host: str, offset: int) -> str:
+    with open(fleet.logs / f"{host}.log", "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
+def _ifindex(fleet: Fleet, host: str) -> str:
+    return fleet.sh(host, "cat /sys/class/net/wg0/ifindex")
+
+
+def test_idle_nated_site_stays_reachable_and_sighup_reloads(fleet: Fleet) -> None:
+    """With the agents' own tunnel traffic off (SIGHUP: rtt_s 3600 on both ends), the branch is
+    idle for three times its NAT timeout; the keepalive it applied keeps the hub able to reach
+    it through its NAT."""
+    keepalive = {
+        p["peer"]: p["keepalive_s"] for p in fleet.status("branch1")["configured"]["peers"]
+    }
+    assert 0 < keepalive["hub"] < SITE_LIFETIME["branch"], keepalive
+    offsets = {}
+    for host in ("hub", "branch1", "cloud1"):
+        fleet.rtt_s[host] = 3600
+        fleet.write_config(host)
+        offsets[host] = _log_offset(fleet, host)
+        fleet.procs[host].send_signal(signal.SIGHUP)
+    fleet.wait(
+        "SIGHUP reloads",
+        lambda: (
+            None
+            if all("reloaded" in _log_since(fleet, h, o) for h, o in offsets.items())
+            else "no reload logged"
+        ),
+        20,
+    )
+    idle_s = 3 * SITE_LIFETIME["branch"] + 5
+    time.sleep(idle_s)
+    hub_ns, branch_ns = fleet.plan.hosts["hub"].ns, fleet.plan.hosts["branch1"].ns
+    result = wgutil.tcp_transfer(
+        hub_ns, branch_ns, fleet._addresses("branch1")[0], 200_000, 15, 5601
+    )
+    assert result == (True, 200_000), result
+    print(f"hub reached branch1 after {idle_s} s idle (keepalive {keepalive['hub']} s)")
+    for host in ("hub", "branch1", "cloud1"):
+        fleet.rtt_s.pop(host)
+        fleet.write_config(host)
+        fleet.procs[host].send_signal(signal.SIGHUP)
+
+
+def _controller_db_reports(fleet: Fleet) -> list[str]:
+    import sqlite3
+
+    db = fleet.host_file("controller", "/var/lib/fleetvpn/controller.db")
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        return [row[0] for row in conn.execute("SELECT report_id FROM reports ORDER BY rowid")]
+
+
+def _spooled(fleet: Fleet, host: str) -> list[str]:
+    spool = fleet.host_file(host, "/var/lib/fleetvpn/spool")
+    return [json.loads(p.read_text())["report_id"] for p in sorted(spool.glob("0*.json"))]
+
+
+def test_controller_outage_loses_nothing_and_duplicates_nothing(fleet: Fleet) -> None:
+    before = set(_controller_db_reports(fleet))
+    fleet.stop("controller")
+    outage_started = time.monotonic()
+    time.sleep(6 * 4)  # six report intervals
+    during = wgutil.tcp_transfer(
+        fleet.plan.hosts["branch1"].ns, fleet.plan.hosts["hub"].ns, fleet._addresses("hub")[0],
+        1_000_000, 20, 5602,
+    )  # fmt: skip
+    spooled = {host: _spooled(fleet, host) for host in AGENTS}
+    assert all(len(ids) >= 4 for ids in spooled.values()), {h: len(i) for h, i in spooled.items()}
+    assert during == (True, 1_000_000), during
+    assert not (set().union(*spooled.values()) & before)
+    outage_s = time.monotonic() - outage_started
+    log_offset = _log_offset(fleet, "controller")
+    fleet.start_controller()
+    fleet.wait(
+        "spools empty",
+        lambda: (
+            None
+            if all(not _spooled(fleet, h) for h in AGENTS)
+            else str({h: len(_spooled(fleet, h)) for h in AGENTS})
+        ),
+        60,
+    )
+    stored = _controller_db_reports(fleet)
+    assert len(stored) == len(set(stored))
+    position = {rid: i for i, rid in enumerate(stored)}
+    for host, ids in spooled.items():
+        missing = [rid for rid in ids if rid not in position]
+        assert not missing, f"{host}: {len(missing)} of {len(ids)} outage reports missing"
+        assert [position[rid] for rid in ids] == sorted(position[rid] for rid in ids), host
+    replays = _log_since(fleet, "controller", log_offset)
+    duplicates = replays.count('"POST /v1/reports HTTP/1.1" 200')
+    total = sum(len(ids) for ids in spooled.values())
+    print(
+        f"outage {outage_s:.0f} s: {total} reports spooled by {len(AGENTS)} agents, "
+        f"all stored once in order after the restart ({duplicates} resends: 'already stored')"
+    )
+
+
+def test_sigkill_mid_apply_then_restart_leaves_a_consistent_tunnel(fleet: Fleet) -> None:
+    ifindex = _ifindex(fleet, "hub")
+    offset = _log_offset(fleet, "hub")
+    override = {"scope": "node", "target": "hub", "setting": "tunnel_mtu", "value": 1296,
+                "note": "SIGKILL mid-apply test"}  # fmt: skip
+    fleet.http("PUT", "/v1/overrides", override, fleet.admin)
+    deadline = time.monotonic() + 30
+    while "=> 1296" not in (seen := _log_since(fleet, "hub", offset)):
+        assert time.monotonic() < deadline, "hub never started applying the override"
+        time.sleep(0.005)
+    fleet.procs["hub"].kill()
+    fleet.procs.pop("hub").wait(5)
+    killed_during = seen.count("wg0: wg0:") + seen.count("wg0: peer")
+    routes_at_kill = fleet.sh("hub", "ip route show dev wg0")
+    partial = routes_at_kill.count("mtu lock 1296")
+    fleet.start_agent("hub")
+
+    def consistent() -> str | None:
+        desired = json.loads(fleet.host_file("hub", "/var/lib/fleetvpn/desired.json").read_text())
+        if desired["interface_mtu"] != 1296:
+            return f"desired interface MTU {desired['interface_mtu']}"
+        routes = fleet.sh("hub", "ip route show dev wg0")
+        if routes.count("mtu lock 1296") != len(desired["peers"]):
+            return f"routes {routes!r}"
+        if fleet.sh("hub", "cat /sys/class/net/wg0/mtu") != "1296":
+            return "interface MTU"
+        return None
+
+    fleet.wait("hub consistent after restart", consistent, 60)
+    assert _ifindex(fleet, "hub") == ifindex  # the interface was never recreated
+    failures = []
+    for peer in ("branch1", "cloud1", "office1"):
+        for src, dst, port in (("hub", peer, 5610), (peer, "hub", 5620)):
+            got = wgutil.tcp_transfer(
+                fleet.plan.hosts[src].ns, fleet.plan.hosts[dst].ns, fleet._addresses(dst)[0],
+                1_000_000, 20, port + len(failures) + AGENTS.index(peer),
+            )  # fmt: skip
+            if got != (True, 1_000_000):
+                failures.append(f"{src}→{dst}: {got}")
+    assert not failures, failures
+    print(
+        f"SIGKILL after {killed_during} change line(s) logged; {partial} of 5 routes at 1296 "
+        "when killed; after the restart: consistent, same ifindex, bulk TCP both ways"
+    )
+    fleet.http("DELETE", "/v1/overrides/node/hub/tunnel_mtu", token=fleet.admin)
+
+
+def test_nat_timeout_change_is_remeasured_and_reapplied_live(fleet: Fleet) -> None:
+    from fleetvpn.lab import netns
+
+    box = next(b for b in fleet.plan.boxes if b.site == "branch")
+    ifindex = _ifindex(fleet, "branch1")
+    netns.write_sysctl(box.box_ns, "net/netfilter/nf_conntrack_udp_timeout_stream", "15")
+    try:
+
+        def lowered() -> str | None:
+            nat = fleet.status("branch1").get("nat") or {}
+            lifetime = nat.get("mapping_lifetime_s")
+            conf = {p["peer"]: p for p in fleet.status("branch1")["configured"]["peers"]}
+            keepalive = conf.get("hub", {}).get("keepalive_s")
+            if lifetime is None or not 13.5 <= lifetime <= 15:
+                return f"lifetime {lifetime}"
+            if keepalive is None or keepalive > 6:
+                return f"keepalive towards hub {keepalive}"
+            return None
+
+        fleet.wait("new NAT timeout measured and applied", lowered, 4 * fleet.nat_s)
+        assert _ifindex(fleet, "branch1") == ifindex
+        hs = {p["peer"]: p["handshake_age_s"] for p in fleet.status("branch1")["peers"]}
+        assert hs["hub"] is not None and hs["hub"] < 180, hs
+        lifetime = fleet.status("branch1")["nat"]["mapping_lifetime_s"]
+        print(f"branch NAT 20 s -> 15 s: re-measured {lifetime} s, keepalive applied live")
+    finally:
+        netns.write_sysctl(box.box_ns, "net/netfilter/nf_conntrack_udp_timeout_stream", "20")
