@@ -36,9 +36,10 @@ def health_lines(doc):
 
 
 def health_problems(doc, ok_states=("ok",)):
-    """The links whose state is not in ``ok_states``, one line each with the reason."""
+    """The links whose state is not in ``ok_states`` (``a ↔ b: state``; health_lines has the
+    reasons)."""
     return [
-        f"{link['a']} ↔ {link['b']}: {link['state']} ({link['reason']})"
+        f"{link['a']} ↔ {link['b']}: {link['state']}"
         for link in doc.get("links", [])
         if link["state"] not in ok_states
     ]

@@ -102,10 +102,26 @@ def change_lines(changes):
     return [f"{c['summary']} — {c['reason']}" for c in changes]
 
 
+def applied_lines(hostvars, hosts):
+    """Every host's applied changes (the wireguard role's result) as ``host: summary — reason``;
+    a host whose tunnel already matched says so."""
+    lines = []
+    for host in hosts:
+        result = hostvars[host].get("fleetvpn__wireguard_applied")
+        if not result or result.get("skipped"):
+            continue
+        changes = result.get("changes") or []
+        if not changes:
+            lines.append(f"{host}: unchanged (already as recommended)")
+        lines += [f"{host}: {c['summary']} — {c['reason']}" for c in changes]
+    return lines or ["no tunnel was applied by Ansible (agents apply their own settings)"]
+
+
 class FilterModule:
     def filters(self):
         return {
             "fixed_settings": fixed_settings,
             "inventory_peers": inventory_peers,
             "change_lines": change_lines,
+            "applied_lines": applied_lines,
         }
