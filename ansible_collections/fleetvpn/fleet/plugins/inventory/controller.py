@@ -78,7 +78,8 @@ url: https://controller.example.net:8443
 token_file: ~/.config/fleetvpn/admin.token
 # Reach nodes at the address they enrolled with (the endpoint's IP), where they have one.
 compose:
-  ansible_host: fleetvpn_endpoint.rsplit(':', 1)[0].strip('[]') if fleetvpn_endpoint else inventory_hostname
+  ansible_host: >-
+    fleetvpn_endpoint.rsplit(':', 1)[0].strip('[]') if fleetvpn_endpoint else inventory_hostname
 keyed_groups:
   - key: fleetvpn_recommended_keepalive_s | string
     prefix: keepalive
@@ -178,7 +179,8 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
                 detail = json.load(e).get("error", e.reason)
             except ValueError:
                 detail = e.reason
-            raise AnsibleParserError(f"fleetvpn controller {url}: HTTP {e.code}: {detail}") from None
+            message = f"fleetvpn controller {url}: HTTP {e.code}: {detail}"
+            raise AnsibleParserError(message) from None
         except (urllib.error.URLError, OSError, ValueError) as e:
             reason = getattr(e, "reason", e)
             raise AnsibleParserError(f"fleetvpn controller {url}: unreachable: {reason}") from None
