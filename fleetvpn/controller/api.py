@@ -32,6 +32,7 @@ from fleetvpn.controller.store import (
     Forbidden,
     NotFound,
     Principal,
+    ReportWrite,
     Store,
     StoreError,
     hash_token,
@@ -115,6 +116,52 @@ class TokenCache:
         return who
 
 
+class ReportWriter:
+    """Group commit: reports that arrive while a write transaction is in flight go into the
+    next one together (``Store.put_reports``), off the event loop. One transaction's commit
+    (an fsync) then serves many requests, and nothing waits for a timer: a lone report is
+    written at once. Each request still gets its own answer (stored, replay, or its error)."""
+
+    MAX_BATCH = 256
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._pending: list[tuple[ReportWrite, asyncio.Future[bool]]] = []
+        self._writing = False
+
+    async def put(self, item: ReportWrite) -> bool:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        if not self._writing:
+            self._writing = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[: self.MAX_BATCH]
+                del self._pending[: self.MAX_BATCH]
+                try:
+                    results = await run_in_threadpool(
+                        self.store.put_reports, [item for item, _ in batch]
+                    )
+                except Exception as e:  # the database failed: every waiting request hears it
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(e)
+                    continue
+                for (_, future), result in zip(batch, results, strict=True):
+                    if future.done():  # the client went away
+                        continue
+                    if isinstance(result, Exception):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        finally:
+            self._writing = False
+
+
 class _NoStore:
     """Every answer says ``cache-control: no-store`` (plain ASGI: the decorator middleware
     costs a task and a stream per request)."""
@@ -174,10 +221,10 @@ def create_app(
     with ``responder`` (listen address, probe key), the probe responder runs beside the API.
 
     Fleet queries share one view of the fleet, recomputed in a background thread (see
-    :class:`~fleetvpn.controller.fleet.FleetCache`): a write marks it dirty; it is recomputed at
-    most every ``view_min_interval_s`` (and never busier than half a core), and when older than
-    ``view_max_age_s``. Requests answer from the last complete view at once; where a recompute
-    takes at most ``view_fresh_wait_s`` they wait for one that includes the writes before them.
+    :class:`~fleetvpn.controller.fleet.FleetCache`): a write marks it dirty; it is recomputed
+    at most every ``view_min_interval_s`` (and never busier than a third of a core), and when
+    older than ``view_max_age_s``. Requests answer from the last complete view at once; where a
+    recompute takes at most ``view_fresh_wait_s`` they wait for one with the writes before them.
     The view's age is in each fleet response (``generated_at``; header ``x-fleetvpn-view-age-s``).
 
     Tokens are checked against the store and remembered for ``auth_cache_s`` seconds: a token
@@ -219,6 +266,7 @@ def create_app(
     )
     app.state.fleet_cache = cache
     tokens = TokenCache(store, auth_cache_s)
+    writer = ReportWriter(store)
 
     def view() -> FleetView:
         return cache.get()
@@ -357,9 +405,7 @@ def create_app(
                 "resolution_s": report.nat.resolution_s,
                 "stateful_filter": report.nat.stateful_filter,
             }
-        stored = await run_in_threadpool(
-            store.put_report, who, report.report_id, report.created_at, body, links, nat
-        )
+        stored = await writer.put((who, report.report_id, report.created_at, body, links, nat))
         if stored:
             cache.invalidate()
         return JSONResponse(

@@ -235,6 +235,12 @@ def sqlite_url(path: str) -> str:
     return f"sqlite+pysqlite:///{path}"
 
 
+# put_report's arguments: (principal, report_id, created_at, body, links, nat)
+ReportWrite = tuple[
+    Principal, str, datetime, "dict[str, Any] | str", list[dict[str, Any]], "dict[str, Any] | None"
+]
+
+
 class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -414,42 +420,97 @@ class Store:
 
         ``body``: the report as JSON text (the validated request, stored as sent) or as a dict
         (encoded here). One transaction: the report (``INSERT … ON CONFLICT DO NOTHING``), its
-        measurement rows (one executemany) and the node's newest-two report ids."""
-        if principal.kind != "node" or principal.node_id is None:
-            raise Forbidden("only a node writes reports")
-        node_id = principal.node_id
-        text = body if isinstance(body, str) else json.dumps(body, sort_keys=True)
+        measurement rows and the node's newest-two report ids."""
+        (result,) = self.put_reports([(principal, report_id, created_at, body, links, nat)])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def put_reports(self, items: list[ReportWrite]) -> list[bool | StoreError]:
+        """Several reports (``put_report``'s arguments each) in one transaction — one commit,
+        one fsync, however many: group commit for concurrent requests. Per item: True (stored),
+        False (a replay: stored before, nothing changes) or the StoreError it earned (another
+        node's report id), in order. Should the transaction fail, each report is tried alone,
+        so that one bad report costs the others nothing."""
+        results: list[bool | StoreError] = []
+        accepted: list[tuple[int, str, datetime, str, list[dict[str, Any]], Any]] = []
+        seen: dict[str, int] = {}
+        for principal, report_id, created_at, body, links, nat in items:
+            if principal.kind != "node" or principal.node_id is None:
+                results.append(Forbidden("only a node writes reports"))
+                continue
+            if report_id in seen:  # twice in one batch: the second is a replay
+                same = seen[report_id] == principal.node_id
+                results.append(
+                    False if same else Forbidden(f"report {report_id} belongs to another node")
+                )
+                continue
+            seen[report_id] = principal.node_id
+            text = body if isinstance(body, str) else json.dumps(body, sort_keys=True)
+            accepted.append((principal.node_id, report_id, created_at, text, links, nat))
+            results.append(True)
+        if not accepted:
+            return results
+        try:
+            stored = self._write_reports(accepted)
+        except sa.exc.DBAPIError:
+            if len(accepted) == 1:
+                raise
+            stored = {}
+            for one in accepted:  # alone: an error is that report's own
+                stored |= self._write_reports([one])
+        outcome = iter(stored[report_id] for _, report_id, *_ in accepted)
+        return [next(outcome) if r is True else r for r in results]
+
+    def _write_reports(
+        self, accepted: list[tuple[int, str, datetime, str, list[dict[str, Any]], Any]]
+    ) -> dict[str, bool | StoreError]:
         now = utcnow()
         with self.tx() as conn:
-            inserted = conn.execute(
-                self._insert_report,
-                {"report_id": report_id, "node_id": node_id, "created_at": created_at,
-                 "received_at": now, "body": text},
-            )  # fmt: skip
-            if inserted.first() is None:  # the id was there: a replay, or another node's
-                owner = conn.scalar(
-                    sa.select(reports.c.node_id).where(reports.c.report_id == report_id)
-                )
-                if owner != node_id:
-                    raise Forbidden(f"report {report_id} belongs to another node")
-                return False
-            if links:
-                conn.execute(
-                    link_measurements.insert(),
+            inserted = set(
+                conn.scalars(
+                    self._insert_report,
                     [
+                        {"report_id": report_id, "node_id": node_id, "created_at": created_at,
+                         "received_at": now, "body": text}
+                        for node_id, report_id, created_at, text, _, _ in accepted
+                    ],
+                )
+            )  # fmt: skip
+            out: dict[str, bool | StoreError] = {}
+            rest = [report_id for _, report_id, *_ in accepted if report_id not in inserted]
+            owners: dict[str, int] = {}
+            if rest:
+                query = sa.select(reports.c.report_id, reports.c.node_id)
+                for report_id, owner in conn.execute(query.where(reports.c.report_id.in_(rest))):
+                    owners[report_id] = owner
+            link_rows: list[dict[str, Any]] = []
+            nat_rows: list[dict[str, Any]] = []
+            heads: list[dict[str, Any]] = []
+            for node_id, report_id, created_at, _, links, nat in accepted:
+                if report_id not in inserted:  # the id was there: a replay, or another node's
+                    out[report_id] = (
+                        False
+                        if owners.get(report_id) == node_id
+                        else Forbidden(f"report {report_id} belongs to another node")
+                    )
+                    continue
+                out[report_id] = True
+                for link in links:
+                    link_rows.append(
                         {**link, "report_id": report_id, "node_id": node_id,
                          "measured_at": created_at}
-                        for link in links
-                    ],
-                )  # fmt: skip
-            if nat is not None:  # with its own measured_at: NAT searches keep their own time
-                conn.execute(
-                    nat_measurements.insert(), {**nat, "report_id": report_id, "node_id": node_id}
-                )
-            conn.execute(
-                _ADVANCE_HEADS, {"node_id": node_id, "report_id": report_id, "at": created_at}
-            )
-        return True
+                    )  # fmt: skip
+                if nat is not None:  # with its own measured_at: NAT searches keep their own time
+                    nat_rows.append({**nat, "report_id": report_id, "node_id": node_id})
+                heads.append({"node_id": node_id, "report_id": report_id, "at": created_at})
+            if link_rows:
+                conn.execute(link_measurements.insert(), link_rows)
+            if nat_rows:
+                conn.execute(nat_measurements.insert(), nat_rows)
+            if heads:
+                conn.execute(_ADVANCE_HEADS, heads)
+        return out
 
     @property
     def _insert_report(self) -> sa.Insert:
