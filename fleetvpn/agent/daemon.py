@@ -43,7 +43,7 @@ from typing import Any, Final
 
 from fleetvpn.agent import client as api
 from fleetvpn.agent.config import AgentConfig, ConfigError, load
-from fleetvpn.agent.desired import Desired, DesiredError, parse_desired
+from fleetvpn.agent.desired import Desired, DesiredError, PeerPlan, parse_desired
 from fleetvpn.agent.probes import (
     AgentResponder,
     hello_tag,
@@ -72,6 +72,7 @@ SAMPLE_S: Final = 10.0  # wg show: handshakes, endpoints, counters (re-probe tri
 PMTU_TIMEOUT_S: Final = 30.0
 MAX_PMTU_RUNS: Final = 2  # at once, whatever the number of peers
 ENROLL_RETRY_S: Final = (1.0, 60.0)
+FULL_SIZE_EVERY: Final = 4  # a full-size tunnel probe every 4th RTT round (and after a loss)
 HELLO_REPEAT_S: Final = 60.0  # the first hello to a peer is sent again once, this much later
 
 
@@ -118,6 +119,8 @@ class Agent:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.pmtu_slots = asyncio.Semaphore(MAX_PMTU_RUNS)
         self.hellos_repeated: set[str] = set()
+        self.rtt_rounds = 0
+        self.full_size_losses: dict[str, int] = {}
         self.wake = asyncio.Event()
         self.stopping = False
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -513,12 +516,48 @@ class Agent:
             return
         port = self.config.probe.listen_port
         peers = [p for p in self.desired.peers if p.tunnel_ipv4]
+        self.rtt_rounds += 1
 
-        async def one(name: str, address: str) -> None:
-            with contextlib.suppress(OSError):
-                self.rtt[name] = await measure_rtt((address, port), self.probe_key)
+        async def one(plan: PeerPlan) -> None:
+            full = self._full_size(plan)
+            lost_before = self.full_size_losses.get(plan.name, 0)
+            if lost_before == 0 and self.rtt_rounds % FULL_SIZE_EVERY != 1:
+                full = None
+            try:
+                rtt = await measure_rtt((plan.tunnel_ipv4 or "", port), self.probe_key,
+                                        full_size=full)  # fmt: skip
+            except OSError:
+                return
+            self.rtt[plan.name] = rtt
+            if rtt.full_size_lost is None:
+                return
+            if not rtt.full_size_lost or rtt.rtt_s is None:
+                self.full_size_losses[plan.name] = 0
+                return
+            self.full_size_losses[plan.name] = lost_before + 1
+            if lost_before + 1 == 2:
+                log.warning(
+                    "re-probe %s: a %d-byte probe through the tunnel was lost twice while small "
+                    "ones arrived: the path no longer carries the configured MTU",
+                    plan.name, rtt.full_size,
+                )  # fmt: skip
+                self.scheduler.trigger(f"pmtu:{plan.name}", time.monotonic(), within_s=2.0)
+                self.wake.set()
 
-        await asyncio.gather(*(one(p.name, p.tunnel_ipv4 or "") for p in peers))
+        await asyncio.gather(*(one(p) for p in peers))
+
+    def _full_size(self, plan: PeerPlan) -> int | None:
+        """The route MTU towards ``plan``'s tunnel address as applied (None: no tunnel)."""
+        if self.state is None:
+            return None
+        status = self.state.peer(plan.public_key)
+        if status is None or not status.latest_handshake:
+            return None
+        for cidr in status.allowed_ips:
+            mtu = self.state.route_mtus.get(cidr)
+            if mtu is not None:
+                return mtu
+        return self.state.mtu
 
     async def _job_pmtu(self, peer: str) -> None:
         plan = (

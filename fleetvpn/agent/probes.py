@@ -43,7 +43,7 @@ from collections.abc import Callable
 from typing import Final
 
 from fleetvpn.agent.report import Rtt
-from fleetvpn.net import wire
+from fleetvpn.net import dfsock, wire
 from fleetvpn.net.pmtuprobe import PmtuReport, measure_pmtu
 from fleetvpn.net.responder import Responder
 
@@ -101,30 +101,33 @@ class AgentResponder(Responder):
             self.hellos_sent += 1
 
 
-def _reuse_socket(family: int, port: int) -> socket.socket:
+def _reuse_socket(family: int, port: int, host: str | None = None) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+    if host is None:
+        host = "::" if family == socket.AF_INET6 else "0.0.0.0"
+    sock.bind((host, port))
     return sock
 
 
 async def serve_responder(
-    port: int, key: bytes, on_hello: Callable[[str, tuple[str, int]], None]
+    port: int,
+    key: bytes,
+    on_hello: Callable[[str, tuple[str, int]], None],
+    host: str = "0.0.0.0",
 ) -> tuple[AgentResponder, list[asyncio.DatagramTransport]]:
-    """The responder on ``port`` of every IPv4 address (and IPv6 where the host has it), with
-    SO_REUSEPORT so reverse runs can send from the same port."""
+    """The responder on ``port`` of every IPv4 address (``host``), with SO_REUSEPORT so
+    reverse runs can send from the same port."""
     loop = asyncio.get_running_loop()
     protocol = AgentResponder(key, on_hello)
     transports: list[asyncio.DatagramTransport] = []
     main, _ = await loop.create_datagram_endpoint(
-        lambda: protocol, sock=_reuse_socket(socket.AF_INET, port)
+        lambda: protocol, sock=_reuse_socket(socket.AF_INET, port, host)
     )
-    other, _ = await loop.create_datagram_endpoint(
-        asyncio.DatagramProtocol, local_addr=("0.0.0.0", 0)
-    )
+    other, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=(host, 0))
     protocol.other = other
     transports += [main, other]
     return protocol, transports
@@ -135,11 +138,11 @@ async def measure_forward(target: tuple[str, int], key: bytes, timeout_s: float)
 
 
 async def measure_reverse(
-    target: tuple[str, int], key: bytes, port: int, timeout_s: float
+    target: tuple[str, int], key: bytes, port: int, timeout_s: float, host: str | None = None
 ) -> PmtuReport:
     """Probe ``target`` (the address a hello came from) from our own probe ``port``."""
     family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
-    sock = _reuse_socket(family, port)
+    sock = _reuse_socket(family, port, host)
     try:
         sock.connect(target)
     except OSError:
@@ -155,42 +158,51 @@ async def measure_rtt(
     probes: int = RTT_PROBES,
     spacing_s: float = RTT_SPACING_S,
     timeout_s: float = RTT_TIMEOUT_S,
+    full_size: int | None = None,
 ) -> Rtt:
     """``probes`` small authenticated probes to the responder at ``target``; the smallest RTT of
-    those answered (the path, not the queue), and the share unanswered after ``timeout_s``."""
+    those answered (the path, not the queue), and the share unanswered after ``timeout_s``.
+
+    ``full_size``: also send one DF probe of that many bytes (the route MTU towards the peer,
+    through the tunnel): ``Rtt.full_size_lost`` then says whether it vanished. Lost while the
+    small ones arrive means the tunnel's packets no longer fit the path (a black hole opened
+    under the configured MTU)."""
     loop = asyncio.get_running_loop()
-    family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
+    v6 = ":" in target[0]
+    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
     sock.setblocking(False)
     sealer = wire.Sealer(key, secrets.randbits(64))
     guard = wire.ReplayGuard()
+    sizes = [RTT_PROBE_BYTES] * probes + ([full_size] if full_size else [])
     sent_at: dict[int, float] = {}  # probe id -> when sent, until answered
+    base = secrets.randbits(31)
+    large_id = base + probes if full_size else None
+    large_acked = False
     sent = 0
     rtts: list[float] = []
     wake = asyncio.Event()
     try:
         sock.connect(target)
+        if full_size:
+            dfsock.set_probe_mode(sock)
         loop.add_reader(sock.fileno(), wake.set)
-        base = secrets.randbits(31)
         next_send = loop.time()
         deadline: float | None = None
         while True:
             now = loop.time()
-            if sent < probes and now >= next_send:
+            if sent < len(sizes) and now >= next_send:
                 probe_id = base + sent
-                sent += 1
                 packet = sealer.seal(
                     wire.PmtuProbe(probe_id),
                     time.time(),
-                    pad_to=wire.udp_payload_len(
-                        RTT_PROBE_BYTES, 6 if family == socket.AF_INET6 else 4
-                    ),
+                    pad_to=wire.udp_payload_len(sizes[sent], 6 if v6 else 4),
                 )
+                sent += 1
                 sent_at[probe_id] = now
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError):  # EMSGSIZE: over the route MTU: lost
                     sock.send(packet)
                 next_send = now + spacing_s
-                if sent == probes:
+                if sent == len(sizes):
                     deadline = now + timeout_s
             while True:
                 try:
@@ -198,6 +210,8 @@ async def measure_rtt(
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError:
+                    if full_size:
+                        dfsock.read_errors(sock)
                     continue  # ICMP (port unreachable …): the probe counts as lost
                 try:
                     message = wire.decode(data, key)
@@ -206,9 +220,15 @@ async def measure_rtt(
                     continue
                 if isinstance(message.body, wire.PmtuAck):
                     started = sent_at.pop(message.body.probe_id, None)
-                    if started is not None:
+                    if started is None:
+                        continue
+                    if message.body.probe_id == large_id:
+                        large_acked = True
+                    else:
                         rtts.append(loop.time() - started)
-            if len(rtts) >= probes or (deadline is not None and loop.time() >= deadline):
+            if not sent_at and sent == len(sizes):
+                break
+            if deadline is not None and loop.time() >= deadline:
                 break
             wait = (deadline if deadline is not None else next_send) - loop.time()
             wake.clear()
@@ -224,4 +244,6 @@ async def measure_rtt(
         loss_ratio=1.0 - len(rtts) / probes,
         sent=probes,
         measured_at=time.time(),
+        full_size=full_size,
+        full_size_lost=None if not full_size else not large_acked,
     )

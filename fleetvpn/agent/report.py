@@ -48,6 +48,8 @@ class Rtt:
     loss_ratio: float
     sent: int
     measured_at: float
+    full_size: int | None = None  # a full-size probe went along (the route MTU), or None
+    full_size_lost: bool | None = None
 
 
 @dataclass(frozen=True)
