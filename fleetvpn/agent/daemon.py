@@ -45,12 +45,12 @@ from fleetvpn.agent import client as api
 from fleetvpn.agent.config import AgentConfig, ConfigError, load
 from fleetvpn.agent.desired import Desired, DesiredError, PeerPlan, parse_desired
 from fleetvpn.agent.probes import (
-    AgentResponder,
+    ResponderSet,
     hello_tag,
     measure_forward,
     measure_reverse,
     measure_rtt,
-    serve_responder,
+    serve_responders,
 )
 from fleetvpn.agent.report import (
     PathMtu,
@@ -114,7 +114,7 @@ class Agent:
         self.state: TunnelState | None = None
         self.controller: dict[str, Any] = {"reachable": None, "last_ok_at": None, "error": None}
         self.last_apply: dict[str, Any] | None = None
-        self.responder: AgentResponder | None = None
+        self.responder: ResponderSet | None = None
         self.transports: list[asyncio.DatagramTransport] = []
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.pmtu_slots = asyncio.Semaphore(MAX_PMTU_RUNS)
@@ -241,10 +241,10 @@ class Agent:
         await self._enroll()
         if self.stopping:
             return 0
-        self.responder, self.transports = await serve_responder(
+        self.responder, self.transports = await serve_responders(
             self.config.probe.listen_port, self.probe_key, self._on_hello
         )
-        self.responder.own_tag = hello_tag(self.public_key)
+        self.responder.set_own_tag(hello_tag(self.public_key))
         if self.desired is not None:
             self._adopt(self.desired)
         log.info("agent %s (site %s) running: interface %s, apply %s, responder on UDP %d",
@@ -348,7 +348,7 @@ class Agent:
         if self.site is None:
             self.site = desired.site
         if self.responder is not None:
-            self.responder.hello_tags = {hello_tag(p.public_key): p.name for p in desired.peers}
+            self.responder.set_hello_tags({hello_tag(p.public_key): p.name for p in desired.peers})
 
     async def _apply(self, desired: Desired, *, save: bool) -> None:
         from fleetvpn.wg.tunnel import ApplyError

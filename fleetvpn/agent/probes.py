@@ -119,18 +119,57 @@ async def serve_responder(
     on_hello: Callable[[str, tuple[str, int]], None],
     host: str = "0.0.0.0",
 ) -> tuple[AgentResponder, list[asyncio.DatagramTransport]]:
-    """The responder on ``port`` of every IPv4 address (``host``), with SO_REUSEPORT so
-    reverse runs can send from the same port."""
+    """The responder on ``port`` of ``host`` (every IPv4 address; ``"::"``: every IPv6
+    address, IPv6 only), with SO_REUSEPORT so reverse runs can send from the same port."""
     loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     protocol = AgentResponder(key, on_hello)
-    transports: list[asyncio.DatagramTransport] = []
     main, _ = await loop.create_datagram_endpoint(
-        lambda: protocol, sock=_reuse_socket(socket.AF_INET, port, host)
+        lambda: protocol, sock=_reuse_socket(family, port, host)
     )
-    other, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=(host, 0))
+    other, _ = await loop.create_datagram_endpoint(
+        asyncio.DatagramProtocol, local_addr=(host, 0), family=family
+    )
     protocol.other = other
-    transports += [main, other]
-    return protocol, transports
+    return protocol, [main, other]
+
+
+class ResponderSet:
+    """This node's responders, one per address family (IPv6 where the host has it), seen by
+    the agent as one: the same hello tags, hellos sent from the family of the target."""
+
+    def __init__(self, v4: AgentResponder, v6: AgentResponder | None) -> None:
+        self.v4 = v4
+        self.v6 = v6
+
+    def _all(self) -> list[AgentResponder]:
+        return [self.v4] if self.v6 is None else [self.v4, self.v6]
+
+    def set_hello_tags(self, tags: dict[int, str]) -> None:
+        for r in self._all():
+            r.hello_tags = tags
+
+    def set_own_tag(self, tag: int) -> None:
+        for r in self._all():
+            r.own_tag = tag
+
+    def send_hello(self, target: tuple[str, int]) -> None:
+        responder = self.v6 if ":" in target[0] else self.v4
+        if responder is not None:
+            responder.send_hello(target)
+
+
+async def serve_responders(
+    port: int, key: bytes, on_hello: Callable[[str, tuple[str, int]], None]
+) -> tuple[ResponderSet, list[asyncio.DatagramTransport]]:
+    v4, transports = await serve_responder(port, key, on_hello)
+    v6 = None
+    try:
+        v6, more = await serve_responder(port, key, on_hello, host="::")
+        transports += more
+    except OSError:  # no IPv6 on this host: IPv4 only
+        pass
+    return ResponderSet(v4, v6), transports
 
 
 async def measure_forward(target: tuple[str, int], key: bytes, timeout_s: float) -> PmtuReport:
