@@ -244,3 +244,67 @@ def verify(topology: Path, name: str | None, as_json: bool, no_timeouts: bool) -
     else:
         print_results(topo, results, elapsed)
     sys.exit(1 if failed else 0)
+
+
+@lab.command()
+@topology_option
+@name_option
+@click.argument("src")
+@click.argument("dst")
+@click.option("--to", "address", help="Destination address (default: DST's IPv4 on wg0).")
+@click.option("--bytes", "nbytes", default=4 << 20, show_default=True, help="Bytes to send.")
+@click.option("--timeout", default=10.0, show_default=True, help="Seconds before giving up.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def transfer(
+    topology: Path,
+    name: str | None,
+    src: str,
+    dst: str,
+    address: str | None,
+    nbytes: int,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Push a TCP bulk transfer from lab host SRC to DST, through the tunnel by default.
+
+    Exits 0 when every byte arrived in time, 1 when it stalled (a PMTU black hole shows
+    as a transfer that connects and then moves a few kilobytes).
+    """
+    from fleetvpn.lab import transfer as transfer_mod
+
+    _, plan = load_lab(topology, name)
+    try:
+        result = transfer_mod.run(plan, src, dst, nbytes, timeout, address)
+    except (ValueError, OSError) as e:
+        raise _fail(f"transfer {src} → {dst}: {e}") from None
+    if as_json:
+        click.echo(json.dumps(result.as_json()))
+    else:
+        verdict = (
+            "complete"
+            if result.complete
+            else ("did not connect" if not result.connected else "STALLED")
+        )
+        click.echo(
+            f"{src} → {dst} ({result.address}): {result.received_bytes:,} of "
+            f"{result.sent_bytes:,} bytes in {result.elapsed_s:.1f}s — {verdict}"
+        )
+    sys.exit(0 if result.complete else 1)
+
+
+@lab.command(name="set")
+@topology_option
+@name_option
+@click.argument("site")
+@click.option("--nat-timeout", type=int, required=True, help="Established-UDP timer, seconds.")
+@click.option("--box", help="Only this box of a double NAT (e.g. 'home NAT', 'carrier NAT').")
+def set_cmd(topology: Path, name: str | None, site: str, nat_timeout: int, box: str | None) -> None:
+    """Change SITE's NAT/firewall UDP timer while the lab runs (as an ISP might)."""
+    from fleetvpn.lab import transfer as transfer_mod
+
+    _, plan = load_lab(topology, name)
+    try:
+        done = transfer_mod.set_stream_timeout(plan, site, nat_timeout, box)
+    except (ValueError, OSError) as e:
+        raise _fail(str(e)) from None
+    click.echo(f"{site}: established-UDP timeout now {nat_timeout}s on " + ", ".join(done))

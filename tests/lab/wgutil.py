@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import threading
 import time
 from dataclasses import dataclass
 
-from fleetvpn.lab import netns
+from fleetvpn.lab.transfer import tcp_transfer  # noqa: F401  (re-exported for the tests)
 from fleetvpn.runner import NsPath
 
 WG_ENV = {**os.environ, "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
@@ -84,53 +82,3 @@ def wait_handshake(end: WgEnd, timeout_s: float = 10) -> None:
             return
         time.sleep(0.1)
     raise AssertionError("no WireGuard handshake")
-
-
-def tcp_transfer(
-    src_ns: str, dst_ns: str, dst_ip: str, nbytes: int, timeout_s: float, port: int = 5201
-) -> tuple[bool, int]:
-    """Send nbytes over TCP from src_ns to dst_ip (in dst_ns).
-
-    Returns (connected, bytes received by timeout_s).
-
-    A stall shows as a count far below nbytes: the handshake's small packets pass, the full-size
-    segments vanish in the black hole.
-    """
-    server = netns.socket_in(dst_ns, socket.AF_INET, socket.SOCK_STREAM)
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind((dst_ip, port))
-    server.listen(1)
-    received = 0
-    deadline = time.monotonic() + timeout_s
-
-    def send() -> None:
-        client = netns.socket_in(src_ns, socket.AF_INET, socket.SOCK_STREAM)
-        client.settimeout(timeout_s)
-        try:
-            client.connect((dst_ip, port))
-            client.sendall(b"\0" * nbytes)
-        except OSError:
-            pass
-        finally:
-            client.close()
-
-    sender = threading.Thread(target=send, daemon=True)
-    sender.start()
-    server.settimeout(timeout_s)
-    try:
-        conn, _ = server.accept()
-    except TimeoutError:
-        server.close()
-        return False, 0
-    with conn:
-        while received < nbytes and (left := deadline - time.monotonic()) > 0:
-            conn.settimeout(left)
-            try:
-                chunk = conn.recv(65536)
-            except TimeoutError:
-                break
-            if not chunk:
-                break
-            received += len(chunk)
-    server.close()
-    return True, received
