@@ -88,7 +88,7 @@ def _fmt(value: Any, unit: str = "") -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.3g}{unit}"
+        return f"{value:.4g}{unit}"
     return f"{value}{unit}"
 
 
