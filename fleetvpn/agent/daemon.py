@@ -245,6 +245,7 @@ class Agent:
             self.config.probe.listen_port, self.probe_key, self._on_hello
         )
         self.responder.set_own_tag(hello_tag(self.public_key))
+        self.responder.set_on_unknown(self._on_unknown_hello)
         if self.desired is not None:
             self._adopt(self.desired)
         log.info("agent %s (site %s) running: interface %s, apply %s, responder on UDP %d",
@@ -578,6 +579,11 @@ class Agent:
                 asyncio.get_running_loop().call_later(
                     HELLO_REPEAT_S, self.responder.send_hello, target
                 )
+
+    def _on_unknown_hello(self) -> None:
+        """A hello from a node not in our desired state yet: fetch it now (probes.py)."""
+        self.scheduler.trigger("desired", time.monotonic())
+        self.wake.set()
 
     def _on_hello(self, peer: str, addr: tuple[str, int]) -> None:
         if self.stopping:

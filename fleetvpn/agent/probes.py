@@ -52,6 +52,8 @@ RTT_PROBES: Final = 4
 RTT_SPACING_S: Final = 0.2
 RTT_TIMEOUT_S: Final = 2.0
 RTT_PROBE_BYTES: Final = 128  # IP packet size of an RTT probe
+PENDING_HELLO_S: Final = 8.0  # within the shortest NAT timeouts seen (10 s unreplied)
+MAX_PENDING_HELLOS: Final = 256
 
 
 def hello_tag(public_key: str) -> int:
@@ -66,14 +68,29 @@ class AgentResponder(Responder):
     the agent about an authenticated hello from a known peer, and it sends this node's hellos.
 
     ``hello_tags``: tag → peer name (updated by the agent from the desired state);
-    ``on_hello(peer, addr)`` is called for each accepted hello."""
+    ``on_hello(peer, addr)`` is called for each accepted hello. A hello with a tag not known
+    yet (a peer that enrolled after our last desired state) is kept for ``PENDING_HELLO_S``
+    (at most ``MAX_PENDING_HELLOS``) and ``on_unknown()`` is called, so the agent can fetch the
+    desired state; :meth:`set_hello_tags` then delivers the hellos that became known."""
 
     def __init__(self, key: bytes, on_hello: Callable[[str, tuple[str, int]], None]) -> None:
         super().__init__(key)
         self.hello_tags: dict[int, str] = {}
         self.on_hello = on_hello
+        self.on_unknown: Callable[[], None] | None = None
+        self.pending: dict[int, tuple[tuple[str, int], float]] = {}
         self.own_tag: int | None = None
         self.hellos_sent = 0
+
+    def set_hello_tags(self, tags: dict[int, str]) -> None:
+        self.hello_tags = tags
+        now = time.monotonic()
+        for tag, (addr, seen) in list(self.pending.items()):
+            if now - seen > PENDING_HELLO_S:
+                del self.pending[tag]
+            elif tag in tags:
+                del self.pending[tag]
+                self.on_hello(tags[tag], addr)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         try:
@@ -90,6 +107,10 @@ class AgentResponder(Responder):
         peer = self.hello_tags.get(body.txn)
         if peer is not None:
             self.on_hello(peer, (addr[0], addr[1]))
+        elif body.txn not in self.pending and len(self.pending) < MAX_PENDING_HELLOS:
+            self.pending[body.txn] = ((addr[0], addr[1]), time.monotonic())
+            if self.on_unknown is not None:
+                self.on_unknown()
 
     def send_hello(self, target: tuple[str, int]) -> None:
         if self.transport is None or self.own_tag is None:
@@ -147,7 +168,11 @@ class ResponderSet:
 
     def set_hello_tags(self, tags: dict[int, str]) -> None:
         for r in self._all():
-            r.hello_tags = tags
+            r.set_hello_tags(tags)
+
+    def set_on_unknown(self, callback: Callable[[], None]) -> None:
+        for r in self._all():
+            r.on_unknown = callback
 
     def set_own_tag(self, tag: int) -> None:
         for r in self._all():

@@ -11,7 +11,7 @@ from fleetvpn.agent.probes import hello_tag, measure_reverse, measure_rtt, serve
 from fleetvpn.net import keys
 
 KEY = base64.b64decode(keys.generate_key())
-A_KEY, B_KEY = "a" * 43 + "=", "b" * 43 + "="
+B_KEY, C_KEY = "b" * 43 + "=", "c" * 43 + "="
 
 
 def test_hello_then_reverse_run_from_the_responder_port() -> None:
@@ -37,12 +37,16 @@ def test_hello_then_reverse_run_from_the_responder_port() -> None:
             report = await measure_reverse(hellos[0][1], KEY, a_addr[1], 10.0, "127.0.0.1")
             assert report.path_mtu == min(report.local_mtu, 9000)  # loopback: the ceiling
             assert b.counters.accepted > accepted  # b's responder acked a's probes
-            # a hello with a tag nobody knows is answered as any binding request, nothing more
-            c_tagless = hello_tag("c" * 43 + "=")
-            b.own_tag = c_tagless
+            # a hello from a node a does not know yet: kept, a asks for its desired state, and
+            # the hello is delivered once the new peer is in it
+            unknown: list[int] = []
+            a.on_unknown = lambda: unknown.append(1)
+            b.own_tag = hello_tag(C_KEY)
             b.send_hello(a_addr)
             await asyncio.sleep(0.1)
-            assert len(hellos) == 1
+            assert len(hellos) == 1 and unknown == [1]
+            a.set_hello_tags({hello_tag(B_KEY): "b", hello_tag(C_KEY): "c"})
+            assert hellos[-1] == ("c", (b_addr[0], b_addr[1]))
         finally:
             for t in (*a_transports, *b_transports):
                 t.close()
