@@ -426,20 +426,27 @@ def ingest_store(store: Store, batch: Round) -> None:
 
 
 def ingest_http(server: Controller, batch: Round, clients: int) -> None:
-    cpu_before = server.cpu_s()
+    cpu_before, client_before = server.cpu_s(), time.process_time()
     started = time.perf_counter()
     posting = Agents(server.url, batch, clients)
     posting.join()
     elapsed = time.perf_counter() - started
     server_cpu_s = server.cpu_s() - cpu_before
+    client_cpu_s = time.process_time() - client_before
     print_ingest(f"HTTP ({clients} client threads)", batch, elapsed)
     p50, p99 = _percentile(posting.latencies, 0.5), _percentile(posting.latencies, 0.99)
-    busy = (
-        f"server busy {server_cpu_s / elapsed:.2f} cores, {_ms(server_cpu_s / len(batch.bodies))}"
-    )
+    n = len(batch.bodies)
+    busy = f"server busy {server_cpu_s / elapsed:.2f} cores, {_ms(server_cpu_s / n)}"
     errors = posting.errors
     failed = f"; {len(errors)} errors (first: {errors[0]})" if errors else ""
     print(f"  request p50 {_ms(p50)}, p99 {_ms(p99)}; {busy} CPU a report{failed}")
+    capacity = batch.measurements / server_cpu_s
+    print(
+        f"  the clients here used {client_cpu_s / elapsed:.2f} cores ({_ms(client_cpu_s / n)} a"
+        f" report) of the machine's {os.cpu_count()}; the server's CPU a report (background"
+        f" recomputes included) is {capacity:,.0f} link measurements/s per busy core"
+        f" ({capacity / GOAL_INGEST_PER_S:.2f}x the goal)"
+    )
 
 
 def print_ingest(how: str, batch: Round, elapsed_s: float) -> None:

@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -86,34 +86,46 @@ NODE_WAIT_S = 30.0  # how long a node's first desired-state request waits for a 
 
 
 class TokenCache:
-    """``store.authenticate`` remembered for ``ttl_s`` seconds per token (only tokens that were
-    valid: an unknown token is looked up every time, so a node that just enrolled is known at
-    once). A token revoked in the store is refused at most ``ttl_s`` after the revocation;
-    ``ttl_s`` 0 looks every token up. Thread-safe (one dict assignment per miss)."""
+    """``store.authenticate`` without a database query per request: every valid token is
+    remembered (all of them read at first use, new ones when first seen), and every ``ttl_s``
+    seconds one query asks the store which tokens were revoked lately; those are forgotten
+    (and then refused by the store). A token revoked in the store is therefore refused at most
+    ``ttl_s`` seconds (plus one request's time) after the revocation committed, by every
+    controller process. Unknown tokens are looked up every time, so a node that just enrolled
+    is known at once. ``ttl_s`` 0 looks every token up."""
 
-    MAX_ENTRIES = 200_000
+    REREAD_S = 60.0  # revocations are read back this far: commits in flight, clock skew
 
     def __init__(self, store: Store, ttl_s: float) -> None:
         self.store = store
         self.ttl_s = ttl_s
-        self._known: dict[str, tuple[float, Principal]] = {}
+        self._known: dict[str, Principal] = {}
+        self._next_check = 0.0
+        self._checked_at: datetime | None = None
 
     def authenticate(self, token: str) -> Principal | None:
         if self.ttl_s <= 0:
             return self.store.authenticate(token)
-        now = time.monotonic()
+        if time.monotonic() >= self._next_check:
+            self._forget_revoked()
         digest = hash_token(token)
-        hit = self._known.get(digest)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        who = self.store.authenticate(token)
+        who = self._known.get(digest)
         if who is None:
-            self._known.pop(digest, None)
-            return None
-        if len(self._known) >= self.MAX_ENTRIES:
-            self._known = {k: v for k, v in self._known.items() if v[0] > now}
-        self._known[digest] = (now + self.ttl_s, who)
+            who = self.store.authenticate(token)
+            if who is not None:
+                self._known[digest] = who
         return who
+
+    def _forget_revoked(self) -> None:
+        now = utcnow()
+        if self._checked_at is None:  # first use: every valid token at once (one query each)
+            self._known = self.store.principals_by_token_hash()
+        else:
+            since = self._checked_at - timedelta(seconds=self.REREAD_S)
+            for digest in self.store.revoked_token_hashes(since):
+                self._known.pop(digest, None)
+        self._checked_at = now
+        self._next_check = time.monotonic() + self.ttl_s
 
 
 class ReportWriter:

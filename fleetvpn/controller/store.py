@@ -383,6 +383,35 @@ class Store:
                 return Principal("node", str(node.name), int(node.id), str(node.site))
         return None
 
+    def principals_by_token_hash(self) -> dict[str, Principal]:
+        """Every valid (unrevoked) admin and node token's hash → who it authenticates."""
+        out: dict[str, Principal] = {}
+        with self.tx() as conn:
+            for digest, name in conn.execute(
+                sa.select(admin_tokens.c.token_hash, admin_tokens.c.name).where(
+                    admin_tokens.c.revoked_at.is_(None)
+                )
+            ):
+                out[str(digest)] = Principal("admin", str(name))
+            for digest, name, node_id, site in conn.execute(
+                sa.select(nodes.c.token_hash, nodes.c.name, nodes.c.id, nodes.c.site).where(
+                    nodes.c.revoked_at.is_(None)
+                )
+            ):
+                out[str(digest)] = Principal("node", str(name), int(node_id), str(site))
+        return out
+
+    def revoked_token_hashes(self, since: datetime) -> set[str]:
+        """Hashes of the admin and node tokens revoked at or after ``since``."""
+        with self.tx() as conn:
+            return {
+                str(digest)
+                for table in (admin_tokens, nodes)
+                for digest in conn.scalars(
+                    sa.select(table.c.token_hash).where(table.c.revoked_at >= since)
+                )
+            }
+
     def revoke_node(self, name: str) -> None:
         with self.tx() as conn:
             done = conn.execute(
