@@ -461,39 +461,43 @@ class Store:
         False (a replay: stored before, nothing changes) or the StoreError it earned (another
         node's report id), in order. Should the transaction fail, each report is tried alone,
         so that one bad report costs the others nothing."""
-        results: list[bool | StoreError] = []
-        accepted: list[tuple[int, str, datetime, str, list[dict[str, Any]], Any]] = []
-        seen: dict[str, int] = {}
+        answers: list[bool | StoreError | None] = []
+        first: dict[str, tuple[int, str, datetime, str, list[dict[str, Any]], Any]] = {}
         for principal, report_id, created_at, body, links, nat in items:
             if principal.kind != "node" or principal.node_id is None:
-                results.append(Forbidden("only a node writes reports"))
+                answers.append(Forbidden("only a node writes reports"))
                 continue
-            if report_id in seen:  # twice in one batch: the second is a replay
-                same = seen[report_id] == principal.node_id
-                results.append(
-                    False if same else Forbidden(f"report {report_id} belongs to another node")
-                )
+            answers.append(None)  # decided by who owns the id once written
+            if report_id not in first:  # a second time in one batch is a replay at best
+                text = body if isinstance(body, str) else json.dumps(body, sort_keys=True)
+                first[report_id] = (principal.node_id, report_id, created_at, text, links, nat)
+        owners: dict[str, tuple[int, bool]] = {}
+        if first:
+            try:
+                owners = self._write_reports(list(first.values()))
+            except sa.exc.DBAPIError:
+                if len(first) == 1:
+                    raise
+                for one in first.values():  # alone: an error is that report's own
+                    owners |= self._write_reports([one])
+        results: list[bool | StoreError] = []
+        written: set[str] = set()
+        for (principal, report_id, *_), answer in zip(items, answers, strict=True):
+            if answer is not None:
+                results.append(answer)
                 continue
-            seen[report_id] = principal.node_id
-            text = body if isinstance(body, str) else json.dumps(body, sort_keys=True)
-            accepted.append((principal.node_id, report_id, created_at, text, links, nat))
-            results.append(True)
-        if not accepted:
-            return results
-        try:
-            stored = self._write_reports(accepted)
-        except sa.exc.DBAPIError:
-            if len(accepted) == 1:
-                raise
-            stored = {}
-            for one in accepted:  # alone: an error is that report's own
-                stored |= self._write_reports([one])
-        outcome = iter(stored[report_id] for _, report_id, *_ in accepted)
-        return [next(outcome) if r is True else r for r in results]
+            owner, inserted = owners[report_id]
+            if owner != principal.node_id:
+                results.append(Forbidden(f"report {report_id} belongs to another node"))
+            else:
+                results.append(inserted and report_id not in written)
+                written.add(report_id)
+        return results
 
     def _write_reports(
         self, accepted: list[tuple[int, str, datetime, str, list[dict[str, Any]], Any]]
-    ) -> dict[str, bool | StoreError]:
+    ) -> dict[str, tuple[int, bool]]:
+        """Write what is new; report_id → (the node that owns it, written now)."""
         now = utcnow()
         with self.tx() as conn:
             inserted = set(
@@ -506,25 +510,19 @@ class Store:
                     ],
                 )
             )  # fmt: skip
-            out: dict[str, bool | StoreError] = {}
+            out: dict[str, tuple[int, bool]] = {}
             rest = [report_id for _, report_id, *_ in accepted if report_id not in inserted]
-            owners: dict[str, int] = {}
             if rest:
                 query = sa.select(reports.c.report_id, reports.c.node_id)
                 for report_id, owner in conn.execute(query.where(reports.c.report_id.in_(rest))):
-                    owners[report_id] = owner
+                    out[report_id] = (int(owner), False)
             link_rows: list[dict[str, Any]] = []
             nat_rows: list[dict[str, Any]] = []
             heads: list[dict[str, Any]] = []
             for node_id, report_id, created_at, _, links, nat in accepted:
-                if report_id not in inserted:  # the id was there: a replay, or another node's
-                    out[report_id] = (
-                        False
-                        if owners.get(report_id) == node_id
-                        else Forbidden(f"report {report_id} belongs to another node")
-                    )
+                if report_id not in inserted:
                     continue
-                out[report_id] = True
+                out[report_id] = (node_id, True)
                 for link in links:
                     link_rows.append(
                         {**link, "report_id": report_id, "node_id": node_id,

@@ -22,6 +22,9 @@ AUTH_CACHE_TEST_S = 0.2  # how long the test servers remember a token
 TEST_APP_OPTIONS: dict[str, Any] = {"view_fresh_wait_s": 10.0, "auth_cache_s": AUTH_CACHE_TEST_S}
 
 
+SERVERS: dict[str, Server] = {}  # base URL → the running test server (its app, for its cache)
+
+
 class Server:
     def __init__(self, store: Store, max_body_bytes: int = 64 * 1024, **app_options: Any) -> None:
         with socket.socket() as s:
@@ -46,9 +49,11 @@ class Server:
             assert time.monotonic() < deadline, "uvicorn did not start"
             time.sleep(0.02)
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=10)
+        SERVERS[str(self.client.base_url)] = self
         return self.client
 
     def __exit__(self, *exc: object) -> None:
+        SERVERS.pop(str(self.client.base_url), None)
         self.client.close()
         self.server.should_exit = True
         self.thread.join(10)

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import pytest
 
 from fleetvpn.controller.store import Store
 
-from .apiutil import bearer, enroll
+from .apiutil import SERVERS, Server, bearer, enroll
 
 NOW = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -177,3 +180,96 @@ def test_history_per_link_and_site(api: httpx.Client, store: Store) -> None:
     site = api.get("/v1/sites/branch/history", headers=bearer(t["admin"])).json()
     assert [m["mapping_lifetime_s"] for m in site["nat_measurements"]] == [19.55]
     assert api.get("/v1/sites/branch/history", headers=bearer(t["branch1"])).status_code == 403
+
+
+def _star(api: httpx.Client, store: Store, branches: int) -> str:
+    """A hub and ``branches`` NATed branches that never reported: one planned link each."""
+    admin = store.create_admin_token()
+    enroll(api, admin, "hub", "hub", "h" * 43 + "=", endpoint="198.19.1.11:51820")
+    for i in range(branches):
+        enroll(api, admin, f"b{i}", "branch", f"{i}" * 43 + "=")
+    return admin
+
+
+def test_health_pages_through_the_links(api: httpx.Client, store: Store) -> None:
+    admin = _star(api, store, 3)
+    first = api.get("/v1/health?limit=2", headers=bearer(admin)).json()
+    assert [(r["a"], r["b"]) for r in first["links"]] == [("b0", "hub"), ("b1", "hub")]
+    assert first["links_matched"] == 3 and first["next_after"] == "b1,hub"
+    assert first["summary"] == {"down": 3} and first["healthy"] is False
+    rest = api.get(f"/v1/health?limit=2&after={first['next_after']}", headers=bearer(admin))
+    assert [(r["a"], r["b"]) for r in rest.json()["links"]] == [("b2", "hub")]
+    assert rest.json()["next_after"] is None
+    counted = api.get("/v1/health?problems=true&limit=0", headers=bearer(admin)).json()
+    assert counted["links"] == [] and counted["links_matched"] == 3
+    whole = api.get("/v1/health", headers=bearer(admin))
+    assert len(whole.json()["links"]) == 3 and whole.json()["next_after"] is None
+    assert float(whole.headers["x-fleetvpn-view-age-s"]) >= 0
+    for bad, field in (("limit=-1", "limit"), ("after=nocomma", "after")):
+        r = api.get(f"/v1/health?{bad}", headers=bearer(admin))
+        assert r.status_code == 422 and r.json()["error"].startswith(f"{field}:")
+
+
+def test_requests_are_served_from_the_last_view_while_a_recompute_runs(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fleetvpn.controller import fleet as fleet_module
+
+    real_compute = fleet_module.compute
+    gate, blocked = threading.Event(), threading.Event()
+    gate.set()
+
+    def slow_compute(*args: Any) -> Any:
+        if not gate.is_set():
+            blocked.set()
+            assert gate.wait(30), "the test never released the recompute"
+        return real_compute(*args)
+
+    monkeypatch.setattr(fleet_module, "compute", slow_compute)
+    with Server(store, view_fresh_wait_s=0.0) as api:
+        admin = _star(api, store, 1)
+        assert isinstance(api_cache(api), fleet_module.FleetCache)
+        api_cache(api).get_fresh(timeout=30)  # a view with every write so far
+        before = api.get("/v1/health", headers=bearer(admin)).json()
+        assert [(r["a"], r["b"]) for r in before["links"]] == [("b0", "hub")]
+        gate.clear()
+        enroll(api, admin, "b1", "branch", "1" * 43 + "=")  # a write: the view is dirty now
+        assert blocked.wait(30), "no recompute started after the write"
+        during = api.get("/v1/health", headers=bearer(admin))  # answered, not waiting
+        assert during.status_code == 200
+        assert during.json()["generated_at"] == before["generated_at"]
+        assert [(r["a"], r["b"]) for r in during.json()["links"]] == [("b0", "hub")]
+        gate.set()
+        api_cache(api).get_fresh(timeout=30)
+        after = api.get("/v1/health", headers=bearer(admin)).json()
+        assert [(r["a"], r["b"]) for r in after["links"]] == [("b0", "hub"), ("b1", "hub")]
+
+
+def api_cache(api: httpx.Client) -> Any:
+    return SERVERS[str(api.base_url)].app.state.fleet_cache
+
+
+def test_a_node_that_just_enrolled_gets_its_desired_state(store: Store) -> None:
+    with Server(store, view_fresh_wait_s=0.0) as api:
+        admin = _star(api, store, 1)
+        token = enroll(api, admin, "b1", "branch", "1" * 43 + "=")
+        r = api.get("/v1/nodes/b1/desired", headers=bearer(token))
+        assert r.status_code == 200 and [p["peer"] for p in r.json()["peers"]] == ["hub"]
+        assert api.get("/v1/nodes/nosuch/desired", headers=bearer(admin)).status_code == 404
+
+
+def test_token_cache_refuses_a_revoked_token_within_its_bound(store: Store) -> None:
+    from fleetvpn.controller.api import TokenCache
+
+    bound_s = 0.2
+    tokens = TokenCache(store, bound_s)
+    token, _ = store.enroll(store.create_enrollment_token("s"), "a", "a" * 43 + "=")
+    who = tokens.authenticate(token)
+    assert who is not None and who.name == "a"
+    later, _ = store.enroll(store.create_enrollment_token("s"), "b", "b" * 43 + "=")
+    assert tokens.authenticate(later) is not None  # enrolled after the cache filled: known
+    store.revoke_node("a")
+    time.sleep(bound_s * 1.5)
+    assert tokens.authenticate(token) is None
+    assert tokens.authenticate(later) is not None
+    assert tokens.authenticate("fvn_guess") is None

@@ -3,11 +3,18 @@ measurements, retention, overrides."""
 
 from __future__ import annotations
 
+import json
+import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
 
 from fleetvpn.controller.store import SCHEMA_VERSION, Conflict, Forbidden, Store
+from fleetvpn.model import ReportError
+
+from .test_model import _report as _report_strategy
 
 KEY_A = "A" * 43 + "="
 KEY_B = "B" * 43 + "="
@@ -97,3 +104,117 @@ def test_overrides_replace_and_clear(store: Store) -> None:
     assert only["value"] == 10
     assert store.clear_override("site", "branch", "keepalive_s") is True
     assert store.overrides() == []
+
+
+def _rid(n: int) -> str:
+    return str(uuid.UUID(int=n, version=4))
+
+
+def test_each_node_keeps_its_two_newest_report_ids(store: Store) -> None:
+    a = store.authenticate(store.enroll(store.create_enrollment_token("s"), "a", KEY_A)[0])
+    store.enroll(store.create_enrollment_token("s"), "b", KEY_B)
+    assert a is not None
+    assert store.report_heads() == {"a": (None, None, None), "b": (None, None, None)}
+    t0 = datetime.now(UTC)
+    store.put_report(a, _rid(1), t0, "{}", [], None)
+    store.put_report(a, _rid(3), t0 + timedelta(seconds=60), "{}", [], None)
+    latest, received_at, previous = store.report_heads()["a"]
+    assert (latest, previous) == (_rid(3), _rid(1)) and received_at is not None
+    store.put_report(a, _rid(2), t0 + timedelta(seconds=30), "{}", [], None)  # late, in between
+    assert store.report_heads()["a"][::2] == (_rid(3), _rid(2))
+    store.put_report(a, _rid(0), t0 - timedelta(seconds=30), "{}", [], None)  # older still
+    assert store.report_heads()["a"][::2] == (_rid(3), _rid(2))
+    bodies = store.report_bodies([_rid(3), _rid(9)])
+    assert list(bodies) == [_rid(3)] and bodies[_rid(3)][1] == "{}"
+
+
+def test_a_batch_of_reports_is_one_write_with_an_answer_each(store: Store) -> None:
+    a = store.authenticate(store.enroll(store.create_enrollment_token("s"), "a", KEY_A)[0])
+    b = store.authenticate(store.enroll(store.create_enrollment_token("s"), "b", KEY_B)[0])
+    assert a is not None and b is not None
+    now = datetime.now(UTC)
+    store.put_report(b, _rid(7), now, "{}", [], None)
+    results = store.put_reports(
+        [
+            (a, _rid(1), now, "{}", [_link("b", 1400)], None),
+            (a, _rid(1), now, "{}", [_link("b", 1300)], None),  # the same id again: a replay
+            (b, _rid(1), now, "{}", [], None),  # someone else's id
+            (a, _rid(7), now, "{}", [], None),  # b's, stored before
+            (b, _rid(7), now, "{}", [], None),  # b's replay
+            (b, _rid(8), now, '{"x": 1}', [_link("a", 1380)], None),
+        ]
+    )
+    assert results[:2] == [True, False] and results[4:] == [False, True]
+    assert all(isinstance(r, Forbidden) and "another node" in str(r) for r in results[2:4])
+    assert store.report_count() == 3
+    assert sorted(r["path_mtu"] for r in store.latest_links()) == [1380, 1400]
+    assert store.report_heads()["b"][::2] == (_rid(8), _rid(7))
+
+
+def test_migration_2_records_the_newest_reports_of_an_older_database(store_url: str) -> None:
+    import sqlalchemy as sa
+
+    from fleetvpn.controller.store import nodes, schema_migrations
+
+    store = Store.open(store_url)
+    a = store.authenticate(store.enroll(store.create_enrollment_token("s"), "a", KEY_A)[0])
+    assert a is not None
+    t0 = datetime.now(UTC)
+    for i in range(3):
+        store.put_report(a, _rid(i), t0 + timedelta(seconds=i), "{}", [], None)
+    with store.tx() as conn:  # as a version-1 database left them
+        conn.execute(
+            nodes.update().values(
+                latest_report_id=None, previous_report_id=None, previous_report_at=None
+            )
+        )
+        conn.execute(schema_migrations.delete().where(schema_migrations.c.version == 2))
+    store.close()
+    again = Store.open(store_url)
+    assert again.report_heads()["a"][::2] == (_rid(2), _rid(1))
+    with again.tx() as conn:
+        assert conn.scalar(sa.select(sa.func.max(schema_migrations.c.version))) == 2
+    again.close()
+
+
+def test_revoked_tokens_are_found_by_time(store: Store) -> None:
+    from fleetvpn.controller.store import hash_token
+
+    before = datetime.now(UTC) - timedelta(seconds=1)
+    token, _ = store.enroll(store.create_enrollment_token("s"), "a", KEY_A)
+    admin = store.create_admin_token()
+    assert set(store.principals_by_token_hash()) == {hash_token(token), hash_token(admin)}
+    assert store.revoked_token_hashes(before) == set()
+    store.revoke_node("a")
+    assert store.revoked_token_hashes(before) == {hash_token(token)}
+    assert store.revoked_token_hashes(datetime.now(UTC) + timedelta(seconds=5)) == set()
+    assert set(store.principals_by_token_hash()) == {hash_token(admin)}
+
+
+def test_stored_bodies_read_back_as_validation_reads_them() -> None:
+    from fleetvpn.controller.trusted import stored_report
+    from fleetvpn.model import Report
+
+    from .test_model import valid_report
+
+    doc = valid_report()
+    text = json.dumps(doc)
+    fast, checked = stored_report(text), Report.from_json(json.loads(text))
+    assert fast == checked
+    assert [type(m.rtt_s) for m in fast.measurements] == [
+        type(m.rtt_s) for m in checked.measurements
+    ]
+    minimal = {k: doc[k] for k in ("schema_version", "report_id", "node", "site", "created_at")}
+    minimal["measurements"] = []
+    assert stored_report(json.dumps(minimal)) == Report.from_json(minimal)
+    broken = dict(minimal, measurements=[{"peer": "x"}])  # not what the API stores: checked
+    with pytest.raises(ReportError, match=r"measurements\[0\]"):
+        stored_report(json.dumps(broken))
+
+
+@given(report=_report_strategy())
+@settings(max_examples=50, deadline=None)
+def test_any_valid_report_reads_back_the_same(report: Any) -> None:
+    from fleetvpn.controller.trusted import stored_report
+
+    assert stored_report(json.dumps(report.to_json())) == report
