@@ -143,13 +143,41 @@ def health_table(doc: dict[str, Any]) -> Any:
     return table
 
 
-def _print_health(doc: dict[str, Any]) -> None:
+def _print_health(doc: dict[str, Any], note: str = "") -> None:
     from rich.console import Console
 
     console = Console(width=None if sys.stdout.isatty() else 200)
-    console.print(health_table(doc))
+    if doc["links"]:
+        console.print(health_table(doc))
     summary = ", ".join(f"{n} {state}" for state, n in sorted(doc["summary"].items())) or "no links"
     console.print(f"{len(doc['links'])} links shown; fleet: {summary}")
+    if note:
+        console.print(note)
+
+
+# A fleet with more links than this shows, without --site or --all, its summary and its
+# problem links (at most this many): a table of 100,000 rows helps no one.
+TABLE_ROWS = 100
+
+
+def _health_doc(
+    controller: str, token: str, site: str | None, problems: bool, everything: bool
+) -> tuple[dict[str, Any], str]:
+    """The document to show and a note on what was left out."""
+    if site is not None or everything:
+        return get_json(controller, "/v1/health", token, site=site, problems=problems), ""
+    doc = get_json(controller, "/v1/health", token, problems=problems, limit=TABLE_ROWS)
+    if doc.get("next_after") is None:  # all of it (or a controller that does not page)
+        return doc, ""
+    if not problems:
+        doc = get_json(controller, "/v1/health", token, problems=True, limit=TABLE_ROWS)
+    matched = doc.get("links_matched", len(doc["links"]))
+    note = (
+        f"{matched:,} links are not ok; the first {len(doc['links']):,} are shown"
+        if matched > len(doc["links"])
+        else f"only the {matched:,} links that are not ok are shown"
+    )
+    return doc, f"{note} (a large fleet): --site S for a site, --all for every link, --json"
 
 
 @click.command()
@@ -167,6 +195,13 @@ def _print_health(doc: dict[str, Any]) -> None:
     metavar="[SECONDS]",
     help="Refresh every SECONDS (default 5) until interrupted.",
 )
+@click.option(
+    "--all",
+    "everything",
+    is_flag=True,
+    help=f"Every link even in a fleet of more than {TABLE_ROWS} (the table otherwise shows the"
+    " summary and the problem links).",
+)
 def health(
     controller: str,
     token_file: Path | None,
@@ -174,22 +209,27 @@ def health(
     problems: bool,
     as_json: bool,
     watch_s: float | None,
+    everything: bool,
 ) -> None:
     """One row per link: state, handshake age, RTT, loss, path MTU each way, MTU and keepalive
     configured vs recommended, NAT lifetime, report age, and the reason.
+
+    A fleet of more than 100 links shows, without --site or --all, the fleet's summary and the
+    links that are not ok. --json prints the whole document (schema_version 1).
 
     Exits 0 when every link is ok, 1 when there are problems, 2 when the controller cannot be
     reached.
     """
     token = _token(token_file)
     while True:
-        doc = get_json(controller, "/v1/health", token, site=site, problems=problems)
         if as_json:
+            doc = get_json(controller, "/v1/health", token, site=site, problems=problems)
             click.echo(json.dumps(doc, indent=2))
         else:
+            doc, note = _health_doc(controller, token, site, problems, everything)
             if watch_s is not None:
                 click.clear()
-            _print_health(doc)
+            _print_health(doc, note)
         if watch_s is None:
             break
         time.sleep(watch_s)

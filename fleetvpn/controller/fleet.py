@@ -650,7 +650,7 @@ class FleetCache:
         self.min_interval_s = min_interval_s
         self.busy_ratio = busy_ratio
         self.fresh_wait_s = fresh_wait_s
-        self.prepare = prepare  # run on each new view after it is served (pre-render)
+        self.prepare = prepare  # run on each new view before it is served (pre-render)
         self.last_compute_s = 0.0
         self.computes = 0
         self._sources = Sources()
@@ -757,14 +757,14 @@ class FleetCache:
                 ended = time.monotonic()
                 self.last_compute_s = max(self.last_compute_s, ended - started, 1.0)
                 continue
+            if self.prepare is not None:  # before it is served: readers never wait for it
+                try:
+                    self.prepare(view)
+                except Exception:
+                    log.exception("pre-rendering the fleet view failed")
             ended = time.monotonic()
             self.last_compute_s = ended - started
             with self._changed:
                 self._view, self._view_writes, self._error = view, writes, None
                 self.computes += 1
                 self._changed.notify_all()
-            if self.prepare is not None:
-                try:
-                    self.prepare(view)
-                except Exception:
-                    log.exception("pre-rendering the fleet view failed")

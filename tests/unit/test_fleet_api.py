@@ -273,3 +273,24 @@ def test_token_cache_refuses_a_revoked_token_within_its_bound(store: Store) -> N
     assert tokens.authenticate(token) is None
     assert tokens.authenticate(later) is not None
     assert tokens.authenticate("fvn_guess") is None
+
+
+def test_health_of_a_large_fleet_shows_its_summary_and_problems(
+    api: httpx.Client, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fleetvpn.health_cli
+
+    t = fleet(api, store)  # branch1↔hub: a black hole
+    for i in range(3):
+        enroll(api, t["admin"], f"ok{i}", "branch", f"{i}" * 43 + "=")
+    monkeypatch.setattr(fleetvpn.health_cli, "TABLE_ROWS", 2)  # "large": more than 2 links
+    env = {"FLEETVPN_CONTROLLER": str(api.base_url), "FLEETVPN_TOKEN": t["admin"]}
+    table = _cli("health", env=env)
+    assert table.exit_code == 1
+    assert "2 links shown; fleet: 1 blackhole, 3 down" in table.output
+    assert "4 links are not ok; the first 2 are shown" in table.output
+    assert "branch1 (branch) ↔ hub (hub)" in table.output
+    everything = _cli("health", "--all", env=env)
+    assert "4 links shown" in everything.output and "are shown" not in everything.output
+    doc = json.loads(_cli("health", "--json", env=env).output)
+    assert doc["schema_version"] == 1 and len(doc["links"]) == 4
