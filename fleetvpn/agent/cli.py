@@ -33,7 +33,8 @@ def agent() -> None:
 def run_command(config_path: Path) -> None:
     """Run the agent in the foreground (for systemd). SIGHUP reloads the config; SIGTERM stops
     it and leaves the tunnel up unless `on_stop: down`."""
-    from fleetvpn.agent.daemon import FatalError, run
+    from fleetvpn.agent.daemon import run
+    from fleetvpn.agent.startup import FatalError
 
     try:
         raise SystemExit(run(config_path))

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import random
@@ -42,8 +41,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from fleetvpn.agent import client as api
+from fleetvpn.agent import startup
 from fleetvpn.agent.config import AgentConfig, ConfigError, load
-from fleetvpn.agent.desired import Desired, DesiredError, PeerPlan, parse_desired
+from fleetvpn.agent.desired import Desired, DesiredError, PeerPlan
 from fleetvpn.agent.probes import (
     ResponderSet,
     hello_tag,
@@ -61,6 +61,7 @@ from fleetvpn.agent.report import (
 )
 from fleetvpn.agent.schedule import PeerWatch, ProbeBudget, Scheduler
 from fleetvpn.agent.spool import Spool
+from fleetvpn.agent.startup import FatalError
 from fleetvpn.model import Family, NatMeasurement, parse_endpoint
 from fleetvpn.net.keys import KeyFileError, load_key
 from fleetvpn.runner import Runner
@@ -71,23 +72,8 @@ log = logging.getLogger("fleetvpn.agent")
 SAMPLE_S: Final = 10.0  # wg show: handshakes, endpoints, counters (re-probe triggers)
 PMTU_TIMEOUT_S: Final = 30.0
 MAX_PMTU_RUNS: Final = 2  # at once, whatever the number of peers
-ENROLL_RETRY_S: Final = (1.0, 60.0)
 FULL_SIZE_EVERY: Final = 4  # a full-size tunnel probe every 4th RTT round (and after a loss)
 HELLO_REPEAT_S: Final = 60.0  # the first hello to a peer is sent again once, this much later
-
-
-class FatalError(RuntimeError):
-    """The agent cannot run (bad key file, refused enrollment): one line for the operator."""
-
-
-def _write_json(path: Path, doc: Any, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _host(endpoint: str) -> str:
@@ -128,70 +114,8 @@ class Agent:
         self.tunnel: Any = None
 
     # --- start-up --------------------------------------------------------------------------
-    def _prepare_files(self) -> None:
-        from fleetvpn.wg.keys import generate_private_key, public_key_of
-
-        self.config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        key_file = self.config.private_key_file
-        if not key_file.exists():
-            generate_private_key(key_file)
-            log.info("generated the WireGuard private key %s (mode 0600)", key_file)
-        try:
-            self.public_key = public_key_of(key_file)
-        except (OSError, ValueError) as e:
-            raise FatalError(str(e)) from None
-        try:
-            self.probe_key = load_key(self.config.probe.key_file)
-        except KeyFileError as e:
-            raise FatalError(f"probe.key_file: {e}") from None
-
     def _client(self) -> api.Client:
         return api.Client(self.config.controller, ca_file=self.config.ca_file, token=self.token)
-
-    async def _enroll(self) -> None:
-        node_file = self.config.node_file
-        if node_file.exists():
-            try:
-                doc = json.loads(node_file.read_text())
-                self.token, self.site, self.node = doc["node_token"], doc["site"], doc["node"]
-            except (OSError, ValueError, KeyError) as e:
-                raise FatalError(
-                    f"{node_file}: unreadable ({e}); remove it to enroll again"
-                ) from None
-            return
-        try:
-            enrollment = self.config.enrollment_token_file.read_text().strip()
-        except OSError as e:
-            raise FatalError(
-                f"enrollment_token_file: {self.config.enrollment_token_file}: {e.strerror} "
-                f"(needed once, to enroll {self.config.node})"
-            ) from None
-        delay = ENROLL_RETRY_S[0]
-        while not self.stopping:
-            try:
-                doc = await asyncio.to_thread(
-                    self._client().enroll,
-                    enrollment,
-                    self.config.node,
-                    self.public_key,
-                    self.config.listen_port,
-                    self.config.endpoint,
-                )
-                break
-            except api.Unreachable as e:
-                log.warning("enrollment: controller unreachable (%s); retry in %.0f s", e, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, ENROLL_RETRY_S[1])
-            except api.Refused as e:
-                raise FatalError(f"enrollment of {self.config.node} refused: {e}") from None
-        else:
-            return
-        self.token, self.site, self.node = doc["node_token"], doc["site"], doc["node"]
-        _write_json(
-            node_file, {"node": self.node, "site": self.site, "node_token": self.token}, 0o600
-        )
-        log.info("enrolled as %s in site %s; node token kept in %s (0600)", self.node,
-                 self.site, node_file)  # fmt: skip
 
     def _make_tunnel(self) -> Any:
         from fleetvpn.wg.tunnel import WgTunnel
@@ -204,24 +128,8 @@ class Agent:
             implementation=self.config.wireguard,
         )
 
-    def _load_last_good(self) -> Desired | None:
-        try:
-            doc = json.loads(self.config.desired_file.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as e:
-            log.warning("last good desired state %s unreadable (%s)", self.config.desired_file, e)
-            return None
-        try:
-            return self._parse(doc)
-        except DesiredError as e:
-            log.warning("last good desired state: %s", e)
-            return None
-
     def _parse(self, doc: Any) -> Desired:
-        return parse_desired(
-            doc, interface=self.config.interface, listen_port=self.config.listen_port
-        )
+        return startup.parse(self.config, doc)
 
     # --- the loop ---------------------------------------------------------------------------
     async def run(self) -> int:
@@ -229,18 +137,19 @@ class Agent:
         for sig, handler in ((signal.SIGTERM, self.stop), (signal.SIGINT, self.stop),
                              (signal.SIGHUP, self.reload)):  # fmt: skip
             loop.add_signal_handler(sig, handler)
-        self._prepare_files()
+        self.public_key, self.probe_key = startup.prepare_keys(self.config)
         self.tunnel = self._make_tunnel()
-        last_good = self._load_last_good()
+        last_good = startup.load_last_good(self.config)
         if last_good is not None:
             self._adopt(last_good)
             if self.config.apply:
                 log.info("re-applying the last good desired state (%s)",
                          last_good.document.get("generated_at"))  # fmt: skip
                 await self._apply(last_good, save=False)
-        await self._enroll()
-        if self.stopping:
+        identity = await startup.enroll(self.config, self.public_key, lambda: self.stopping)
+        if identity is None:
             return 0
+        self.node, self.site, self.token = identity.node, identity.site, identity.token
         self.responder, self.transports = await serve_responders(
             self.config.probe.listen_port, self.probe_key, self._on_hello
         )
@@ -340,7 +249,9 @@ class Agent:
         if self.config.apply:
             await self._apply(desired, save=True)
         else:
-            await asyncio.to_thread(_write_json, self.config.desired_file, dict(desired.document))
+            await asyncio.to_thread(
+                startup.write_json, self.config.desired_file, dict(desired.document)
+            )
         if len(self.spool):
             self._start("report")  # the controller answers: replay what waited
 
@@ -376,7 +287,9 @@ class Agent:
                 "changes": [f"{c.summary} — {c.reason}" for c in changes],
             }
         if save:
-            await asyncio.to_thread(_write_json, self.config.desired_file, dict(desired.document))
+            await asyncio.to_thread(
+                startup.write_json, self.config.desired_file, dict(desired.document)
+            )
 
     def _controller_ok(self) -> None:
         if self.controller["reachable"] is False:
@@ -485,7 +398,7 @@ class Agent:
             spool=self.spool.stats(),
             pid=os.getpid(),
         )
-        await asyncio.to_thread(_write_json, self.config.status_file, doc)
+        await asyncio.to_thread(startup.write_json, self.config.status_file, doc)
 
     async def _job_nat(self) -> None:
         from fleetvpn.net.natprobe import measure_nat

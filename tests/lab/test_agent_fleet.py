@@ -428,13 +428,13 @@ def test_controller_outage_loses_nothing_and_duplicates_nothing(fleet: Fleet) ->
     before = set(_controller_db_reports(fleet))
     fleet.stop("controller")
     outage_started = time.monotonic()
-    time.sleep(6 * 4)  # six report intervals
+    time.sleep(120)  # two minutes: 30 report intervals
     during = wgutil.tcp_transfer(
         fleet.plan.hosts["branch1"].ns, fleet.plan.hosts["hub"].ns, fleet._addresses("hub")[0],
         1_000_000, 20, 5602,
     )  # fmt: skip
     spooled = {host: _spooled(fleet, host) for host in AGENTS}
-    assert all(len(ids) >= 4 for ids in spooled.values()), {h: len(i) for h, i in spooled.items()}
+    assert all(len(ids) >= 20 for ids in spooled.values()), {h: len(i) for h, i in spooled.items()}
     assert during == (True, 1_000_000), during
     assert not (set().union(*spooled.values()) & before)
     outage_s = time.monotonic() - outage_started
@@ -517,7 +517,9 @@ def test_nat_timeout_change_is_remeasured_and_reapplied_live(fleet: Fleet) -> No
 
     box = next(b for b in fleet.plan.boxes if b.site == "branch")
     ifindex = _ifindex(fleet, "branch1")
-    netns.write_sysctl(box.box_ns, "net/netfilter/nf_conntrack_udp_timeout_stream", "15")
+    # 20 s -> 10 s: the keepalive must drop from 8 s to 3 s (a change of 1-2 s is within the
+    # controller's hysteresis and would rightly change nothing)
+    netns.write_sysctl(box.box_ns, "net/netfilter/nf_conntrack_udp_timeout_stream", "10")
     try:
 
         def lowered() -> str | None:
@@ -525,9 +527,9 @@ def test_nat_timeout_change_is_remeasured_and_reapplied_live(fleet: Fleet) -> No
             lifetime = nat.get("mapping_lifetime_s")
             conf = {p["peer"]: p for p in fleet.status("branch1")["configured"]["peers"]}
             keepalive = conf.get("hub", {}).get("keepalive_s")
-            if lifetime is None or not 13.5 <= lifetime <= 15:
+            if lifetime is None or not 8.5 <= lifetime <= 10:
                 return f"lifetime {lifetime}"
-            if keepalive is None or keepalive > 6:
+            if keepalive is None or keepalive > 4:
                 return f"keepalive towards hub {keepalive}"
             return None
 
@@ -536,7 +538,7 @@ def test_nat_timeout_change_is_remeasured_and_reapplied_live(fleet: Fleet) -> No
         hs = {p["peer"]: p["handshake_age_s"] for p in fleet.status("branch1")["peers"]}
         assert hs["hub"] is not None and hs["hub"] < 180, hs
         lifetime = fleet.status("branch1")["nat"]["mapping_lifetime_s"]
-        print(f"branch NAT 20 s -> 15 s: re-measured {lifetime} s, keepalive applied live")
+        print(f"branch NAT 20 s -> 10 s: re-measured {lifetime} s, keepalive applied live")
     finally:
         netns.write_sysctl(box.box_ns, "net/netfilter/nf_conntrack_udp_timeout_stream", "20")
 

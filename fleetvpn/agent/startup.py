@@ -1,0 +1,144 @@
+"""The agent's start-up: its keys, its identity (enrollment), its last good desired state, and
+the files in ``state_dir`` that carry them across restarts.
+
+Contract:
+- :func:`prepare_keys` → (WireGuard public key, probe key). Generates ``wg.key`` (mode 0600,
+  atomically, never over an existing one) on first start; the private key never leaves the file
+  (``wg pubkey`` reads it on stdin).
+- :func:`enroll` → :class:`Identity` from ``node.json`` (mode 0600), or, when there is none, by
+  spending the enrollment token once (``POST /v1/enroll``); retried with backoff while the
+  controller is unreachable, :class:`FatalError` when it refuses.
+- :func:`load_last_good` → the desired state last applied without error (None if absent or
+  unreadable: the agent then waits for the controller).
+- :func:`write_json`: atomic (temporary file, fsync, rename) with the given mode.
+Errors the operator must fix raise :class:`FatalError` (one line, naming the file or key); no
+message carries a key or a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from fleetvpn.agent import client as api
+from fleetvpn.agent.config import AgentConfig
+from fleetvpn.agent.desired import Desired, DesiredError, parse_desired
+from fleetvpn.net.keys import KeyFileError, load_key
+
+log = logging.getLogger("fleetvpn.agent")
+
+ENROLL_RETRY_S: Final = (1.0, 60.0)
+
+
+class FatalError(RuntimeError):
+    """The agent cannot run (bad key file, refused enrollment): one line for the operator."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    node: str
+    site: str
+    token: str
+
+
+def write_json(path: Path, doc: Any, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prepare_keys(config: AgentConfig) -> tuple[str, bytes]:
+    from fleetvpn.wg.keys import generate_private_key, public_key_of
+
+    config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key_file = config.private_key_file
+    if not key_file.exists():
+        generate_private_key(key_file)
+        log.info("generated the WireGuard private key %s (mode 0600)", key_file)
+    try:
+        public_key = public_key_of(key_file)
+    except (OSError, ValueError) as e:
+        raise FatalError(str(e)) from None
+    try:
+        probe_key = load_key(config.probe.key_file)
+    except KeyFileError as e:
+        raise FatalError(f"probe.key_file: {e}") from None
+    return public_key, probe_key
+
+
+async def enroll(
+    config: AgentConfig, public_key: str, stopping: Callable[[], bool]
+) -> Identity | None:
+    """The node's identity; None if ``stopping()`` turned true while waiting for the controller."""
+    node_file = config.node_file
+    if node_file.exists():
+        try:
+            doc = json.loads(node_file.read_text())
+            return Identity(doc["node"], doc["site"], doc["node_token"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise FatalError(f"{node_file}: unreadable ({e}); remove it to enroll again") from None
+    try:
+        enrollment = config.enrollment_token_file.read_text().strip()
+    except OSError as e:
+        raise FatalError(
+            f"enrollment_token_file: {config.enrollment_token_file}: {e.strerror} "
+            f"(needed once, to enroll {config.node})"
+        ) from None
+    client = api.Client(config.controller, ca_file=config.ca_file)
+    delay = ENROLL_RETRY_S[0]
+    while not stopping():
+        try:
+            doc = await asyncio.to_thread(
+                client.enroll,
+                enrollment,
+                config.node,
+                public_key,
+                config.listen_port,
+                config.endpoint,
+            )
+        except api.Unreachable as e:
+            log.warning("enrollment: controller unreachable (%s); retry in %.0f s", e, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, ENROLL_RETRY_S[1])
+            continue
+        except api.Refused as e:
+            raise FatalError(f"enrollment of {config.node} refused: {e}") from None
+        identity = Identity(doc["node"], doc["site"], doc["node_token"])
+        write_json(
+            node_file,
+            {"node": identity.node, "site": identity.site, "node_token": identity.token},
+            0o600,
+        )
+        log.info("enrolled as %s in site %s; node token kept in %s (0600)", identity.node,
+                 identity.site, node_file)  # fmt: skip
+        return identity
+    return None
+
+
+def parse(config: AgentConfig, doc: Any) -> Desired:
+    return parse_desired(doc, interface=config.interface, listen_port=config.listen_port)
+
+
+def load_last_good(config: AgentConfig) -> Desired | None:
+    try:
+        doc = json.loads(config.desired_file.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("last good desired state %s unreadable (%s)", config.desired_file, e)
+        return None
+    try:
+        return parse(config, doc)
+    except DesiredError as e:
+        log.warning("last good desired state: %s", e)
+        return None
