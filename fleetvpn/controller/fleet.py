@@ -487,24 +487,26 @@ def health_json(
     *,
     limit: int | None = None,
     after: str | None = None,
+    rows: bool = True,
 ) -> dict[str, Any]:
     """The health document: links (those with an end in ``site``; with ``problems`` only those
     not ok), the fleet's summary (always the whole fleet) and the sites' keepalives.
 
     Paging: links come ordered by (a, b); ``after`` (a cursor, ``a,b``) starts after that link,
     ``limit`` caps how many; ``next_after`` is the cursor to ask for the next page, None after
-    the last. ``links_matched`` counts every link the filters match, on all pages."""
-    rows = view.links if site is None else _site_rows(view, site)
+    the last. ``links_matched`` counts every link the filters match, on all pages. ``rows``
+    False leaves the LinkRow objects in ``links`` (for an encoder that goes row by row)."""
+    links = view.links if site is None else _site_rows(view, site)
     if problems:
-        rows = [r for r in rows if r.state != "ok"]
-    matched = len(rows)
+        links = [r for r in links if r.state != "ok"]
+    matched = len(links)
     if after is not None:
         a, _, b = after.partition(",")
-        rows = rows[bisect.bisect_right(rows, (a, b), key=lambda r: (r.a, r.b)) :]
+        links = links[bisect.bisect_right(links, (a, b), key=lambda r: (r.a, r.b)) :]
     next_after = None
-    if limit is not None and len(rows) > limit:
-        rows = rows[:limit]
-        next_after = link_cursor(rows[-1]) if rows else after
+    if limit is not None and len(links) > limit:
+        links = links[:limit]
+        next_after = link_cursor(links[-1]) if links else after
     counts: dict[str, int] = view.memo("summary", lambda: _summary(view))
     return {
         "schema_version": 1,
@@ -513,7 +515,7 @@ def health_json(
         "healthy": all(state == "ok" for state in counts),
         "links_matched": matched,
         "next_after": next_after,
-        "links": [link_json(r) for r in rows],
+        "links": [link_json(r) for r in links] if rows else links,
         "sites": [
             {"site": s.site, **{k: v for k, v in s.to_json().items() if k != "site"}}
             for name, s in sorted(view.sites.items())
@@ -541,8 +543,16 @@ def health_bytes(
 
     def encode() -> bytes:
         with gc_paused():  # 100,000 rows of dicts: no cycles, and collecting tripled the time
-            doc = health_json(view, site, problems, limit=limit, after=after)
-            return json.dumps(doc, separators=(",", ":")).encode()
+            doc = health_json(view, site, problems, limit=limit, after=after, rows=False)
+            links = doc.pop("links")
+            sites = doc.pop("sites")
+            head = json.dumps(doc, separators=(",", ":"))[:-1]
+            # Row by row: one json.dumps of 170 MB would hold the GIL for seconds, and every
+            # request (reports too) would wait for it.
+            dumps = json.JSONEncoder(separators=(",", ":")).encode
+            rows = ",".join([dumps(link_json(r)) for r in links])
+            tail = dumps(sites)
+            return f'{head},"links":[{rows}],"sites":{tail}}}'.encode()
 
     if limit is None and after is None:
         return view.memo(f"health:{site or ''}:{int(problems)}", encode)
