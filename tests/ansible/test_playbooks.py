@@ -154,6 +154,22 @@ def test_check_diff_shows_exactly_the_change_and_changes_nothing(ansible_lab: An
     assert {h: (link(h), wg_peers(h)) for h in ("branch1", "hub")} == before
 
 
+def test_a_changed_agent_setting_is_applied_live_by_the_handler(ansible_lab: Ansible) -> None:
+    pids = {h: on(h, "cat", "/run/fleetvpn/agent.pid").strip() for h in ("branch1", "branch2")}
+    ifindex = link("branch1")["ifindex"]
+    run = ansible_lab.playbook(
+        "site.yml", "-e", CONVENTIONAL, "-e", FAST_AGENTS, "-e", "fleetvpn_agent_log_level=debug",
+        "--diff", "-l", "controllers,site_branch",
+    )  # fmt: skip
+    assert run.returncode == 0, run.output[-5000:]
+    assert run.changed("branch1") == 2 and run.changed("controller") == 0  # config + reload
+    assert '-log_level: "info"' in run.output and '+log_level: "debug"' in run.output
+    assert "HANDLER [fleetvpn.fleet.agent : Reload the agent (process, SIGHUP)]" in run.output
+    # The same agent processes (reloaded, not restarted), the same tunnel.
+    assert {h: on(h, "cat", "/run/fleetvpn/agent.pid").strip() for h in pids} == pids
+    assert link("branch1")["ifindex"] == ifindex
+
+
 def test_tune_applies_measured_settings_live_with_reasons(ansible_lab: Ansible) -> None:
     def measured() -> bool:
         doc = controller_json("health")
@@ -192,22 +208,27 @@ def test_lower_nat_timeout_changes_that_sites_keepalive_and_nothing_else(
     # Whatever the agents measured since the last tune, settle it first.
     settle = ansible_lab.playbook("tune.yml")
     assert settle.returncode == 0, settle.output[-5000:]
-    old = STATE["branch_keepalive"]
+    hub_key = STATE["keys"]["hub"]
+    old = wg_peers("branch1")[hub_key]  # what the branch runs now, after the settling tune
     other_before = {h: (link(h), route_mtus(h), wg_peers(h)) for h in ("hub", "cloud1")}
     # The branch NAT now forgets idle established mappings after 12 s instead of 20 s.
     on("branch-r", "sysctl", "-qw", "net.netfilter.nf_conntrack_udp_timeout_stream=12")
 
     def lowered() -> bool:
         changes = controller_json("tune")["changes"]
+        # The agent reports what it runs (`current`): wait for a recommendation below it.
         return any(
-            c["node"] == "branch1" and c["setting"] == "keepalive_s" and c["recommended"] < old
+            c["node"] == "branch1"
+            and c["setting"] == "keepalive_s"
+            and c["current"] == old
+            and c["recommended"] < old
             for c in changes
         )
 
     wait_for("the branch's new NAT lifetime to lower its keepalive", lowered, timeout_s=150)
     run = ansible_lab.playbook("tune.yml", "--diff")
     assert run.returncode == 0, run.output[-5000:]
-    assert node_changed(run) == {"hub": 0, "branch1": 1, "branch2": 1, "cloud1": 0}
+    assert node_changed(run) == {"hub": 0, "branch1": 1, "branch2": 1, "cloud1": 0}, run.output
     summary = run.output.split("TASK [What changed, and why]", 1)[1]
     applied = re.findall(r'"((?:hub|branch1|branch2|cloud1): [^"]*)"', summary)
     changed_lines = [line for line in applied if "unchanged" not in line]
@@ -216,6 +237,8 @@ def test_lower_nat_timeout_changes_that_sites_keepalive_and_nothing_else(
         for line in changed_lines
     ), changed_lines
     assert {h: (link(h), route_mtus(h), wg_peers(h)) for h in ("hub", "cloud1")} == other_before
+    assert wg_peers("branch1")[hub_key] < old
+    STATE["branch_keepalive"] = wg_peers("branch1")[hub_key]
 
 
 def test_health_fails_while_links_have_problems(ansible_lab: Ansible) -> None:
@@ -254,7 +277,7 @@ def test_inventory_plugin_reads_the_controller(ansible_lab: Ansible, tmp_path: A
     assert hv["branch1"]["fleetvpn_site"] == "branch"
     assert hv["branch1"]["fleetvpn_recommended_interface_mtu"] == 1340
     assert hv["branch1"]["fleetvpn_links"]["hub"]["path_mtu"] == 1400
-    assert hv["branch1"]["fleetvpn_recommended_keepalive_s"] < STATE["branch_keepalive"]
+    assert 0 < hv["branch1"]["fleetvpn_recommended_keepalive_s"] <= STATE["branch_keepalive"]
     assert hv["hub"]["fleetvpn_endpoint"].endswith(":51820")
 
 
