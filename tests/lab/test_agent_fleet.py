@@ -544,21 +544,21 @@ def test_nat_timeout_change_is_remeasured_and_reapplied_live(fleet: Fleet) -> No
 
 
 def test_bottleneck_shrink_is_noticed_remeasured_and_reapplied_live(fleet: Fleet) -> None:
-    """The branch's black-holed uplink drops from 1400 to 1300 bytes under a running fleet: the
+    """The branch's black-holed uplink drops from 1400 to 1360 bytes under a running fleet: the
     full-size probes through the tunnel vanish, the agents re-probe at once, report, and apply
     the controller's new route MTUs without touching the interface; bulk TCP works again."""
     ifindex = {h: _ifindex(fleet, h) for h in ("hub", "branch1")}
     boxes = ((f"{LAB}-branch-isp", "tosite"), (f"{LAB}-branch-r", "wan"))
     started = time.monotonic()
     for ns, dev in boxes:
-        subprocess.run(["ip", "-n", ns, "link", "set", dev, "mtu", "1300"], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", dev, "mtu", "1360"], check=True)
     try:
 
         def remeasured() -> str | None:
             links = {(r["a"], r["b"]): r for r in fleet.health()["links"]}
             row = links[("branch1", "hub")]
             got = (row["a_to_b"]["path_mtu"], row["b_to_a"]["path_mtu"])
-            if got != (1300, 1300):
+            if got != (1360, 1360):
                 return f"path MTU branch1↔hub {got}"
             for host, peer in (("branch1", "hub"), ("hub", "branch1")):
                 desired = json.loads(
@@ -566,7 +566,7 @@ def test_bottleneck_shrink_is_noticed_remeasured_and_reapplied_live(fleet: Fleet
                 )
                 want = next(p["route_mtu"] for p in desired["peers"] if p["peer"] == peer)
                 conf = {p["peer"]: p for p in fleet.status(host)["configured"]["peers"]}
-                if want + 60 > 1300 or conf[peer]["route_mtu"] != want:
+                if want + 60 > 1360 or conf[peer]["route_mtu"] != want:
                     return f"{host}→{peer} route MTU {conf[peer]['route_mtu']} (desired {want})"
             return None
 
@@ -582,7 +582,7 @@ def test_bottleneck_shrink_is_noticed_remeasured_and_reapplied_live(fleet: Fleet
             if got != (True, 2_000_000):
                 failures.append(f"{src}→{dst}: {got}")
         assert not failures, failures
-        print(f"uplink 1400 -> 1300: measured both ways and applied {noticed_s:.0f} s later")
+        print(f"uplink 1400 -> 1360: measured both ways and applied {noticed_s:.0f} s later")
     finally:
         for ns, dev in boxes:
             subprocess.run(["ip", "-n", ns, "link", "set", dev, "mtu", "1400"], check=True)
