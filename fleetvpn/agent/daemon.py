@@ -12,9 +12,11 @@ Life of an agent:
    half-applied one. Then the probe responder starts.
 2. The loop runs jittered jobs: ``desired`` (fetch, reconcile when ``apply``, save as last good
    after a clean apply; a failed apply was rolled back by the wg layer and is logged with the
-   step that failed), ``report`` (snapshot → spool → send in order), ``nat``, ``rtt``, one
-   ``pmtu:PEER`` job per peer (see probes.py for the directions), and a wg sample every
-   ``SAMPLE_S`` that feeds the re-probe triggers.
+   step that failed), ``report`` (snapshot → spool → send in order), ``nat``, ``rtt`` (with a
+   full-size probe through the tunnel every ``FULL_SIZE_EVERY`` rounds: lost twice while the
+   small ones arrive, the peer is re-probed at once), one ``pmtu:PEER`` job per peer (see
+   probes.py for the directions), and a wg sample every ``SAMPLE_S`` that feeds the re-probe
+   triggers (endpoint changed, handshake stale).
 3. Controller unreachable: nothing changes on the tunnel; reports queue in the spool (bounded)
    and leave in order when it answers again.
 4. SIGHUP: the config file is read again (an invalid one is logged and ignored); SIGTERM/SIGINT:

@@ -3,13 +3,22 @@ serve` on the lab's controller host): six `fleetvpn agent run` processes (hub, b
 home1, office1, cloud1), each in its own host (network, mount and UTS namespaces, so its own
 /etc/fleetvpn, /var/lib/fleetvpn and wg0 over wireguard-go).
 
-Proved here: enrollment with generated keys; every planned tunnel handshakes; every link's path
-MTU is reported exactly in both directions (forward probes, and reverse runs through the NATed
-end's mapping); every NATed or firewalled site's mapping lifetime is reported; after the agents
-applied the controller's settings, bulk TCP crosses every link both ways (the black-holed branch
-and cloud paths included); the controller stopped and started again: every report made during
-the outage arrives exactly once, the tunnels keep working; an agent killed with SIGKILL in the
-middle of an apply comes back to a consistent, working tunnel.
+Proved here, in order, on one fleet:
+1. enrollment with generated keys; every planned tunnel handshakes; every link's path MTU is
+   reported exactly in both directions (forward probes, and reverse runs through the NATed end's
+   mapping); every NATed or firewalled site's mapping lifetime is reported; after the agents
+   applied the controller's settings, bulk TCP crosses every link both ways (the black-holed
+   branch and cloud paths included);
+2. SIGHUP reloads the config; the hub reaches the short-timeout branch after it was idle for
+   three times its NAT timeout (the keepalive the agents applied);
+3. the controller stopped for two minutes: every report made meanwhile arrives exactly once and
+   in order; a tunnel carries TCP during the outage;
+4. an agent killed with SIGKILL in the middle of an apply comes back to a consistent, working
+   tunnel on the same interface;
+5. the branch NAT's timeout lowered under the running fleet: re-measured and the new keepalive
+   applied live;
+6. the branch's black-holed uplink shrunk under the running fleet: noticed through the tunnel,
+   re-measured both ways, applied live, bulk TCP works again.
 """
 
 from __future__ import annotations
