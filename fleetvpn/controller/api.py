@@ -13,6 +13,7 @@ import base64
 import binascii
 import json
 import re
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -82,6 +83,7 @@ async def read_json(request: Request, limit: int) -> Any:
 
 
 AUTH_CACHE_S = 5.0
+GIL_SWITCH_S = 0.001
 NODE_WAIT_S = 30.0  # how long a node's first desired-state request waits for a view with it
 
 
@@ -250,10 +252,17 @@ def create_app(
 
             handle = await serve(*responder)
         pruning = asyncio.create_task(_prune_forever(store, retention)) if retention else None
+        # The recompute thread runs Python for seconds at a time; the event loop and the
+        # database threads need the GIL back after each of their (many, short) I/O waits. At
+        # CPython's default 5 ms hand-over they queued behind it (reports arrived at 155/s of
+        # 167/s, p99 222 ms, on PostgreSQL at 10,000 nodes); at 1 ms they keep up (167/s, 71 ms).
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch_interval, GIL_SWITCH_S))
         cache.start()
         try:
             yield
         finally:
+            sys.setswitchinterval(switch_interval)
             await asyncio.to_thread(cache.stop)
             if pruning is not None:
                 pruning.cancel()

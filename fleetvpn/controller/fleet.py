@@ -671,6 +671,7 @@ class FleetCache:
         self._error: Exception | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._thaw_at = time.monotonic() + self.THAW_EVERY_S
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -778,3 +779,20 @@ class FleetCache:
                 self._view, self._view_writes, self._error = view, writes, None
                 self.computes += 1
                 self._changed.notify_all()
+            del view
+            self._freeze_heap()
+
+    # The cyclic collector's full passes traverse every live object: with a 100,000-link view
+    # (millions of objects) one pass took seconds, in whichever request thread triggered it.
+    # So what is alive once a view is served is frozen (gc.freeze: never traversed again; freed
+    # by reference counting as usual when an old view goes). A cycle that was alive at a freeze
+    # and dies later is only collected at the next thaw, which happens here, off the request
+    # path, every THAW_EVERY_S.
+    THAW_EVERY_S = 3600.0
+
+    def _freeze_heap(self) -> None:
+        if time.monotonic() >= self._thaw_at:
+            gc.unfreeze()
+            gc.collect()
+            self._thaw_at = time.monotonic() + self.THAW_EVERY_S
+        gc.freeze()
