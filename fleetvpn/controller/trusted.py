@@ -30,17 +30,19 @@ def _float(value: Any) -> float | None:
 
 
 def _measurement(m: dict[str, Any]) -> LinkMeasurement:
-    return LinkMeasurement(
-        peer=m["peer"],
-        family=m["family"],
-        rx_bytes=m["rx_bytes"],
-        tx_bytes=m["tx_bytes"],
-        endpoint=m.get("endpoint"),
-        path_mtu=m.get("path_mtu"),
-        icmp_seen=m.get("icmp_seen", False),
-        rtt_s=_float(m.get("rtt_s")),
-        loss_ratio=_float(m.get("loss_ratio")),
-        handshake_age_s=_float(m.get("handshake_age_s")),
+    get = m.get
+    rtt_s, loss_ratio, handshake_age_s = get("rtt_s"), get("loss_ratio"), get("handshake_age_s")
+    return LinkMeasurement(  # positional, in field order (400,000 of them in a cold recompute)
+        m["peer"],
+        m["family"],
+        m["rx_bytes"],
+        m["tx_bytes"],
+        get("endpoint"),
+        get("path_mtu"),
+        get("icmp_seen", False),
+        None if rtt_s is None else float(rtt_s),
+        None if loss_ratio is None else float(loss_ratio),
+        None if handshake_age_s is None else float(handshake_age_s),
     )
 
 
