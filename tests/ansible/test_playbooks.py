@@ -103,6 +103,19 @@ def node_changed(run: Run) -> dict[str, int]:
 STATE: dict[str, Any] = {}
 
 
+def test_check_mode_on_a_fresh_fleet_says_what_it_would_do_and_does_nothing(
+    ansible_lab: Ansible,
+) -> None:
+    run = ansible_lab.playbook(
+        "site.yml", "-e", CONVENTIONAL, "-e", FAST_AGENTS, "--check", "-l", "controllers,branch1"
+    )
+    assert run.returncode == 0, run.output[-5000:]
+    assert run.changed("controller") > 0 and run.changed("branch1") > 0
+    assert not list((HOSTS_DIR / "controller/etc/fleetvpn").iterdir())
+    assert not list((HOSTS_DIR / "branch1/var/lib/fleetvpn").iterdir())
+    assert "wg0" not in on("branch1", "ip", "-br", "link")
+
+
 def test_first_run_deploys_controller_agents_and_conventional_tunnels(ansible_lab: Ansible) -> None:
     run = ansible_lab.playbook("site.yml", "-e", CONVENTIONAL, "-e", FAST_AGENTS, "-vv")
     assert run.returncode == 0, run.output[-5000:]
