@@ -84,6 +84,7 @@ async def read_json(request: Request, limit: int) -> Any:
 
 AUTH_CACHE_S = 5.0
 GIL_SWITCH_S = 0.001
+PREPARE_FOR_S = 600.0  # a rendering asked for is made for each new view this long
 NODE_WAIT_S = 30.0  # how long a node's first desired-state request waits for a view with it
 
 
@@ -272,11 +273,16 @@ def create_app(
     app = FastAPI(title="fleetvpn controller", version=__version__, lifespan=lifespan)
     app.add_middleware(_NoStore)
     tunnel = tunnel or TunnelConfig()
-    asked: dict[str, Callable[[FleetView], object]] = {}  # renderings to make for each new view
+    # Renderings to make for each new view before it is served: those asked for in the last
+    # PREPARE_FOR_S (a whole-fleet health document costs seconds; nobody may want the next one).
+    asked: dict[str, tuple[Callable[[FleetView], object], float]] = {}
 
     def prepare(new: FleetView) -> None:
-        for key, make in list(asked.items()):
-            new.memo(key, lambda make=make: make(new))  # type: ignore[misc]
+        for key, (make, at) in list(asked.items()):
+            if time.monotonic() - at > PREPARE_FOR_S:
+                asked.pop(key, None)
+            else:
+                new.memo(key, lambda make=make: make(new))  # type: ignore[misc]
 
     cache = FleetCache(
         store,
@@ -487,7 +493,7 @@ def create_app(
         fleet = view()
         if site is None and limit is None and after is None:  # the whole fleet: one encoding
             key = f"health::{int(problems)}"
-            asked[key] = lambda v: health_bytes(v, None, problems)
+            asked[key] = (lambda v: health_bytes(v, None, problems), time.monotonic())
         content = health_bytes(fleet, site, problems, limit=limit, after=after)
         return fleet_response(fleet, content, "application/json")
 
@@ -553,7 +559,7 @@ def create_app(
         from fleetvpn.controller.metrics import render
 
         fleet = view()
-        asked["metrics"] = render
+        asked["metrics"] = (render, time.monotonic())
         content = fleet.memo("metrics", lambda: render(fleet))
         return fleet_response(fleet, content, "text/plain; version=0.0.4")
 
