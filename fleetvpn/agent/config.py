@@ -106,6 +106,10 @@ class AgentConfig:
         return self.state_dir / "desired.json"
 
     @property
+    def measurements_file(self) -> Path:
+        return self.state_dir / "measurements.json"
+
+    @property
     def spool_dir(self) -> Path:
         return self.state_dir / "spool"
 

@@ -141,6 +141,7 @@ class Agent:
             loop.add_signal_handler(sig, handler)
         self.public_key, self.probe_key = startup.prepare_keys(self.config)
         self.tunnel = self._make_tunnel()
+        self.pmtu, self.nat = startup.load_measurements(self.config)
         last_good = startup.load_last_good(self.config)
         if last_good is not None:
             self._adopt(last_good)
@@ -426,6 +427,7 @@ class Agent:
             max_lifetime_s=self.config.probe.nat_max_lifetime_s,
         )
         log.info("NAT: %s", result.reason)
+        await asyncio.to_thread(startup.save_measurements, self.config, dict(self.pmtu), self.nat)
 
     async def _job_rtt(self) -> None:
         if self.desired is None:
@@ -533,6 +535,7 @@ class Agent:
         before = self.pmtu.get(peer)
         self.pmtu[peer] = PathMtu(family, result.path_mtu, result.icmp_seen, time.time(), how,
                                   result.reason)  # fmt: skip
+        await asyncio.to_thread(startup.save_measurements, self.config, dict(self.pmtu), self.nat)
         if before is None or before.path_mtu != result.path_mtu:
             log.info("path MTU %s → %s: %d (%s, IPv%d, %d probes, %.2f s): %s", self.node, peer,
                      result.path_mtu, how, family, result.probes_sent, result.elapsed_s,

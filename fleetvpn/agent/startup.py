@@ -10,6 +10,10 @@ Contract:
   controller is unreachable, :class:`FatalError` when it refuses.
 - :func:`load_last_good` → the desired state last applied without error (None if absent or
   unreadable: the agent then waits for the controller).
+- :func:`load_measurements` / :func:`save_measurements`: the latest path MTU per peer and NAT
+  measurement (``measurements.json``), so a restarted agent reports what it knew instead of
+  nothing — the controller would otherwise fall back to safe defaults and change a working
+  tunnel until every peer is measured again.
 - :func:`write_json`: atomic (temporary file, fsync, rename) with the given mode.
 Errors the operator must fix raise :class:`FatalError` (one line, naming the file or key); no
 message carries a key or a token.
@@ -22,13 +26,15 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from fleetvpn.agent import client as api
 from fleetvpn.agent.config import AgentConfig
 from fleetvpn.agent.desired import Desired, DesiredError, parse_desired
+from fleetvpn.agent.report import PathMtu
+from fleetvpn.model import NatMeasurement, ReportError
 from fleetvpn.net.keys import KeyFileError, load_key
 
 log = logging.getLogger("fleetvpn.agent")
@@ -142,3 +148,38 @@ def load_last_good(config: AgentConfig) -> Desired | None:
     except DesiredError as e:
         log.warning("last good desired state: %s", e)
         return None
+
+
+def load_measurements(config: AgentConfig) -> tuple[dict[str, PathMtu], NatMeasurement | None]:
+    try:
+        doc = json.loads(config.measurements_file.read_text())
+    except FileNotFoundError:
+        return {}, None
+    except (OSError, ValueError) as e:
+        log.warning(
+            "measurements %s unreadable (%s): measuring afresh", config.measurements_file, e
+        )
+        return {}, None
+    try:
+        pmtu = {}
+        for peer, raw in doc.get("path_mtu", {}).items():
+            m = PathMtu(**raw)
+            if m.family not in (4, 6) or not isinstance(m.path_mtu, int):
+                raise ValueError(f"path_mtu.{peer}: not a measurement")
+            pmtu[str(peer)] = m
+        nat = NatMeasurement.from_json(doc["nat"]) if doc.get("nat") else None
+    except (TypeError, ValueError, AttributeError, ReportError) as e:
+        log.warning("measurements %s: %s: measuring afresh", config.measurements_file, e)
+        return {}, None
+    return pmtu, nat
+
+
+def save_measurements(
+    config: AgentConfig, pmtu: dict[str, PathMtu], nat: NatMeasurement | None
+) -> None:
+    doc = {
+        "schema_version": 1,
+        "path_mtu": {peer: asdict(m) for peer, m in pmtu.items()},
+        "nat": nat.to_json() if nat else None,
+    }
+    write_json(config.measurements_file, doc)
