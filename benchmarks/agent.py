@@ -307,7 +307,7 @@ def main() -> None:
         print(
             f"{n:>3} peers: PMTU run {measured['pmtu_run_bytes'] / 1000:.1f} kB, "
             f"RTT round {measured['rtt_round_bytes_per_peer']:.0f} B/peer, "
-            f"hello {measured['hello_bytes_per_peer']:.0f} B/peer; probe traffic "
+            f"hello (+NAT binding) {measured['hello_bytes_per_peer']:.0f} B/peer; probe traffic "
             f"{measured['probe_bytes_per_peer_per_hour'] / 1000:.0f} kB per peer per hour",
             flush=True,
         )
