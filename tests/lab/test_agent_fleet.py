@@ -19,7 +19,8 @@ Proved here, in order, on one fleet:
 6. the branch NAT's timeout lowered under the running fleet: re-measured and the new keepalive
    applied live;
 7. the branch's black-holed uplink shrunk under the running fleet: noticed through the tunnel,
-   re-measured both ways, applied live, bulk TCP works again.
+   re-measured both ways, applied live, bulk TCP works again;
+8. no private key and no node token in any log, status or state file, nor at the controller.
 """
 
 from __future__ import annotations
@@ -628,3 +629,24 @@ def test_bottleneck_shrink_is_noticed_remeasured_and_reapplied_live(fleet: Fleet
     finally:
         for ns, dev in boxes:
             subprocess.run(["ip", "-n", ns, "link", "set", dev, "mtu", "1400"], check=True)
+
+
+def test_no_secret_in_any_output(fleet: Fleet) -> None:
+    """The WireGuard private key and the node token appear in no log, no status, no state file
+    but their own, and nowhere in the controller's database or log."""
+    controller_db = fleet.host_file("controller", "/var/lib/fleetvpn/controller.db").read_bytes()
+    controller_log = (fleet.logs / "controller.log").read_bytes()
+    for host in AGENTS:
+        state = fleet.host_file(host, "/var/lib/fleetvpn")
+        private_key = (state / "wg.key").read_text().strip().encode()
+        token = json.loads((state / "node.json").read_text())["node_token"].encode()
+        assert (state / "wg.key").stat().st_mode & 0o777 == 0o600
+        assert (state / "node.json").stat().st_mode & 0o777 == 0o600
+        outputs = {"log": (fleet.logs / f"{host}.log").read_bytes(),
+                   "controller db": controller_db, "controller log": controller_log}  # fmt: skip
+        for path in state.rglob("*"):
+            if path.is_file() and path.name not in ("wg.key", "node.json"):
+                outputs[str(path.relative_to(state))] = path.read_bytes()
+        for where, data in outputs.items():
+            assert private_key not in data, f"{host}'s private key in {where}"
+            assert token not in data, f"{host}'s node token in {where}"
