@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from fleetvpn.agent.config import DEFAULT_PATH
+DEFAULT_PATH = Path("/etc/fleetvpn/agent.yml")  # the same as fleetvpn.agent.config's
 
 config_option = click.option(
     "--config",
