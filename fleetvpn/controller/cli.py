@@ -80,6 +80,8 @@ def serve(config_path: Path) -> None:
         retention=timedelta(days=config.retention_days),
         responder=responder,
         tunnel=config.tunnel,
+        view_min_interval_s=float(config.view_interval_s),
+        auth_cache_s=float(config.auth_cache_s),
     )
     host, port = config.listen
     uvicorn.run(

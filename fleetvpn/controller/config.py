@@ -7,6 +7,9 @@ Example (every key optional)::
     tls: {cert: /etc/fleetvpn/api.crt, key: /etc/fleetvpn/api.key}   # HTTPS when given
     retention_days: 30                            # history kept per link and site
     max_body_bytes: 1048576                       # larger requests get 413
+    view_interval_s: 0                            # recompute the fleet view at most this often
+                                                  # (and never busier than 1/3 of a core)
+    auth_cache_s: 5                               # a revoked token is refused this soon
     probe_responder:                              # agents measure their NAT against it
       listen: "[::]:4789"
       key_file: /etc/fleetvpn/probe.key
@@ -60,6 +63,8 @@ class ControllerConfig:
     tls_key: Path | None = None
     retention_days: int = 30
     max_body_bytes: int = 1 << 20
+    view_interval_s: int = 0
+    auth_cache_s: int = 5
     responder_listen: tuple[str, int] | None = None
     responder_key_file: Path | None = None
     tunnel: TunnelConfig = field(default_factory=TunnelConfig)
@@ -71,6 +76,8 @@ _KEYS = {
     "tls",
     "retention_days",
     "max_body_bytes",
+    "view_interval_s",
+    "auth_cache_s",
     "probe_responder",
     "tunnel",
 }
@@ -154,6 +161,8 @@ def parse(text: str, source: str = "<config>") -> ControllerConfig:
         tls_key=key,
         retention_days=integer("retention_days", 30, 1, 3650),
         max_body_bytes=integer("max_body_bytes", 1 << 20, 1024, 64 << 20),
+        view_interval_s=integer("view_interval_s", 0, 0, 3600),
+        auth_cache_s=integer("auth_cache_s", 5, 0, 3600),
         responder_listen=responder_listen,
         responder_key_file=responder_key,
     )

@@ -109,3 +109,15 @@ def test_missing_tls_files_are_named(tmp_path: Path, missing: str) -> None:
     assert (
         result.returncode == 1 and f"{missing}: {tmp_path}/none.crt does not exist" in result.stderr
     )
+
+
+def test_view_interval_and_token_cache_are_settings() -> None:
+    from fleetvpn.controller.config import ConfigError, parse
+
+    config = parse("view_interval_s: 10\nauth_cache_s: 2\n", "controller.yml")
+    assert (config.view_interval_s, config.auth_cache_s) == (10, 2)
+    assert (parse("").view_interval_s, parse("").auth_cache_s) == (0, 5)
+    with pytest.raises(
+        ConfigError, match=r"controller.yml: auth_cache_s: must be an integer in 0..3600"
+    ):
+        parse("auth_cache_s: -1\n", "controller.yml")
