@@ -549,10 +549,12 @@ def health_bytes(
             head = json.dumps(doc, separators=(",", ":"))[:-1]
             # Row by row: one json.dumps of 170 MB would hold the GIL for seconds, and every
             # request (reports too) would wait for it.
-            dumps = json.JSONEncoder(separators=(",", ":")).encode
-            rows = ",".join([dumps(link_json(r)) for r in links])
-            tail = dumps(sites)
-            return f'{head},"links":[{rows}],"sites":{tail}}}'.encode()
+            dumps = json.JSONEncoder(separators=(",", ":")).encode  # ASCII out: str → bytes 1:1
+            parts = [f'{head},"links":['.encode()]
+            for i, r in enumerate(links):
+                parts.append(f"{',' if i else ''}{dumps(link_json(r))}".encode())
+            parts.append(f'],"sites":{dumps(sites)}}}'.encode())
+            return b"".join(parts)  # one copy of the document besides its parts
 
     if limit is None and after is None:
         return view.memo(f"health:{site or ''}:{int(problems)}", encode)
