@@ -76,7 +76,8 @@ class Ansible:
         return env
 
     def playbook(self, playbook: str, *args: str, timeout: float = 600) -> Run:
-        argv = [str(BIN / "ansible-playbook"), "-i", str(INVENTORY), f"playbooks/{playbook}", *args]
+        path = playbook if "/" in playbook else f"playbooks/{playbook}"
+        argv = [str(BIN / "ansible-playbook"), "-i", str(INVENTORY), path, *args]
         proc = subprocess.run(
             argv,
             cwd=REPO,

@@ -58,12 +58,12 @@ def test_fixed_settings_replace_recommendations_and_say_so() -> None:
 
 
 def test_inventory_peers_follow_the_controllers_rule() -> None:
-    key = "fleetvpn__wireguard_public_key"
+    key = "fleetvpn__wireguard_self"
     hostvars: dict[str, dict[str, Any]] = {
-        "hub": {"fleetvpn_endpoint": "198.51.100.1:51820", "fleetvpn_addresses": ["10.9.0.1/24"],
-                key: "H" * 43 + "="},
-        "b1": {"fleetvpn_addresses": ["10.9.0.2/24"], key: "A" * 43 + "="},
-        "b2": {"fleetvpn_addresses": ["10.9.0.3/24"], key: "B" * 43 + "="},
+        "hub": {key: {"endpoint": "198.51.100.1:51820", "addresses": ["10.9.0.1/24"],
+                      "public_key": "H" * 43 + "="}},
+        "b1": {key: {"endpoint": "", "addresses": ["10.9.0.2/24"], "public_key": "A" * 43 + "="}},
+        "b2": {key: {"endpoint": "", "addresses": ["10.9.0.3/24"], "public_key": "B" * 43 + "="}},
     }  # fmt: skip
     hosts = list(hostvars)
     b1 = tunnel.inventory_peers(hostvars, hosts, "b1", 13)

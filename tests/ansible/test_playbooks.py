@@ -41,8 +41,8 @@ def wg_peers(host: str) -> dict[str, int]:
     return {f[0]: (0 if f[7] == "off" else int(f[7])) for f in (line.split("\t") for line in lines)}
 
 
-def link(host: str) -> dict[str, Any]:
-    doc = json.loads(on(host, "ip", "-j", "link", "show", "dev", "wg0"))
+def link(host: str, interface: str = "wg0") -> dict[str, Any]:
+    doc = json.loads(on(host, "ip", "-j", "link", "show", "dev", interface))
     return {"ifindex": doc[0]["ifindex"], "mtu": doc[0]["mtu"]}
 
 
@@ -252,6 +252,24 @@ def test_lower_nat_timeout_changes_that_sites_keepalive_and_nothing_else(
     assert {h: (link(h), route_mtus(h), wg_peers(h)) for h in ("hub", "cloud1")} == other_before
     assert wg_peers("branch1")[hub_key] < old
     STATE["branch_keepalive"] = wg_peers("branch1")[hub_key]
+
+
+def test_agentless_tunnels_from_inventory_variables(ansible_lab: Ansible) -> None:
+    first = ansible_lab.playbook("tests/ansible/playbooks/agentless.yml")
+    assert first.returncode == 0, first.output[-5000:]
+    assert all(first.changed(h) == 1 for h in NODES)
+    assert "branch1 has no endpoint (NAT or firewall): keepalive 9 s" in first.output
+    again = ansible_lab.playbook("tests/ansible/playbooks/agentless.yml")
+    assert again.returncode == 0 and all(again.changed(h) == 0 for h in NODES), again.output
+
+    def handshake() -> bool:
+        out = on("branch1", "wg", "show", "wg1", "latest-handshakes")
+        return all(int(line.split()[1]) > 0 for line in out.strip().splitlines())
+
+    # The NATed branch's keepalive starts the handshakes with both public nodes it dials.
+    wait_for("branch1's wg1 handshakes", handshake, timeout_s=30)
+    assert len(on("branch1", "wg", "show", "wg1", "peers").split()) == 2
+    assert link("hub")["ifindex"] != 0 and "wg0" in on("hub", "ip", "-br", "link")
 
 
 def test_health_fails_while_links_have_problems(ansible_lab: Ansible) -> None:

@@ -56,37 +56,43 @@ def inventory_peers(hostvars, hosts, me, keepalive_s=25):
     """Peers of ``me`` among ``hosts`` from inventory variables, by the controller's rule: two
     nodes peer when at least one has an endpoint the other can dial (WireGuard has no NAT
     traversal). A node without an endpoint (NATed, firewalled) keeps ``keepalive_s`` towards
-    the peers it can dial; the others get none."""
-    mine = hostvars[me]
-    my_endpoint = mine.get("fleetvpn_endpoint") or None
-    peers = []
-    for host in hosts:
-        if host == me:
-            continue
-        other = hostvars[host]
-        endpoint = other.get("fleetvpn_endpoint") or None
-        if my_endpoint is None and endpoint is None:
-            continue
-        public_key = other.get("fleetvpn__wireguard_public_key")
-        if not public_key:
+    the peers it can dial; the others get none.
+
+    Each host's ``fleetvpn__wireguard_self`` (public key, endpoint, addresses) is set by the
+    wireguard role earlier in the same play."""
+
+    def self_of(host):
+        info = hostvars[host].get("fleetvpn__wireguard_self")
+        if not info or not info.get("public_key"):
             raise AnsibleFilterError(
                 f"inventory_peers: {host} has no public key yet (run the wireguard role on it in "
                 "the same play, or give fleetvpn_peers)"
             )
-        addresses = other.get("fleetvpn_addresses") or []
-        if not addresses:
+        return info
+
+    mine = self_of(me)
+    my_endpoint = mine.get("endpoint") or None
+    peers = []
+    for host in hosts:
+        if host == me:
+            continue
+        other = self_of(host)
+        endpoint = other.get("endpoint") or None
+        if my_endpoint is None and endpoint is None:
+            continue
+        if not other.get("addresses"):
             raise AnsibleFilterError(f"inventory_peers: {host}: fleetvpn_addresses is empty")
         nated = my_endpoint is None
         peers.append(
             {
                 "peer": host,
-                "public_key": public_key,
+                "public_key": other["public_key"],
                 "endpoint": endpoint,
-                "allowed_ips": [_host_route(a) for a in addresses],
+                "allowed_ips": [_host_route(a) for a in other["addresses"]],
                 "keepalive_s": keepalive_s if nated else 0,
                 "keepalive_reason": (
                     f"{me} has no endpoint (NAT or firewall): keepalive {keepalive_s} s "
-                    f"(fleetvpn_wireguard_keepalive_s) keeps the path {host} reaches it through"
+                    f"(fleetvpn_keepalive_s) keeps the path {host} reaches it through"
                     if nated
                     else f"{me} is reachable at its endpoint: no keepalive needed"
                 ),
