@@ -247,6 +247,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=15.0, help="after the start-up runs")
     parser.add_argument("--peers", default="1,10,50")
     parser.add_argument("--no-tunnel", action="store_true", help="skip the runs with wg0")
+    parser.add_argument("--keep", action="store_true", help="keep the agents' state dirs")
     args = parser.parse_args()
     if os.environ.get("FVBENCH_NETNS") != "1":
         if os.geteuid() != 0:
@@ -338,6 +339,10 @@ def main() -> None:
     )
     if not tunnel_ok:
         print("(no wireguard-go, or --no-tunnel: the runs with a real interface were skipped)")
+    if args.keep:
+        print(f"(state dirs kept in {work})")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -401,7 +401,9 @@ class Agent:
             spool=self.spool.stats(),
             pid=os.getpid(),
         )
-        await asyncio.to_thread(startup.write_json, self.config.status_file, doc)
+        await asyncio.to_thread(
+            startup.write_json, self.config.status_file, doc, 0o644, durable=False
+        )
 
     async def _job_nat(self) -> None:
         from fleetvpn.net.natprobe import measure_nat

@@ -53,13 +53,16 @@ class Identity:
     token: str
 
 
-def write_json(path: Path, doc: Any, mode: int = 0o644) -> None:
+def write_json(path: Path, doc: Any, mode: int = 0o644, *, durable: bool = True) -> None:
+    """Atomic; ``durable=False`` skips the fsync (status.json, rewritten every few seconds:
+    flash storage on small nodes should not pay for it)."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "w") as f:
         json.dump(doc, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
