@@ -15,7 +15,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any
@@ -84,6 +84,8 @@ async def read_json(request: Request, limit: int) -> Any:
 
 AUTH_CACHE_S = 5.0
 GIL_SWITCH_S = 0.001
+MAX_BATCH_REPORTS = 1000  # reports in one POST /v1/reports/batch
+BATCH_BODY_FACTOR = 16  # a batch's body may be this many times the single-report limit
 PREPARE_FOR_S = 600.0  # a rendering asked for is made for each new view this long
 NODE_WAIT_S = 30.0  # how long a node's first desired-state request waits for a view with it
 
@@ -143,14 +145,31 @@ class ReportWriter:
         self.store = store
         self._pending: list[tuple[ReportWrite, asyncio.Future[bool]]] = []
         self._writing = False
+        self._task: asyncio.Task[None] | None = None  # the drain in progress
 
     async def put(self, item: ReportWrite) -> bool:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
         if not self._writing:
             self._writing = True
-            asyncio.get_running_loop().create_task(self._drain())
+            self._task = asyncio.get_running_loop().create_task(self._drain())
         return await future
+
+    async def put_many(self, items: list[ReportWrite]) -> list[bool | StoreError]:
+        """Several reports; each one's answer (stored, replay, or the StoreError it earned)."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[bool]] = [loop.create_future() for _ in items]
+        self._pending.extend(zip(items, futures, strict=True))
+        if items and not self._writing:
+            self._writing = True
+            self._task = loop.create_task(self._drain())
+        answers: list[bool | StoreError] = []
+        for future in futures:
+            try:
+                answers.append(await future)
+            except StoreError as e:
+                answers.append(e)
+        return answers
 
     async def _drain(self) -> None:
         try:
@@ -198,6 +217,75 @@ class _NoStore:
         await self.app(scope, receive, send_no_store)
 
 
+Ingest = Callable[[Principal, bytes], Awaitable[tuple[int, dict[str, Any]]]]
+Answer = Callable[
+    [str, Callable[[], Awaitable[bytes]], Ingest], Awaitable[tuple[int, dict[str, Any]]]
+]
+
+
+class _ReportRoutes:
+    """``POST /v1/reports`` and ``/v1/reports/batch`` as plain ASGI, in front of FastAPI's
+    routing, dependency and response machinery (a third of the server's CPU a report went
+    there). Same handlers and answers as the FastAPI routes, which stay for the OpenAPI
+    document; every other request passes through."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        routes: dict[str, tuple[Ingest, int]],
+        answer: Answer,
+    ) -> None:
+        self.app = app
+        self.routes = routes
+        self.answer = answer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = self.routes.get(scope["path"]) if scope["type"] == "http" else None
+        if route is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        handler, limit = route
+        authorization, declared = "", None
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                authorization = value.decode("latin-1")
+            elif key == b"content-length":
+                declared = value
+        gone = False
+
+        async def read() -> bytes:
+            nonlocal gone
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                text = declared.decode()
+                raise ApiError(413, f"body of {text} bytes is over the limit of {limit}")
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    gone = True
+                    raise ApiError(400, "the client went away")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"body is over the limit of {limit} bytes")
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+
+        status, doc = await self.answer(authorization, read, handler)
+        if gone:
+            return
+        content = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(content)).encode()),
+            (b"cache-control", b"no-store"),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
+
+
 def _public_key(value: Any) -> str:
     try:
         if isinstance(value, str) and len(base64.b64decode(value, validate=True)) == 32:
@@ -231,6 +319,7 @@ def create_app(
     view_min_interval_s: float = 0.0,
     view_fresh_wait_s: float = 0.25,
     auth_cache_s: float = AUTH_CACHE_S,
+    max_batch_bytes: int | None = None,
 ) -> FastAPI:
     """The API over ``store``. With ``retention``, history older than that is pruned hourly;
     with ``responder`` (listen address, probe key), the probe responder runs beside the API.
@@ -270,6 +359,7 @@ def create_app(
             if handle is not None:
                 handle.close()
 
+    max_batch_bytes = max_batch_bytes or BATCH_BODY_FACTOR * max_body_bytes
     app = FastAPI(title="fleetvpn controller", version=__version__, lifespan=lifespan)
     app.add_middleware(_NoStore)
     tunnel = tunnel or TunnelConfig()
@@ -326,7 +416,9 @@ def create_app(
         return _error(status, str(exc))
 
     def principal(request: Request) -> Principal:
-        header = request.headers.get("authorization", "")
+        return principal_of(request.headers.get("authorization", ""))
+
+    def principal_of(header: str) -> Principal:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise ApiError(401, "missing bearer token (Authorization: Bearer …)")
@@ -383,13 +475,9 @@ def create_app(
         cache.invalidate()  # after the write: a recompute racing it must not miss it
         return {"node": name, "site": site, "node_token": node_token}
 
-    @app.post("/v1/reports", status_code=201)
-    async def put_report(request: Request) -> JSONResponse:
-        who = principal(request)
-        if who.kind != "node":
-            raise ApiError(403, "reports come from nodes (use the node's own token)")
-        raw = await read_body(request, max_body_bytes)
-        doc = decode_json(raw)
+    def judge(who: Principal, doc: Any, body: str | dict[str, Any]) -> tuple[str, ReportWrite]:
+        """A decoded report from ``who`` → (its id, what to write); ApiError if it is refused.
+        ``body`` is what is stored: the text as sent, or the decoded document."""
         try:
             report = parse_report(doc)
         except ReportError as e:
@@ -402,42 +490,125 @@ def create_app(
             raise ApiError(
                 422, f"site: {report.node} enrolled in site {who.site}, not {report.site}"
             )
+        links = [
+            {"peer": m.peer, "family": m.family, "path_mtu": m.path_mtu,
+             "icmp_seen": m.icmp_seen, "rtt_s": m.rtt_s, "loss_ratio": m.loss_ratio,
+             "handshake_age_s": m.handshake_age_s, "rx_bytes": m.rx_bytes,
+             "tx_bytes": m.tx_bytes, "endpoint": m.endpoint}
+            for m in report.measurements
+        ]  # fmt: skip
+        nat = None
+        if report.nat is not None:
+            n = report.nat
+            nat = {"measured_at": n.measured_at, "max_lifetime_s": n.max_lifetime_s,
+                   "nat": n.nat, "mapped_address": n.mapped_address,
+                   "mapping_lifetime_s": n.mapping_lifetime_s, "resolution_s": n.resolution_s,
+                   "stateful_filter": n.stateful_filter}  # fmt: skip
+        return report.report_id, (who, report.report_id, report.created_at, body, links, nat)
+
+    def reporter(authorization: str) -> Principal:
+        who = principal_of(authorization)
+        if who.kind != "node":
+            raise ApiError(403, "reports come from nodes (use the node's own token)")
+        return who
+
+    async def ingest(who: Principal, raw: bytes) -> tuple[int, dict[str, Any]]:
+        """``POST /v1/reports``: (status, answer); ApiError or StoreError when refused."""
+        doc = decode_json(raw)
         try:  # stored as sent (it is valid: parse_report accepted it), not encoded again
             body: str | dict[str, Any] = raw.decode()
         except UnicodeDecodeError:  # JSON in UTF-16/32: json.loads takes it, store UTF-8
             body = doc
-        links = [
-            {
-                "peer": m.peer,
-                "family": m.family,
-                "path_mtu": m.path_mtu,
-                "icmp_seen": m.icmp_seen,
-                "rtt_s": m.rtt_s,
-                "loss_ratio": m.loss_ratio,
-                "handshake_age_s": m.handshake_age_s,
-                "rx_bytes": m.rx_bytes,
-                "tx_bytes": m.tx_bytes,
-                "endpoint": m.endpoint,
-            }
-            for m in report.measurements
-        ]
-        nat = None
-        if report.nat is not None:
-            nat = {
-                "measured_at": report.nat.measured_at,
-                "max_lifetime_s": report.nat.max_lifetime_s,
-                "nat": report.nat.nat,
-                "mapped_address": report.nat.mapped_address,
-                "mapping_lifetime_s": report.nat.mapping_lifetime_s,
-                "resolution_s": report.nat.resolution_s,
-                "stateful_filter": report.nat.stateful_filter,
-            }
-        stored = await writer.put((who, report.report_id, report.created_at, body, links, nat))
+        report_id, item = judge(who, doc, body)
+        stored = await writer.put(item)
         if stored:
             cache.invalidate()
-        return JSONResponse(
-            {"report_id": report.report_id, "stored": stored}, status_code=201 if stored else 200
+        return (201 if stored else 200), {"report_id": report_id, "stored": stored}
+
+    async def ingest_batch(who: Principal, raw: bytes) -> tuple[int, dict[str, Any]]:
+        """``POST /v1/reports/batch``: each report judged on its own (see the endpoint)."""
+        docs = decode_json(raw)
+        if not isinstance(docs, list):
+            raise ApiError(422, "body: must be a JSON array of reports")
+        if len(docs) > MAX_BATCH_REPORTS:
+            raise ApiError(
+                413, f"body: {len(docs)} reports is more than {MAX_BATCH_REPORTS} in one batch"
+            )
+        results: list[dict[str, Any]] = []
+        pending: list[tuple[int, ReportWrite]] = []
+        for i, doc in enumerate(docs):
+            report_id = doc.get("report_id") if isinstance(doc, dict) else None
+            entry: dict[str, Any] = {
+                "index": i, "report_id": report_id if isinstance(report_id, str) else None
+            }  # fmt: skip
+            results.append(entry)
+            try:
+                entry["report_id"], item = judge(who, doc, doc)
+            except ApiError as e:
+                entry |= {"status": e.status, "stored": False, "error": f"[{i}] {e.message}"}
+                continue
+            pending.append((i, item))
+        outcomes = await writer.put_many([item for _, item in pending])
+        for (i, _), outcome in zip(pending, outcomes, strict=True):
+            if isinstance(outcome, StoreError):
+                status = {Conflict: 409, Forbidden: 403, NotFound: 404}.get(type(outcome), 400)
+                results[i] |= {"status": status, "stored": False, "error": f"[{i}] {outcome}"}
+            else:
+                results[i] |= {"status": 201 if outcome else 200, "stored": outcome}
+        if any(r["stored"] for r in results):
+            cache.invalidate()
+        counts = {
+            "stored": sum(1 for r in results if r["status"] == 201),
+            "replayed": sum(1 for r in results if r["status"] == 200),
+            "rejected": sum(1 for r in results if r["status"] >= 400),
+        }
+        return 200, {"schema_version": 1, **counts, "results": results}
+
+    async def answer(
+        authorization: str, read: Callable[[], Awaitable[bytes]], handler: Ingest
+    ) -> tuple[int, dict[str, Any]]:
+        """Status and answer of a report route: the token checked, the body read, handled."""
+        try:
+            who = reporter(authorization)
+            return await handler(who, await read())
+        except ApiError as e:
+            return e.status, {"error": e.message}
+        except StoreError as e:
+            return {Conflict: 409, Forbidden: 403, NotFound: 404}.get(type(e), 400), {
+                "error": str(e)
+            }
+
+    @app.post("/v1/reports", status_code=201)
+    async def put_report(request: Request) -> JSONResponse:
+        """One report from the node whose token is the bearer: 201 stored, 200 a replay (its
+        ``report_id`` was stored before; nothing changes), 4xx naming the field otherwise.
+        (Served by a plain ASGI route in front of FastAPI: see :class:`_ReportRoutes`.)"""
+        authorization = request.headers.get("authorization", "")
+        status, doc = await answer(
+            authorization, lambda: read_body(request, max_body_bytes), ingest
         )
+        return JSONResponse(doc, status_code=status)
+
+    @app.post("/v1/reports/batch")
+    async def put_reports(request: Request) -> JSONResponse:
+        """Several reports of one node (a JSON array, at most 1,000, e.g. a spool replayed after
+        an outage), each judged on its own as by ``POST /v1/reports``. 200 with per-report
+        results ``[{index, report_id, status, stored, error?}]`` in order and the counts
+        ``stored``, ``replayed``, ``rejected``; 4xx only when the batch as a whole is refused
+        (token, not JSON, not an array, too large)."""
+        authorization = request.headers.get("authorization", "")
+        read = lambda: read_body(request, max_batch_bytes)  # noqa: E731
+        status, doc = await answer(authorization, read, ingest_batch)
+        return JSONResponse(doc, status_code=status)
+
+    app.add_middleware(
+        _ReportRoutes,
+        routes={
+            "/v1/reports": (ingest, max_body_bytes),
+            "/v1/reports/batch": (ingest_batch, max_batch_bytes),
+        },
+        answer=answer,
+    )
 
     @app.get("/v1/nodes")
     def list_nodes(request: Request) -> dict[str, Any]:

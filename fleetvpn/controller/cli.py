@@ -91,4 +91,5 @@ def serve(config_path: Path) -> None:
         ssl_certfile=os.fspath(config.tls_cert) if config.tls_cert else None,
         ssl_keyfile=os.fspath(config.tls_key) if config.tls_key else None,
         log_level="info",
+        access_log=config.access_log,
     )

@@ -134,3 +134,68 @@ def test_overrides(api: httpx.Client, store: Store) -> None:
     r = api.delete("/v1/overrides/site/branch/keepalive_s", headers=bearer(admin))
     assert r.status_code == 200
     assert api.get("/v1/overrides", headers=bearer(admin)).json()["overrides"] == []
+
+
+def test_a_batch_judges_each_report_on_its_own(api: httpx.Client, store: Store) -> None:
+    admin = store.create_admin_token()
+    token = enroll(api, admin, "branch1", "branch")
+    enroll(api, admin, "branch2", "branch", key="y" * 43 + "=")
+    stored_before = report("branch1", "branch")
+    assert api.post("/v1/reports", json=stored_before, headers=bearer(token)).status_code == 201
+    good = report("branch1", "branch")
+    bad_mtu = report("branch1", "branch")
+    bad_mtu["measurements"][0]["path_mtu"] = 70000
+    batch = [
+        good,
+        stored_before,  # a replay
+        bad_mtu,
+        report("branch2", "branch"),  # another node's
+        "not a report",
+        good,  # twice in one batch: stored once
+    ]
+    r = api.post("/v1/reports/batch", json=batch, headers=bearer(token))
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert (answer["stored"], answer["replayed"], answer["rejected"]) == (1, 2, 3)
+    results = answer["results"]
+    assert [x["index"] for x in results] == list(range(6))
+    assert [x["status"] for x in results] == [201, 200, 422, 403, 422, 200]
+    assert [x["stored"] for x in results] == [True, False, False, False, False, False]
+    assert results[0]["report_id"] == good["report_id"] and results[4]["report_id"] is None
+    assert results[2]["error"].startswith("[2] measurements[0].path_mtu")
+    assert "only its own reports" in results[3]["error"]
+    assert "expected an object" in results[4]["error"]
+    assert "error" not in results[0] and "error" not in results[1]
+    assert store.report_count("branch1") == 2 and store.report_count("branch2") == 0
+    again = api.post("/v1/reports/batch", json=[good], headers=bearer(token)).json()
+    assert (again["stored"], again["replayed"], again["results"][0]["status"]) == (0, 1, 200)
+
+
+def test_a_batch_refused_as_a_whole_stores_nothing(api: httpx.Client, store: Store) -> None:
+    admin = store.create_admin_token()
+    token = enroll(api, admin, "branch1", "branch")
+    one = [report("branch1", "branch")]
+    assert api.post("/v1/reports/batch", json=one).status_code == 401
+    assert api.post("/v1/reports/batch", json=one, headers=bearer(admin)).status_code == 403
+    r = api.post("/v1/reports/batch", content=b"[{", headers=bearer(token))
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+    r = api.post("/v1/reports/batch", json=one[0], headers=bearer(token))
+    assert r.status_code == 422 and "JSON array" in r.json()["error"]
+    r = api.post("/v1/reports/batch", json=[{}] * 1001, headers=bearer(token))
+    assert r.status_code == 413 and "1000" in r.json()["error"]
+    huge = [report("branch1", "branch", padding="x" * 100_000) for _ in range(20)]
+    r = api.post("/v1/reports/batch", json=huge, headers=bearer(token))
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+    assert store.report_count() == 0
+    assert api.post("/v1/reports/batch", json=[], headers=bearer(token)).json()["stored"] == 0
+
+
+def test_report_routes_answer_json_with_no_store(api: httpx.Client, store: Store) -> None:
+    token = enroll(api, store.create_admin_token(), "branch1", "branch")
+    for path in ("/v1/reports", "/v1/reports/batch"):
+        r = api.post(path, content=b"{", headers=bearer(token))
+        assert r.headers["cache-control"] == "no-store"
+        assert r.headers["content-type"] == "application/json"
+    doc = api.get("/openapi.json").json()
+    assert "post" in doc["paths"]["/v1/reports/batch"]
+    assert api.get("/v1/reports", headers=bearer(token)).status_code == 405
