@@ -12,16 +12,20 @@ issue's goals — never assertions:
              (goal >= 20,000/s), reports/s, the server's CPU per report (its background
              recomputes included) and the CPU the clients here took from the same cores. The
              round before goes straight into the store (one thread), timed stage by stage.
+             Then a fifth of the nodes replay a spool of 5 older reports each through `POST
+             /v1/reports/batch` (one request per node), as agents do after an outage.
   recompute  here, as the server's background thread does it: fleet.compute cold (every
              stored body parsed, every site's keepalive state saved) and warm (bodies already
              parsed), the whole-fleet health document encoded, tune_json, metrics.render,
              desired_json and the config renderings of every node (goal <= 10 s for all of it);
              and what per-site and paged health answers cost from a computed view.
-  health     p50/p99 of `GET /v1/health?site=S`, `?problems=true&limit=100` and the whole
-             fleet's `GET /v1/health` (goal p99 <= 200 ms) with no reports arriving, then of the
-             first two while agents report at the fleet's steady rate (each node once a minute,
-             4 threads), with the age of the view each answer came from. A query stops after 50
-             requests or 60 s (--quick: 10 s); the count is printed.
+  health     p50/p99 (goal p99 <= 200 ms) of the queries `fleetvpn health` makes — `GET
+             /v1/health?site=S`, and without --site one page `?limit=100`, then
+             `?problems=true&limit=100` — with no reports arriving and while agents report at
+             the fleet's steady rate (each node once a minute, 4 threads), with the age of the
+             view each answer came from; and, for comparison, the whole-fleet `GET /v1/health`
+             (170 MB at 10,000 nodes: only `health --json` without --site asks for it). A query
+             stops after 50 requests or 60 s (--quick: 10 s); the count is printed.
   memory     peak RSS (the high-water mark ru_maxrss reports) of the server and of this process.
 
 The fleet: public sites (no NAT; a third with 9000-byte paths inside), NAT sites (mapping
@@ -463,12 +467,67 @@ def print_ingest(how: str, batch: Round, elapsed_s: float) -> None:
     )
 
 
+SPOOL_DEPTH = 5  # reports each node replays in one batch
+
+
+def ingest_batches(
+    server: Controller,
+    fleet: Fleet,
+    tokens: list[str],
+    before: datetime,
+    rng: random.Random,
+    clients: int,
+) -> None:
+    """Agents replaying their spools after an outage: `POST /v1/reports/batch`, one request of
+    SPOOL_DEPTH reports (a minute apart, older than what is stored) per node, for a fifth of
+    the fleet (the client's memory), C client threads."""
+    names = range(0, len(fleet.nodes), 5)
+    bodies: list[bytes] = []
+    batch_tokens: list[str] = []
+    measurements = 0
+    for i in names:
+        if fleet.nodes[i].silent:
+            continue
+        docs = [
+            report(fleet, i, before - timedelta(minutes=k), False, rng) for k in range(SPOOL_DEPTH)
+        ]
+        measurements += sum(len(d["measurements"]) for d in docs)
+        bodies.append(json.dumps(docs).encode())
+        batch_tokens.append(tokens[i])
+    spool = Round(bodies, batch_tokens, measurements)
+    cpu_before = server.cpu_s()
+    started = time.perf_counter()
+    posting = Agents(server.url, spool, clients, path="/v1/reports/batch", status=200)
+    posting.join()
+    elapsed = time.perf_counter() - started
+    server_cpu_s = server.cpu_s() - cpu_before
+    rate = measurements / elapsed
+    n = len(bodies) * SPOOL_DEPTH
+    errors = posting.errors
+    failed = f"; {len(errors)} errors (first: {errors[0]})" if errors else ""
+    print(
+        f"ingest, HTTP batches ({clients} client threads, {len(bodies):,} nodes replaying"
+        f" {SPOOL_DEPTH} spooled reports each): {n:,} reports, {measurements:,} link"
+        f" measurements in {elapsed:.1f} s: {rate:,.0f}/s ({rate / GOAL_INGEST_PER_S:.2f}x the"
+        f" goal), {n / elapsed:,.0f} reports/s; server busy {server_cpu_s / elapsed:.2f} cores,"
+        f" {_ms(server_cpu_s / n)} CPU a report{failed}"
+    )
+
+
 class Agents:
     """``threads`` threads posting a round's reports: each as fast as the server answers, or
     all together at ``per_s`` on one schedule. ``join`` waits for the last; ``stop`` ends them."""
 
-    def __init__(self, url: str, batch: Round, threads: int, per_s: float = math.inf) -> None:
-        self.batch, self.per_s = batch, per_s
+    def __init__(
+        self,
+        url: str,
+        batch: Round,
+        threads: int,
+        per_s: float = math.inf,
+        path: str = "/v1/reports",
+        status: int = 201,
+    ) -> None:
+        self.batch, self.per_s, self.path, self.status = batch, per_s, path, status
         self.latencies: list[float] = []
         self.errors: list[str] = []
         self._stop = threading.Event()
@@ -489,12 +548,12 @@ class Agents:
                 headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
                 t0 = time.perf_counter()
                 try:
-                    r = http.post("/v1/reports", content=self.batch.bodies[i], headers=headers)
+                    r = http.post(self.path, content=self.batch.bodies[i], headers=headers)
                 except httpx.HTTPError as e:  # the server went away (Ctrl-C)
                     self.errors.append(str(e))
                     return
                 self.latencies.append(time.perf_counter() - t0)
-                if r.status_code != 201:
+                if r.status_code != self.status:
                     self.errors.append(f"{r.status_code} {r.text[:200]}")
 
     def join(self) -> None:
@@ -732,17 +791,26 @@ def main() -> None:
                 ingest_store(store, first)
             ingest_http(server, second, args.clients)
             del first, second
+            ingest_batches(server, fleet, tokens, now - timedelta(minutes=30), rng, args.clients)
             age_stale_reports(store, fleet, now - timedelta(minutes=15))
             site = next(n.site for n in fleet.nodes if n.kind == "nat")
             recompute(store, site)
-            print("health over HTTP, no reports arriving:")
+            print(
+                "health over HTTP, no reports arriving (the queries `fleetvpn health` makes:"
+                " --site S; by default one page, then the problems):"
+            )
             paths = (
                 f"/v1/health?site={site}",
+                "/v1/health?limit=100",
                 "/v1/health?problems=true&limit=100",
-                "/v1/health",
             )
             for path in paths:
                 health_latency(server, admin, path, args.queries, args.budget)
+            print(
+                "  for comparison, the whole-fleet document (only `fleetvpn health --json`"
+                " without --site asks for it):"
+            )
+            health_latency(server, admin, "/v1/health", args.queries, args.budget)
             third = build_round(fleet, tokens, now + timedelta(minutes=1), True, rng)
             per_s = len(fleet.nodes) / 60
             print(
@@ -751,7 +819,7 @@ def main() -> None:
             started = time.perf_counter()
             agents = Agents(server.url, third, 4, per_s)
             try:
-                for path in paths[:2]:
+                for path in paths:
                     health_latency(server, admin, path, args.queries, args.budget)
             finally:
                 agents.stop()
