@@ -105,20 +105,69 @@ def _age(seconds: Any) -> str:
 
 
 def _pair(a: Any, b: Any) -> str:
-    return f"{_num(a)}/{_num(b)}"
+    """``a/b``, or one number when both ways agree."""
+    return _num(a) if a == b else f"{_num(a)}/{_num(b)}"
+
+
+# Worst first, as the controller ranks a link's two directions (controller/health.py SEVERITY).
+SEVERITY = ("down", "blackhole", "stale", "degraded", "unmeasured", "ok")
+REASON_WIDTH = 46  # the reason column's budget: the whole table fits 160 columns
+
+
+def _rank(state: Any) -> int:
+    return SEVERITY.index(state) if state in SEVERITY else 0
+
+
+def short_reason(row: dict[str, Any]) -> str:
+    """One line for the table: the worse direction and the gist of its reason (empty for an
+    ok link). The full reasons are in --json and --why."""
+    if row["state"] == "ok":
+        return ""
+    ab, ba = row["a_to_b"], row["b_to_a"]
+    worse, other, arrow = (ab, ba, f"{row['a']}→{row['b']}")
+    if _rank(ba["state"]) < _rank(ab["state"]):
+        worse, other, arrow = (ba, ab, f"{row['b']}→{row['a']}")
+    text = str(worse.get("reason") or "")
+    state = str(worse["state"])
+    if text.startswith(f"{state}: "):
+        text = text[len(state) + 2 :]
+    if state == "blackhole" and worse.get("path_mtu") is not None:
+        gist = f"MTU {_num(worse.get('configured_mtu'))} > path {worse['path_mtu']}, no ICMP"
+    else:
+        clauses = text.split("; ")
+        gist = clauses[0].split(" (")[0].split(": ")[0]
+        if len(clauses) > 1:
+            gist += f" (+{len(clauses) - 1})"
+    if other["state"] == state:  # the same both ways: a⇄b
+        arrow = f"{row['a']}⇄{row['b']}"
+    elif other["state"] != "ok":
+        gist += f"; back: {other['state']}"
+    return f"{arrow} {gist}"
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def health_table(doc: dict[str, Any]) -> Any:
+    from rich import box
     from rich.table import Table
 
     table = Table(
-        title=f"fleet health at {doc['generated_at']}", title_justify="left", expand=False
+        title=f"fleet health at {doc['generated_at']}",
+        title_justify="left",
+        expand=False,
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 1),
+        collapse_padding=True,
     )
     for column in (
-        "link", "state", "hs age", "rtt", "loss", "path MTU →/←", "MTU conf→rec",
-        "keepalive conf→rec", "NAT life", "report", "reason",
+        "link", "state", "handshake\nage", "rtt", "loss", "path MTU\n→/←", "MTU\nconf→rec",
+        "keepalive\nconf→rec", "NAT\nlifetime", "report\nage",
     ):  # fmt: skip
-        table.add_column(column, overflow="fold")
+        table.add_column(column, no_wrap=True)
+    table.add_column("reason\n(the worse way; --why: all)", no_wrap=True)
     for row in doc["links"]:
         ab, ba = row["a_to_b"], row["b_to_a"]
         ages = [d["handshake_age_s"] for d in (ab, ba) if d["handshake_age_s"] is not None]
@@ -126,33 +175,59 @@ def health_table(doc: dict[str, Any]) -> Any:
         losses = [d["loss_ratio"] for d in (ab, ba) if d["loss_ratio"] is not None]
         style = STATE_STYLE.get(row["state"], "")
         table.add_row(
-            f"{row['a']} ({row['site_a']}) ↔ {row['b']} ({row['site_b']})",
+            f"{row['a']} ↔ {row['b']}",
             f"[{style}]{row['state']}[/]",
             _age(min(ages)) if ages else "–",
             f"{min(rtts) * 1000:.0f} ms" if rtts else "–",
             f"{max(losses):.1%}" if losses else "–",
             _pair(ab["path_mtu"], ba["path_mtu"]),
-            f"{_pair(ab['configured_mtu'], ba['configured_mtu'])} → "
+            f"{_pair(ab['configured_mtu'], ba['configured_mtu'])}→"
             f"{_pair(ab['recommended_mtu'], ba['recommended_mtu'])}",
-            f"{_pair(ab['configured_keepalive_s'], ba['configured_keepalive_s'])} → "
+            f"{_pair(ab['configured_keepalive_s'], ba['configured_keepalive_s'])}→"
             f"{_pair(ab['recommended_keepalive_s'], ba['recommended_keepalive_s'])}",
             _num(row["mapping_lifetime_s"], "{:g}s"),
             _age(row["report_age_s"]),
-            row["reason"],
+            _cut(short_reason(row), REASON_WIDTH),
         )
     return table
 
 
-def _print_health(doc: dict[str, Any], note: str = "") -> None:
+def why_lines(doc: dict[str, Any]) -> list[str]:
+    """--why: every shown link that is not ok, with its sites and both directions' full
+    reasons (and the MTU and keepalive reasons where a setting should change)."""
+    lines: list[str] = []
+    for row in doc["links"]:
+        if row["state"] == "ok":
+            continue
+        lines.append(f"{row['a']} ({row['site_a']}) ↔ {row['b']} ({row['site_b']}): {row['state']}")
+        for (src, dst), d in (((row["a"], row["b"]), row["a_to_b"]),
+                              ((row["b"], row["a"]), row["b_to_a"])):  # fmt: skip
+            lines.append(f"  {src}→{dst} {d['reason']}")
+            if d.get("configured_mtu") != d.get("recommended_mtu") and d.get("mtu_reason"):
+                lines.append(f"    MTU {d['recommended_mtu']}: {d['mtu_reason']}")
+            if d.get("configured_keepalive_s") != d.get("recommended_keepalive_s") and d.get(
+                "keepalive_reason"
+            ):
+                keepalive = d["recommended_keepalive_s"]
+                lines.append(f"    keepalive {keepalive}: {d['keepalive_reason']}")
+    return lines
+
+
+def _print_health(doc: dict[str, Any], note: str = "", why: bool = False) -> None:
     from rich.console import Console
 
-    console = Console(width=None if sys.stdout.isatty() else 200)
+    console = Console(width=None if sys.stdout.isatty() else 160)
     if doc["links"]:
         console.print(health_table(doc))
     summary = ", ".join(f"{n} {state}" for state, n in sorted(doc["summary"].items())) or "no links"
     console.print(f"{len(doc['links'])} links shown; fleet: {summary}")
     if note:
         console.print(note)
+    if why:
+        for line in why_lines(doc):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+    elif any(row["state"] != "ok" for row in doc["links"]):
+        console.print("--why: the full reasons of the links that are not ok")
 
 
 # A fleet with more links than this shows, without --site or --all, its summary and its
@@ -196,6 +271,13 @@ def _health_doc(
     help="Refresh every SECONDS (default 5) until interrupted.",
 )
 @click.option(
+    "--why",
+    "-v",
+    "why",
+    is_flag=True,
+    help="Below the table, the full reasons (both directions) of each link that is not ok.",
+)
+@click.option(
     "--all",
     "everything",
     is_flag=True,
@@ -209,13 +291,16 @@ def health(
     problems: bool,
     as_json: bool,
     watch_s: float | None,
+    why: bool,
     everything: bool,
 ) -> None:
     """One row per link: state, handshake age, RTT, loss, path MTU each way, MTU and keepalive
     configured vs recommended, NAT lifetime, report age, and the reason.
 
     A fleet of more than 100 links shows, without --site or --all, the fleet's summary and the
-    links that are not ok. --json prints the whole document (schema_version 1).
+    links that are not ok. The reason column shows the gist of the worse direction's reason;
+    --why prints both directions' full reasons below the table. --json prints the whole
+    document (schema_version 1).
 
     Exits 0 when every link is ok, 1 when there are problems, 2 when the controller cannot be
     reached.
@@ -229,7 +314,7 @@ def health(
             doc, note = _health_doc(controller, token, site, problems, everything)
             if watch_s is not None:
                 click.clear()
-            _print_health(doc, note)
+            _print_health(doc, note, why)
         if watch_s is None:
             break
         time.sleep(watch_s)

@@ -139,7 +139,15 @@ def test_health_and_tune_commands(api: httpx.Client, store: Store, tmp_path: Any
     env = {"FLEETVPN_CONTROLLER": str(api.base_url), "FLEETVPN_TOKEN": t["admin"]}
     table = _cli("health", env=env)
     assert table.exit_code == 1  # a black hole is a problem
-    assert "blackhole" in table.output and "branch1 (branch) ↔ hub (hub)" in table.output
+    assert "blackhole" in table.output and "branch1 ↔ hub" in table.output
+    (row,) = [line for line in table.output.splitlines() if "branch1 ↔ hub" in line]
+    assert "branch1⇄hub MTU 1420 > path 1400, no ICMP" in row  # one line
+    assert all(len(line) <= 160 for line in table.output.splitlines())
+    why = _cli("health", "--why", env=env)
+    assert why.exit_code == 1 and "branch1 (branch) ↔ hub (hub): blackhole" in why.output
+    assert "  branch1→hub blackhole: configured MTU 1420 sends up to 1480 bytes" in why.output
+    assert "packets above 1340 bytes vanish" in why.output and "  hub→branch1 " in why.output
+    assert "packets above 1340 bytes vanish" not in table.output
     doc = json.loads(_cli("health", "--json", env=env).output)
     assert doc["schema_version"] == 1 and doc["links"][0]["state"] == "blackhole"
     tuned = _cli("tune", env=env)
@@ -289,7 +297,7 @@ def test_health_of_a_large_fleet_shows_its_summary_and_problems(
     assert table.exit_code == 1
     assert "2 links shown; fleet: 1 blackhole, 3 down" in table.output
     assert "4 links are not ok; the first 2 are shown" in table.output
-    assert "branch1 (branch) ↔ hub (hub)" in table.output
+    assert "branch1 ↔ hub" in table.output
     everything = _cli("health", "--all", env=env)
     assert "4 links shown" in everything.output and "are shown" not in everything.output
     doc = json.loads(_cli("health", "--json", env=env).output)
