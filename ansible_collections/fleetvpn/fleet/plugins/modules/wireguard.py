@@ -188,7 +188,11 @@ def reasons_of(p):
             reasons[f"{key}:keepalive"] = peer["keepalive_reason"]
         if peer.get("route_mtu_reason"):
             reasons[f"{key}:route_mtu"] = peer["route_mtu_reason"]
-        reasons[f"{key}:add"] = f"{peer_name(peer)} is a desired peer"
+        # A new peer gets its keepalive in the same `wg set`: say why too.
+        add = f"{peer_name(peer)} is a desired peer"
+        if peer.get("keepalive_reason"):
+            add += f"; {peer['keepalive_reason']}"
+        reasons[f"{key}:add"] = add
     return reasons
 
 
