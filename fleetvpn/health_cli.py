@@ -133,6 +133,8 @@ def short_reason(row: dict[str, Any]) -> str:
         text = text[len(state) + 2 :]
     if state == "blackhole" and worse.get("path_mtu") is not None:
         gist = f"MTU {_num(worse.get('configured_mtu'))} > path {worse['path_mtu']}, no ICMP"
+    elif state == "unmeasured":
+        gist = "not measured yet"
     else:
         clauses = text.split("; ")
         gist = clauses[0].split(" (")[0].split(": ")[0]
