@@ -4,6 +4,7 @@ outcomes the spool relies on (acknowledged / try again / refused), and no token 
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import subprocess
 import threading
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from fleetvpn.agent.client import Client, Refused, Unreachable
+from fleetvpn.agent.client import CONTROL_MSS, Client, Refused, Unreachable
 
 TOKEN = "fvn_secret-node-token"
 ANSWERS: dict[str, tuple[int, Any]] = {
@@ -24,6 +25,7 @@ ANSWERS: dict[str, tuple[int, Any]] = {
     "/v1/busy": (503, {"error": "not in the fleet view yet"}),
 }
 seen: list[tuple[str, str | None, Any]] = []
+mss: list[int] = []  # the MSS the server may send with, per request
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -34,6 +36,7 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length", 0))
         body = json.loads(self.rfile.read(length)) if length else None
         seen.append((self.path, self.headers.get("Authorization"), body))
+        mss.append(self.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG))
         status, doc = ANSWERS.get(self.path, (404, {"error": "no such thing"}))
         payload = json.dumps(doc).encode()
         self.send_response(status)
@@ -80,6 +83,9 @@ def test_desired_and_reports_with_the_node_token(servers: tuple[str, str, Path])
             ("/v1/nodes/branch1/desired", f"Bearer {TOKEN}", None),
             ("/v1/reports", f"Bearer {TOKEN}", {"report_id": "x"}),
         ]
+    # the agent clamps its MSS: the controller's answers cross a black-holed path in pieces
+    # that fit (loopback would allow 65483)
+    assert mss and all(m <= CONTROL_MSS for m in mss), mss
 
 
 def test_outcomes_and_no_token_in_errors(servers: tuple[str, str, Path]) -> None:
