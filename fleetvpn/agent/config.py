@@ -32,7 +32,7 @@ from __future__ import annotations
 import difflib
 import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
@@ -261,3 +261,14 @@ def parse(text: str, source: str = "<config>", *, hostname: str | None = None) -
             doc, "spool_max_reports", 2000, 2, 1_000_000, "spool_max_reports"
         ),
     )
+
+
+# What a reload (SIGHUP) cannot change: the node's identity, its state and its interface.
+RESTART_ONLY: Final = ("controller", "node", "state_dir", "interface", "listen_port", "wireguard")
+
+
+def reloaded(running: AgentConfig, new: AgentConfig) -> tuple[AgentConfig, list[str]]:
+    """The config a SIGHUP applies: ``new`` with the restart-only keys kept as they run, and
+    the names of those that differ (they take effect at the next restart)."""
+    changed = [k for k in RESTART_ONLY if getattr(new, k) != getattr(running, k)]
+    return replace(new, **{k: getattr(running, k) for k in RESTART_ONLY}), changed

@@ -37,14 +37,13 @@ import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
 from fleetvpn.agent import client as api
 from fleetvpn.agent import startup
-from fleetvpn.agent.config import AgentConfig, ConfigError, load
+from fleetvpn.agent.config import AgentConfig, ConfigError, load, reloaded
 from fleetvpn.agent.desired import Desired, DesiredError, PeerPlan
 from fleetvpn.agent.probes import (
     ResponderSet,
@@ -61,7 +60,7 @@ from fleetvpn.agent.report import (
     configured_from,
     status_document,
 )
-from fleetvpn.agent.schedule import PeerWatch, ProbeBudget, Scheduler
+from fleetvpn.agent.schedule import BlackHoleWatch, PeerWatch, ProbeBudget, Scheduler
 from fleetvpn.agent.spool import Spool
 from fleetvpn.agent.startup import FatalError
 from fleetvpn.model import Family, NatMeasurement, parse_endpoint
@@ -107,8 +106,7 @@ class Agent:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.pmtu_slots = asyncio.Semaphore(MAX_PMTU_RUNS)
         self.hellos_repeated: set[str] = set()
-        self.rtt_rounds = 0
-        self.full_size_losses: dict[str, int] = {}
+        self.black_holes = BlackHoleWatch(every=FULL_SIZE_EVERY)
         self.wake = asyncio.Event()
         self.stopping = False
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -436,31 +434,22 @@ class Agent:
             return
         port = self.config.probe.listen_port
         peers = [p for p in self.desired.peers if p.tunnel_ipv4]
-        self.rtt_rounds += 1
 
         async def one(plan: PeerPlan) -> None:
-            full = self._full_size(plan)
-            lost_before = self.full_size_losses.get(plan.name, 0)
-            if lost_before == 0 and self.rtt_rounds % FULL_SIZE_EVERY != 1:
-                full = None
+            full = self._full_size(plan) if self.black_holes.want_full_size(plan.name) else None
             try:
                 rtt = await measure_rtt((plan.tunnel_ipv4 or "", port), self.probe_key,
                                         full_size=full)  # fmt: skip
             except OSError:
                 return
             self.rtt[plan.name] = rtt
-            if rtt.full_size_lost is None:
+            if rtt.full_size is None or rtt.full_size_lost is None:
                 return
-            if not rtt.full_size_lost or rtt.rtt_s is None:
-                self.full_size_losses[plan.name] = 0
-                return
-            self.full_size_losses[plan.name] = lost_before + 1
-            if lost_before + 1 == 2:
-                log.warning(
-                    "re-probe %s: a %d-byte probe through the tunnel was lost twice while small "
-                    "ones arrived: the path no longer carries the configured MTU",
-                    plan.name, rtt.full_size,
-                )  # fmt: skip
+            why = self.black_holes.observe(
+                plan.name, rtt.full_size, rtt.full_size_lost, rtt.rtt_s is not None
+            )
+            if why is not None:
+                log.warning("re-probe %s: %s", plan.name, why)
                 self.scheduler.trigger(f"pmtu:{plan.name}", time.monotonic(), within_s=2.0)
                 self.wake.set()
 
@@ -560,11 +549,9 @@ class Agent:
         except ConfigError as e:
             log.error("SIGHUP: %s; keeping the running config", e)
             return
-        fixed = ("node", "state_dir", "interface", "listen_port", "wireguard", "controller")
-        changed = [k for k in fixed if getattr(new, k) != getattr(self.config, k)]
+        new, changed = reloaded(self.config, new)
         if changed:
             log.warning("SIGHUP: %s changed: takes effect at the next restart", ", ".join(changed))
-            new = replace(new, **{k: getattr(self.config, k) for k in fixed})
         self.config = new
         logging.getLogger("fleetvpn").setLevel(new.log_level.upper())
         try:
@@ -572,15 +559,11 @@ class Agent:
         except KeyFileError as e:
             log.error("SIGHUP: probe.key_file: %s; keeping the old probe key", e)
         now = time.monotonic()
-        periods = {
-            "desired": new.intervals.desired_s,
-            "report": new.intervals.report_s,
-            "rtt": new.intervals.rtt_s,
-        }
-        for job, period in periods.items():
+        i = new.intervals
+        for job, period in (("desired", i.desired_s), ("report", i.report_s), ("rtt", i.rtt_s)):
             self.scheduler.set_period(job, period, now)
         for job in [n for n in self.scheduler.jobs if n.startswith("pmtu:")]:
-            self.scheduler.set_period(job, new.intervals.pmtu_s, now)
+            self.scheduler.set_period(job, i.pmtu_s, now)
         if new.probe.nat_responder is not None:
             if "nat" in self.scheduler.jobs:
                 self.scheduler.set_period("nat", new.intervals.nat_s, now)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fleetvpn.agent.config import ConfigError, load, parse
+from fleetvpn.agent.config import ConfigError, load, parse, reloaded
 
 MINIMAL = "controller: http://198.19.1.10:8080\n"
 
@@ -116,3 +116,15 @@ def test_unreadable_file_is_named(tmp_path: Path) -> None:
 def test_default_node_name_must_be_a_name() -> None:
     with pytest.raises(ConfigError, match="node: 'My_Laptop' is not a node name"):
         parse(MINIMAL, "agent.yml", hostname="My_Laptop")
+
+
+def test_sighup_applies_intervals_but_not_the_identity() -> None:
+    running = parse(MINIMAL + "node: branch1\ninterface: wg0\n", "agent.yml")
+    new = parse(
+        MINIMAL + "node: branch9\ninterface: wg1\nintervals: {rtt_s: 3600}\non_stop: down\n",
+        "agent.yml",
+    )
+    applied, changed = reloaded(running, new)
+    assert changed == ["node", "interface"]
+    assert (applied.node, applied.interface) == ("branch1", "wg0")
+    assert applied.intervals.rtt_s == 3600 and applied.on_stop == "down"
