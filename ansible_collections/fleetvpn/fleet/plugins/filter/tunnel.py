@@ -4,27 +4,7 @@
 
 from __future__ import annotations
 
-DOCUMENTATION = r"""
----
-name: fixed_settings
-short_description: Replace the recommended MTU and keepalive of a desired tunnel by fixed values
-description:
-  - Takes a desired tunnel in the controller's shape (C(GET /v1/nodes/NAME/desired)) and sets
-    the interface MTU (with every peer's route following it) and every peer's keepalive to fixed
-    values, each with a reason that says so. C(null) leaves that setting as recommended.
-options:
-  _input:
-    description: The desired tunnel.
-    type: dict
-    required: true
-  mtu:
-    description: A fixed interface MTU, or null.
-    type: int
-  keepalive_s:
-    description: A fixed keepalive for every peer (0 for off), or null.
-    type: int
-"""
-
+# Documentation: one <filter>.yml beside this file per filter.
 from ansible.errors import AnsibleFilterError
 
 
