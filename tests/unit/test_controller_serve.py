@@ -121,3 +121,12 @@ def test_view_interval_and_token_cache_are_settings() -> None:
         ConfigError, match=r"controller.yml: auth_cache_s: must be an integer in 0..3600"
     ):
         parse("auth_cache_s: -1\n", "controller.yml")
+
+
+def test_access_log_is_a_setting_off_by_default() -> None:
+    from fleetvpn.controller.config import ConfigError, parse
+
+    assert parse("").access_log is False
+    assert parse("access_log: true\n").access_log is True
+    with pytest.raises(ConfigError, match=r"controller.yml: access_log: must be true or false"):
+        parse("access_log: sometimes\n", "controller.yml")
