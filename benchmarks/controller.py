@@ -12,8 +12,8 @@ issue's goals — never assertions:
              (goal >= 20,000/s), reports/s, the server's CPU per report (its background
              recomputes included) and the CPU the clients here took from the same cores. The
              round before goes straight into the store (one thread), timed stage by stage.
-             Then a fifth of the nodes replay a spool of 5 older reports each through `POST
-             /v1/reports/batch` (one request per node), as agents do after an outage.
+             At the end, a fifth of the nodes replay a spool of 5 older reports each through
+             `POST /v1/reports/batch` (one request per node), as agents do after an outage.
   recompute  here, as the server's background thread does it: fleet.compute cold (every
              stored body parsed, every site's keepalive state saved) and warm (bodies already
              parsed), the whole-fleet health document encoded, tune_json, metrics.render,
@@ -791,7 +791,6 @@ def main() -> None:
                 ingest_store(store, first)
             ingest_http(server, second, args.clients)
             del first, second
-            ingest_batches(server, fleet, tokens, now - timedelta(minutes=30), rng, args.clients)
             age_stale_reports(store, fleet, now - timedelta(minutes=15))
             site = next(n.site for n in fleet.nodes if n.kind == "nat")
             recompute(store, site)
@@ -825,6 +824,8 @@ def main() -> None:
                 agents.stop()
             arrived = len(agents.latencies) - len(agents.errors)
             print(f"  {arrived / (time.perf_counter() - started):,.0f} reports/s arrived")
+            # last: the replayed history would make the phases above differ from earlier runs
+            ingest_batches(server, fleet, tokens, now - timedelta(minutes=30), rng, args.clients)
             print(
                 f"peak memory: server {server.peak_rss_bytes() / 2**20:,.0f} MiB, this process"
                 f" {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB"
