@@ -56,9 +56,6 @@ SITE_MTU = {"hub": 1500, "branch": 1400, "home": 1492, "office": 1460, "cloud": 
 # The shortest established-flow timer on each stateful site's way out (the topology's conntrack).
 SITE_LIFETIME = {"branch": 20, "home": 30, "office": 40}
 WG_ENV = {**os.environ, "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
-# Run the controller from another source tree (a snapshot of a known-good commit), for when the
-# controller in this tree is being rebuilt under the test: FVAGT_CONTROLLER_SRC=/path/to/tree.
-CONTROLLER_SRC = os.environ.get("FVAGT_CONTROLLER_SRC")
 
 
 class Fleet:
@@ -88,15 +85,14 @@ class Fleet:
     def sh(self, host: str, script: str) -> str:
         return wgutil.sh(self.ns(host), script)
 
-    def spawn(self, host: str, *args: str, src: str | None = None) -> subprocess.Popen[bytes]:
+    def spawn(self, host: str, *args: str) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"{host}.log", "ab")  # noqa: SIM115 - the process owns it
-        env = WG_ENV if src is None else {**WG_ENV, "PYTHONPATH": src}
         return subprocess.Popen(
             [*self.ns(host).prefix(), sys.executable, "-m", "fleetvpn", *args],
             stdout=log,
             stderr=log,
-            env=env,
-            cwd=src or REPO,
+            env=WG_ENV,
+            cwd=REPO,
         )
 
     # --- the controller ----------------------------------------------------------------------
@@ -125,7 +121,6 @@ class Fleet:
             "serve",
             "--config",
             "/etc/fleetvpn/controller.yml",
-            src=CONTROLLER_SRC,
         )
         deadline = time.monotonic() + 60
         while True:
@@ -165,8 +160,7 @@ class Fleet:
         admin = subprocess.run(
             [*self.ns("controller").prefix(), sys.executable, "-m", "fleetvpn", "controller",
              "admin-token", "--config", "/etc/fleetvpn/controller.yml"],
-            capture_output=True, text=True, check=True, cwd=CONTROLLER_SRC or REPO,
-            env={**os.environ, "PYTHONPATH": CONTROLLER_SRC} if CONTROLLER_SRC else None,
+            capture_output=True, text=True, check=True, cwd=REPO,
         )  # fmt: skip
         self.admin = admin.stdout.strip()
         self.start_controller()
