@@ -7,7 +7,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from fleetvpn.lab.transfer import tcp_transfer  # noqa: F401  (re-exported for the tests)
+from fleetvpn.lab.transfer import tcp_transfer as tcp_transfer  # re-exported for the tests
 from fleetvpn.runner import NsPath
 
 WG_ENV = {**os.environ, "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
