@@ -1,5 +1,5 @@
 """Real ``ansible-playbook`` runs over SSH (paramiko, through the lab's management network)
-against a lab of their own (``fvanst``). Tests that need the lab are marked ``lab``: the
+against a lab of their own (``fvanst<tag of the checkout>``). Tests that need the lab are marked ``lab``: the
 top-level conftest skips them, saying why, when not run as root."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 TOPOLOGY = HERE / "topology.yml"
-LAB = "fvanst"
+# This suite's own lab: "fvanst" plus a tag of the checkout, so that the suite running in a CI
+# clone and in a working tree at the same time never share (and tear down) one lab.
+LAB = "fvanst" + format(zlib.crc32(str(REPO).encode()) & 0xFFFF, "04x")
 BIN = Path(sys.executable).parent
 INVENTORY = HERE / f"hosts-{LAB}.yml"
 HOSTS_DIR = Path("/var/lib/fleetvpn-lab") / LAB / "hosts"
