@@ -1,6 +1,6 @@
 """Real ``ansible-playbook`` runs over SSH (paramiko, through the lab's management network)
-against a lab of their own (``fvanst<tag of the checkout>``). Tests that need the lab are marked ``lab``: the
-top-level conftest skips them, saying why, when not run as root."""
+against a lab of their own (``fvanst`` and a tag of the checkout). Tests that need the lab are
+marked ``lab``: the top-level conftest skips them, saying why, when not run as root."""
 
 from __future__ import annotations
 
