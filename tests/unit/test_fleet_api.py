@@ -302,3 +302,25 @@ def test_health_of_a_large_fleet_shows_its_summary_and_problems(
     assert "4 links shown" in everything.output and "are shown" not in everything.output
     doc = json.loads(_cli("health", "--json", env=env).output)
     assert doc["schema_version"] == 1 and len(doc["links"]) == 4
+
+
+@pytest.mark.parametrize("encoder", ["orjson", "json"])
+def test_the_encoded_health_document_is_the_health_json(
+    api: httpx.Client, store: Store, monkeypatch: pytest.MonkeyPatch, encoder: str
+) -> None:
+    import sys
+
+    from fleetvpn.controller import fleet as fleet_module
+
+    if encoder == "json":
+        monkeypatch.setitem(sys.modules, "orjson", None)  # import orjson → ImportError
+    else:
+        pytest.importorskip("orjson")
+    t = fleet(api, store)
+    enroll(api, t["admin"], "b9", "branch", "9" * 43 + "=")  # a down link beside the black hole
+    view = api_cache(api).get_fresh(timeout=30)
+    for site, problems in ((None, False), ("branch", False), (None, True)):
+        expected = fleet_module.health_json(view, site, problems)
+        encoded = fleet_module.health_bytes(view, site, problems)
+        assert json.loads(encoded) == json.loads(json.dumps(expected))
+        assert "→" in json.loads(encoded)["links"][0]["reason"]  # UTF-8 or \\u-escaped alike
