@@ -554,16 +554,19 @@ def health_bytes(
             # request (reports too) would wait for it.
             dumps = _dumps_bytes()
             parts = [f'{head},"links":['.encode()]
-            for i, r in enumerate(links):
+            for i in range(0, len(links), ENCODE_ROWS):
                 if i:
                     parts.append(b",")
-                parts.append(dumps(link_json(r)))
+                parts.append(dumps([link_json(r) for r in links[i : i + ENCODE_ROWS]])[1:-1])
             parts += [b'],"sites":', dumps(sites), b"}"]
             return b"".join(parts)  # one copy of the document besides its parts
 
     if limit is None and after is None:
         return view.memo(f"health:{site or ''}:{int(problems)}", encode)
     return encode()
+
+
+ENCODE_ROWS = 200  # link rows encoded at a time (a few ms holding the GIL)
 
 
 def _dumps_bytes() -> Callable[[Any], bytes]:
