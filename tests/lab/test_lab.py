@@ -73,7 +73,7 @@ def test_inventory_reaches_hosts_over_the_management_network(default_lab: LabHan
     assert set(hosts) == set(default_lab.plan.hosts)
     assert hosts["branch1"]["ansible_host"] == default_lab.plan.hosts["branch1"].mgmt_ip
     assert doc["all"]["vars"]["ansible_connection"] == "paramiko"
-    assert set(doc["all"]["children"]["controller"]["hosts"]) == {"controller"}
+    assert set(doc["all"]["children"]["controllers"]["hosts"]) == {"controller"}
     # The proxy command in the inventory really carries SSH to a host's sshd.
     cmd = doc["all"]["vars"]["ansible_paramiko_proxy_command"]
     cmd = cmd.replace("%h", hosts["hub"]["ansible_host"]).replace("%p", "22")
