@@ -4,6 +4,7 @@ import glob
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,22 +23,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def postgres_url() -> Iterator[str]:
     """A throwaway PostgreSQL server from Debian's package, on a Unix socket only (no TCP
-    port): started for the test session, removed after it."""
+    port): started for the test session, removed after it. Its directory is its own, not
+    pytest's basetemp: a later pytest session prunes old basetemps, a running server's too."""
     initdb = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not initdb:
         pytest.skip("PostgreSQL server not installed (scripts/install-deps installs it)")
     bindir = Path(initdb[-1]).parent
-    base = tmp_path_factory.mktemp("postgres")
+    base = Path(tempfile.mkdtemp(prefix="fleetvpn-pg-"))
     data, sockets = base / "data", base / "sock"
     sockets.mkdir()
     as_user: list[str] = []
     if os.geteuid() == 0:  # initdb and postgres refuse to run as root
         shutil.chown(base, "postgres")
         shutil.chown(sockets, "postgres")
-        os.chmod(base.parent, 0o755)
-        os.chmod(base.parent.parent, 0o755)
         as_user = ["runuser", "-u", "postgres", "--"]
     subprocess.run(
         [*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "fleetvpn", "--auth=trust"],
@@ -60,6 +60,7 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(30)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
