@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,15 @@ from fleetvpn.lab.plan import Plan, build_plan
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TOPOLOGY = REPO / "inventories/lab/topology.yml"
-TEST_LAB = "fvtest"  # never the user's own lab name: tests must not touch a running demo
+
+
+def lab_name(base: str) -> str:
+    """A test lab's name: ``base`` plus a tag of this checkout, so the suite running in another
+    clone (CI) at the same time builds other namespaces. Never the user's own lab's name."""
+    return base + format(zlib.crc32(str(REPO).encode()) & 0xFFFF, "04x")
+
+
+TEST_LAB = lab_name("fvtest")  # tests must not touch a running demo
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -44,9 +44,9 @@ from fleetvpn.net import keys
 from fleetvpn.runner import NsPath
 
 from . import wgutil
-from .conftest import DEFAULT_TOPOLOGY, REPO, LabHandle
+from .conftest import DEFAULT_TOPOLOGY, REPO, LabHandle, lab_name
 
-LAB = "fvagt"
+LAB = lab_name("fvagt")
 AGENTS = ("hub", "branch1", "branch2", "home1", "office1", "cloud1")
 PUBLIC = ("hub", "cloud1")  # enrolled with an endpoint: the others dial them
 API_PORT = 8080

@@ -172,11 +172,12 @@ def test_zz_down_removes_everything(default_lab: LabHandle) -> None:
     # A process left running in a host (as a crashed test or agent would leave it).
     leftover = subprocess.Popen([*default_lab.lab.host_ns("branch1").prefix(), "sleep", "600"])
     inodes = {netns.inode(ns) for ns in lab_namespaces(name)} - {None}
-    inside = {pid for pid in _pids() if _net_inode(pid) in inodes}
-    assert leftover.pid in inside
+    inside = {(pid, _started(pid)) for pid in _pids() if _net_inode(pid) in inodes}
+    assert (leftover.pid, _started(leftover.pid)) in inside
     default_lab.cli("down")
     leftover.wait(5)
-    assert not inside & _live_pids()
+    survivors = {(pid, _started(pid)) for pid in _live_pids()} & inside
+    assert not survivors, [Path(f"/proc/{pid}/cmdline").read_bytes() for pid, _ in survivors]
     assert lab_namespaces(name) == []
     mounts = Path("/proc/self/mountinfo").read_text()
     assert str(paths.run_dir) not in mounts and f"/{name}-" not in mounts
@@ -201,6 +202,15 @@ def _live_pids() -> set[int]:
         if stat.rsplit(")", 1)[1].split()[0] != "Z":
             live.add(pid)
     return live
+
+
+def _started(pid: int) -> int | None:
+    """A process's start time (clock ticks since boot): with the pid, it names the process even
+    when pids are reused."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _net_inode(pid: int) -> int | None:

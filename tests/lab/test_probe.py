@@ -19,7 +19,7 @@ from fleetvpn.engines.natlife import keepalive_for
 from fleetvpn.lab import netns
 from fleetvpn.net import keys, wire
 
-from .conftest import LabHandle
+from .conftest import LabHandle, lab_name
 
 PORT = 4789
 
@@ -192,7 +192,7 @@ sites:
 def test_pmtu_stays_exact_with_5_percent_loss(tmp_path: Path) -> None:
     topo = tmp_path / "lossy.yml"
     topo.write_text(LOSSY)
-    lab = LabHandle(topo, "fvloss")
+    lab = LabHandle(topo, lab_name("fvloss"))
     lab.cli("down", check=False)
     key_file = tmp_path / "probe.key"
     keys.write_key(key_file)

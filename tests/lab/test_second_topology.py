@@ -9,7 +9,9 @@ from pathlib import Path
 
 from fleetvpn.lab.build import LabPaths, lab_namespaces
 
-from .conftest import LabHandle, verify_json
+from .conftest import LabHandle, lab_name, verify_json
+
+ALT_LAB = lab_name("fvalt")
 
 ALT = """
 name: fvalt
@@ -48,11 +50,11 @@ def test_a_second_topology_builds_verifies_and_coexists(
     default_lab.cli("up")  # idempotent; an earlier test may have taken it down
     topo_file = tmp_path / "alt.yml"
     topo_file.write_text(ALT)
-    alt = LabHandle(topo_file, "fvalt")
+    alt = LabHandle(topo_file, ALT_LAB)
     alt.cli("down", check=False)
     try:
         alt.cli("up")
-        doc = verify_json("-t", str(topo_file), "--name", "fvalt")
+        doc = verify_json("-t", str(topo_file), "--name", ALT_LAB)
         checks = {(c["site"], c["check"]): c for c in doc["checks"]}  # type: ignore[union-attr]
         assert doc["exit"] == 0, [c for c in checks.values() if not c["ok"]]
         assert (
@@ -72,16 +74,16 @@ def test_a_second_topology_builds_verifies_and_coexists(
         assert checks[("lab", "firewall: established UDP timer")]["ok"]
         assert not any("ipv6" in check for _, check in checks)
         # Both labs are up side by side, each with its own namespaces.
-        assert lab_namespaces("fvalt") and lab_namespaces(default_lab.name)
+        assert lab_namespaces(ALT_LAB) and lab_namespaces(default_lab.name)
         assert default_lab.cli("status").returncode == 0
     finally:
         alt.cli("down")
-    paths = LabPaths("fvalt")
-    assert lab_namespaces("fvalt") == []
-    assert "fvalt" not in Path("/proc/self/mountinfo").read_text()
+    paths = LabPaths(ALT_LAB)
+    assert lab_namespaces(ALT_LAB) == []
+    assert ALT_LAB not in Path("/proc/self/mountinfo").read_text()
     assert not paths.run_dir.exists() and not paths.state_dir.exists()
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert "fleetvpn-lab/fvalt" not in ps
+    assert f"fleetvpn-lab/{ALT_LAB}/" not in ps
     # The other lab is untouched.
     assert default_lab.cli("status").returncode == 0
     assert os.path.exists(f"/run/netns/{default_lab.name}-core")

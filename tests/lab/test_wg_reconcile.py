@@ -31,10 +31,10 @@ from fleetvpn.wg import (
     public_key_of,
 )
 
-from .conftest import LabHandle
+from .conftest import LabHandle, lab_name
 from .wgutil import sh
 
-LAB = "fvwgt"
+LAB = lab_name("fvwgt")
 TOPOLOGY = f"""
 name: {LAB}
 controller: hub
