@@ -4,6 +4,10 @@ Contract (blocking calls; the daemon runs them in a worker thread):
 - ``enroll(token, name, public_key, listen_port, endpoint)`` → ``{"node", "site", "node_token"}``
 - ``desired(node)`` → the desired-state document (``GET /v1/nodes/NAME/desired``)
 - ``post_report(doc)`` → None on 201 (stored) or 200 (already stored: a replay)
+- ``post_reports(docs)`` → ``POST /v1/reports/batch``: one outcome per report, in order — None
+  (201 stored or 200 a replay) or the controller's reason it refused that report for good (a
+  per-report 4xx). A whole-batch refusal is :class:`Refused` (404/405: an older controller
+  without the batch path; 413: too large, send fewer) and nothing of it was stored.
 Errors: :class:`Unreachable` (connection refused/reset, timeout, TLS failure, 5xx, 429: try again
 later) and :class:`Refused` (any other non-2xx: ``status`` and the controller's ``error`` text).
 Neither message ever carries a token: tokens travel only in the Authorization header.
@@ -143,3 +147,21 @@ class Client:
 
     def post_report(self, doc: dict[str, Any]) -> None:
         self._request("POST", "/v1/reports", doc)
+
+    def post_reports(self, docs: list[dict[str, Any]]) -> list[str | None]:
+        doc = self._request("POST", "/v1/reports/batch", docs)
+        results = doc.get("results") if isinstance(doc, dict) else None
+        if not isinstance(results, list) or len(results) != len(docs):
+            raise Unreachable(f"{self.base}/v1/reports/batch: answer without one result a report")
+        outcomes: list[str | None] = []
+        for i, result in enumerate(results):
+            status = result.get("status") if isinstance(result, dict) else None
+            if not isinstance(status, int) or result.get("index", i) != i:
+                raise Unreachable(f"{self.base}/v1/reports/batch: result {i} is malformed")
+            if status >= 500 or status == 429:  # not the report's fault: the batch again later
+                raise Unreachable(f"{self.base}/v1/reports/batch: report {i}: HTTP {status}")
+            if status in (200, 201):
+                outcomes.append(None)
+            else:
+                outcomes.append(f"HTTP {status}: {str(result.get('error') or '')[:300]}")
+        return outcomes

@@ -53,6 +53,7 @@ from fleetvpn.agent.probes import (
     measure_rtt,
     serve_responders,
 )
+from fleetvpn.agent.replay import replay
 from fleetvpn.agent.report import (
     PathMtu,
     PeerObservation,
@@ -111,6 +112,7 @@ class Agent:
         self.stopping = False
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.spool = Spool(config.spool_dir, config.spool_max_reports, log.warning)
+        self.batches = True  # False once the controller answered 404/405 for the batch path
         self.tunnel: Any = None
 
     # --- start-up --------------------------------------------------------------------------
@@ -359,22 +361,13 @@ class Agent:
             configured=configured_from(self.state, names),
         )
         await asyncio.to_thread(self.spool.put, report)
-        client = self._client()
-
-        def send(doc: dict[str, Any]) -> str | None:
-            try:
-                client.post_report(doc)
-            except api.Unreachable as e:
-                self._controller_failed(e)
-                return "retry"
-            except api.Refused as e:
-                if e.status in (401, 403):
-                    self._controller_failed(e)
-                    return "retry"  # a token problem is not the report's fault: keep it
-                return str(e)
-            return None
-
-        sent = await asyncio.to_thread(self.spool.flush, send)
+        sent, self.batches = await asyncio.to_thread(
+            replay,
+            self.spool,
+            self._client(),
+            batches=self.batches,
+            failed=self._controller_failed,
+        )
         if sent:
             self._controller_ok()
             if sent > 1:

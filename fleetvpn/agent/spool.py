@@ -26,11 +26,14 @@ import os
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from fleetvpn.model import LinkMeasurement, NatMeasurement, Report
 
 REJECTED_KEPT: Final = 20
+BATCH_REPORTS: Final = 100  # reports in one batch request, at most
+
+BatchOutcome = list[str | None] | Literal["retry", "smaller", "unsupported"]
 
 
 def _min(a: float | None, b: float | None) -> float | None:
@@ -188,3 +191,41 @@ class Spool:
             else:
                 self.reject(path, doc, outcome)
         return done
+
+    def flush_batches(
+        self, send: Callable[[list[dict[str, Any]]], BatchOutcome], size: int = BATCH_REPORTS
+    ) -> tuple[int, bool]:
+        """Send pending reports oldest first, up to ``size`` a request. ``send`` returns one
+        outcome per report as :meth:`flush`'s ``send`` does (None acknowledged, or the reason
+        it was refused for good), or for the whole batch: "retry" (stop, keep them all),
+        "smaller" (too large: halve the batch; a lone report too large is refused) or
+        "unsupported" (the controller has no batch path: stop). Returns how many were
+        acknowledged and whether the batch path was unsupported."""
+        done = 0
+        pending = self.pending()
+        while pending:
+            chunk = pending[:size]
+            outcome = send([doc for _, doc in chunk])
+            if outcome == "retry":
+                break
+            if outcome == "unsupported":
+                return done, True
+            if outcome == "smaller":
+                if size == 1:
+                    path, doc = chunk[0]
+                    self.reject(path, doc, "HTTP 413: too large for the controller")
+                    del pending[0]
+                else:
+                    size = max(1, size // 2)
+                    self.log(f"spool: the controller found a batch too large; sending {size}")
+                continue
+            if len(outcome) != len(chunk):  # the client checks this; never guess which is which
+                break
+            for (path, doc), result in zip(chunk, outcome, strict=True):
+                if result is None:
+                    self.sent(path)
+                    done += 1
+                else:
+                    self.reject(path, doc, result)
+            del pending[: len(chunk)]
+        return done, False
