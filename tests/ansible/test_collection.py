@@ -109,6 +109,46 @@ def test_health_lines_and_problems() -> None:
     assert per_node["b1"]["hub"]["recommended_keepalive_s"] == 8
 
 
+def test_inventory_reads_health_page_by_page(tmp_path: Path) -> None:
+    """Against the real controller over HTTP: every link, in order, in pages of the size asked,
+    the same document as the whole one; a cursor that does not move is an error, not a loop."""
+    from fleetvpn.controller.store import Store
+
+    from ..unit.apiutil import Server, bearer, enroll
+
+    store = Store.open(f"sqlite+pysqlite:///{tmp_path / 'controller.db'}")
+    try:
+        with Server(store) as api:
+            admin = store.create_admin_token()
+            nodes = [("hub", "core"), ("b1", "branch"), ("b2", "branch"), ("b3", "edge")]
+            for i, (node, site) in enumerate(nodes):
+                key = chr(ord("a") + i) * 43 + "="
+                enroll(api, admin, node, site, key=key, endpoint=f"198.19.1.{i + 1}:51820")
+            asked: list[str] = []
+
+            def get(path: str) -> Any:
+                asked.append(path)
+                r = api.get(path, headers=bearer(admin))
+                assert r.status_code == 200, r.text
+                return r.json()
+
+            whole = get("/v1/health")
+            assert len(whole["links"]) == 6
+            asked.clear()
+            paged = inventory.fetch_health(get, 4)
+            assert asked == ["/v1/health?limit=4", "/v1/health?limit=4&after=b2%2Cb3"]
+            assert paged["links"] == whole["links"] and paged["sites"] == whole["sites"]
+            assert paged["next_after"] is None
+            asked.clear()
+            assert inventory.fetch_health(get, 1000)["links"] == whole["links"]
+            assert len(asked) == 1
+    finally:
+        store.close()
+    stuck = {"links": [], "next_after": "a,b"}
+    with pytest.raises(Exception, match="same cursor again"):
+        inventory.fetch_health(lambda path: stuck, 10)
+
+
 def test_tune_lines() -> None:
     change = {"node": "b1", "peer": "hub", "setting": "keepalive_s", "current": 25,
               "recommended": 0, "reason": "public"}  # fmt: skip

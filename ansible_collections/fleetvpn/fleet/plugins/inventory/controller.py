@@ -13,7 +13,8 @@ author: fleetvpn developers
 description:
   - One host per node enrolled at the controller (C(GET /v1/nodes)).
   - Groups per site (C(site_<site>)) and per health state (C(health_<state>), the worst state of
-    the node's links -- blackhole, down, stale, degraded, unmeasured, ok -- from C(GET /v1/health)).
+    the node's links -- blackhole, down, stale, degraded, unmeasured, ok -- from C(GET /v1/health),
+    read page by page, O(health_page_size) links a request, so no single answer is huge).
   - Host variables -- C(fleetvpn_site), C(fleetvpn_endpoint), C(fleetvpn_listen_port),
     C(fleetvpn_public_key), C(fleetvpn_health_state), C(fleetvpn_health_problems); the recommended
     settings C(fleetvpn_recommended_interface_mtu) (with O(fetch_desired)),
@@ -61,6 +62,12 @@ options:
         interface MTU. Turn off for very large fleets.
     type: bool
     default: true
+  health_page_size:
+    description:
+      - Links per C(GET /v1/health) request; the plugin follows C(next_after) until the last
+        page.
+    type: int
+    default: 1000
   site_group_prefix:
     description: Prefix of the per-site groups.
     type: str
@@ -96,6 +103,30 @@ from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructa
 
 # Worst first: a node's state is the worst of its links' states.
 STATES = ("blackhole", "down", "stale", "degraded", "unmeasured", "ok")
+
+
+def fetch_health(get, page_size):
+    """The health document with every link, read ``page_size`` links a request (``get``: a path
+    -> the decoded answer): ``?limit=N&after=<next_after>`` until ``next_after`` is null. A
+    controller that does not page answers the whole document at once, without ``next_after``."""
+    if page_size < 1:
+        raise AnsibleParserError(f"fleetvpn inventory: health_page_size {page_size} is not >= 1")
+    links = []
+    after = None
+    while True:
+        query = {"limit": page_size}
+        if after is not None:
+            query["after"] = after
+        page = get("/v1/health?" + urllib.parse.urlencode(query))
+        links.extend(page.get("links", []))
+        next_after = page.get("next_after")
+        if next_after is None:
+            return {**page, "links": links, "next_after": None}
+        if next_after == after:
+            raise AnsibleParserError(
+                f"fleetvpn inventory: GET /v1/health after={after} answered the same cursor again"
+            )
+        after = next_after
 
 
 def node_states(links):
@@ -204,7 +235,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
 
     def _fetch(self):
         nodes = self._get("/v1/nodes")["nodes"]
-        health = self._get("/v1/health")
+        health = fetch_health(self._get, self.get_option("health_page_size"))
         desired = {}
         if self.get_option("fetch_desired"):
             for node in nodes:
