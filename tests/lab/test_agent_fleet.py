@@ -475,7 +475,6 @@ def test_controller_outage_loses_nothing_and_duplicates_nothing(fleet: Fleet) ->
     assert during == (True, 1_000_000), during
     assert not (set().union(*spooled.values()) & before)
     outage_s = time.monotonic() - outage_started
-    log_offset = _log_offset(fleet, "controller")
     fleet.start_controller()
     fleet.wait(
         "spools empty",
@@ -493,12 +492,10 @@ def test_controller_outage_loses_nothing_and_duplicates_nothing(fleet: Fleet) ->
         missing = [rid for rid in ids if rid not in position]
         assert not missing, f"{host}: {len(missing)} of {len(ids)} outage reports missing"
         assert [position[rid] for rid in ids] == sorted(position[rid] for rid in ids), host
-    replays = _log_since(fleet, "controller", log_offset)
-    duplicates = replays.count('"POST /v1/reports HTTP/1.1" 200')
     total = sum(len(ids) for ids in spooled.values())
     print(
         f"outage {outage_s:.0f} s: {total} reports spooled by {len(AGENTS)} agents, "
-        f"all stored once in order after the restart ({duplicates} resends: 'already stored')"
+        "all stored once, in order, after the restart"
     )
 
 
