@@ -55,7 +55,6 @@ import argparse
 import base64
 import cProfile
 import gc
-import glob
 import hashlib
 import io
 import ipaddress
@@ -65,7 +64,6 @@ import os
 import pstats
 import random
 import resource
-import shutil
 import signal
 import socket
 import subprocess
@@ -75,7 +73,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, redirect_stdout, suppress
+from contextlib import ExitStack, contextmanager, redirect_stdout
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -90,6 +88,7 @@ from fleetvpn.controller.config import TunnelConfig
 from fleetvpn.controller.store import Store, nodes, reports, sqlite_url
 from fleetvpn.controller.trusted import stored_report
 from fleetvpn.engines.keepalive import keepalive_for
+from fleetvpn.lab import postgres
 from fleetvpn.model import Report, format_time, parse_report
 
 GOAL_INGEST_PER_S = 20_000
@@ -296,45 +295,6 @@ def public_key(name: str) -> str:
 
 
 # --- servers -------------------------------------------------------------------------------------
-
-
-@contextmanager
-def postgres_server(base: Path) -> Iterator[str]:
-    """A throwaway PostgreSQL server on a Unix socket under ``base``, as tests/conftest.py
-    starts one but with the default durability; yields its URL."""
-    initdb = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not initdb:
-        sys.exit("PostgreSQL server not installed (scripts/install-deps installs it)")
-    bindir = Path(initdb[-1]).parent
-    data, sockets = base / "pgdata", base / "pgsock"
-    sockets.mkdir()
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # initdb and postgres refuse to run as root
-        for path in (base, sockets):
-            shutil.chown(path, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    subprocess.run(
-        [*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "fleetvpn", "--auth=trust"],
-        check=True,
-        capture_output=True,
-    )
-    server = subprocess.Popen(
-        [*as_user, str(bindir / "postgres"), "-D", str(data), "-k", str(sockets),
-         "-c", "listen_addresses="],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        while not list(sockets.glob(".s.PGSQL.*")):
-            if server.poll() is not None or time.monotonic() > deadline:
-                sys.exit("postgres did not start")
-            time.sleep(0.1)
-        yield f"postgresql+psycopg://fleetvpn@/postgres?host={sockets}"
-    finally:
-        with suppress(OSError, ValueError):  # fast shutdown, even with clients connected
-            os.kill(int((data / "postmaster.pid").read_text().split()[0]), signal.SIGINT)
-        server.wait(60)
 
 
 @dataclass
@@ -751,7 +711,7 @@ def main() -> None:
         base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fvbench-")))
         os.chmod(base, 0o755)  # PostgreSQL runs as its own user
         database = (
-            stack.enter_context(postgres_server(base))
+            stack.enter_context(postgres.throwaway_server(base))
             if args.postgres
             else sqlite_url(str(base / "controller.db"))
         )

@@ -1,15 +1,15 @@
 from __future__ import annotations
 
-import glob
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from fleetvpn.lab import postgres
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -27,39 +27,13 @@ def postgres_url() -> Iterator[str]:
     """A throwaway PostgreSQL server from Debian's package, on a Unix socket only (no TCP
     port): started for the test session, removed after it. Its directory is its own, not
     pytest's basetemp: a later pytest session prunes old basetemps, a running server's too."""
-    initdb = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not initdb:
+    if postgres.bindir() is None:
         pytest.skip("PostgreSQL server not installed (scripts/install-deps installs it)")
-    bindir = Path(initdb[-1]).parent
     base = Path(tempfile.mkdtemp(prefix="fleetvpn-pg-"))
-    data, sockets = base / "data", base / "sock"
-    sockets.mkdir()
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # initdb and postgres refuse to run as root
-        shutil.chown(base, "postgres")
-        shutil.chown(sockets, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    subprocess.run(
-        [*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "fleetvpn", "--auth=trust"],
-        check=True,
-        capture_output=True,
-    )
-    server = subprocess.Popen(
-        [*as_user, str(bindir / "postgres"), "-D", str(data), "-k", str(sockets),
-         "-c", "listen_addresses=", "-c", "fsync=off"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"postgresql+psycopg://fleetvpn@/postgres?host={sockets}"
     try:
-        deadline = time.monotonic() + 30
-        while not list(sockets.glob(".s.PGSQL.*")):
-            assert server.poll() is None and time.monotonic() < deadline, "postgres did not start"
-            time.sleep(0.1)
-        yield url
+        with postgres.throwaway_server(base, fsync=False) as url:
+            yield url
     finally:
-        server.terminate()
-        server.wait(30)
         shutil.rmtree(base, ignore_errors=True)
 
 
