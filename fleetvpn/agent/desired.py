@@ -11,12 +11,15 @@ error on disk and starts from it, so a restart or a controller outage re-applies
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from fleetvpn.model import MTU_RANGE, NAME_PATTERN, parse_endpoint
 from fleetvpn.wg.state import PeerSpec, TunnelSpec
+
+_NAME_RE = re.compile(NAME_PATTERN)
 
 
 class DesiredError(ValueError):
@@ -126,6 +129,4 @@ def parse_desired(doc: Any, *, interface: str, listen_port: int) -> Desired:
 
 
 def _valid_name(text: str) -> bool:
-    import re
-
-    return re.fullmatch(NAME_PATTERN, text) is not None
+    return _NAME_RE.fullmatch(text) is not None
