@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,6 +22,30 @@ AUTH_CACHE_TEST_S = 0.2  # how long the test servers remember a token
 # Tests see their own writes: a view of a test's few nodes computes in milliseconds, so every
 # fleet query waits for the view that includes the writes before it (FleetCache.get).
 TEST_APP_OPTIONS: dict[str, Any] = {"view_fresh_wait_s": 10.0, "auth_cache_s": AUTH_CACHE_TEST_S}
+
+
+def self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    """A throwaway certificate for 127.0.0.1 (and its key) in ``directory``, by openssl."""
+    cert, key = directory / "api.crt", directory / "api.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def json_paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every path (keys and indexes) into a decoded JSON value, the value itself excluded."""
+    found = [prefix] if prefix else []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found += json_paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found += json_paths(item, (*prefix, i))
+    return found
 
 
 SERVERS: dict[str, Server] = {}  # base URL → the running test server (its app, for its cache)

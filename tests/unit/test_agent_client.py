@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-import subprocess
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +15,8 @@ from typing import Any
 import pytest
 
 from fleetvpn.agent.client import CONTROL_MSS, Client, Refused, Unreachable
+
+from .apiutil import self_signed_cert
 
 TOKEN = "fvn_secret-node-token"
 ANSWERS: dict[str, tuple[int, Any]] = {
@@ -50,13 +51,7 @@ class Handler(BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Path]]:
     tmp = tmp_path_factory.mktemp("tls")
-    cert, key = tmp / "api.crt", tmp / "api.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    cert, key = self_signed_cert(tmp)
     plain = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     tls = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from .apiutil import self_signed_cert
+
 
 def _port(kind: int) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
@@ -31,13 +33,7 @@ def fleetvpn(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 
 
 def test_serve_with_tls_and_the_probe_responder(tmp_path: Path) -> None:
-    cert, key = tmp_path / "api.crt", tmp_path / "api.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    cert, key = self_signed_cert(tmp_path)
     probe_key = tmp_path / "probe.key"
     probe_key.write_text(fleetvpn("probe", "genkey").stdout)
     api_port, probe_port = _port(socket.SOCK_STREAM), _port(socket.SOCK_DGRAM)

@@ -38,6 +38,8 @@ from fleetvpn.model import (
     parse_time,
 )
 
+from .apiutil import json_paths
+
 REPORT_ID = "0b9e3b5c-1f3e-4c1a-9d2e-2b7d8f0c1a22"
 
 
@@ -309,18 +311,7 @@ def test_objects_with_report_keys_give_only_report_errors(obj: dict[str, object]
         parse_report(obj)
 
 
-def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    found = [prefix] if prefix else []
-    if isinstance(value, dict):
-        for key, item in value.items():
-            found += _paths(item, (*prefix, key))
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            found += _paths(item, (*prefix, i))
-    return found
-
-
-_VALID_PATHS = _paths(valid_report())
+_VALID_PATHS = json_paths(valid_report())
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from fleetvpn.model import Report, ReportError, _fast_report, parse_report
 
+from .apiutil import json_paths
+
 
 def _report() -> dict[str, Any]:
     return {
@@ -123,18 +125,7 @@ _json = st.recursive(
 )
 
 
-def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    found = [prefix] if prefix else []
-    if isinstance(value, dict):
-        for key, item in value.items():
-            found += _paths(item, (*prefix, key))
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            found += _paths(item, (*prefix, i))
-    return found
-
-
-_PATHS = _paths(_report())
+_PATHS = json_paths(_report())
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
