@@ -27,7 +27,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleetvpn import __version__
 from fleetvpn.controller.config import TunnelConfig
-from fleetvpn.controller.fleet import FleetCache, FleetView
 from fleetvpn.controller.store import (
     Conflict,
     Forbidden,
@@ -39,6 +38,7 @@ from fleetvpn.controller.store import (
     hash_token,
     utcnow,
 )
+from fleetvpn.controller.views import Published, ViewError, Views
 from fleetvpn.model import NAME_PATTERN, Override, ReportError, parse_endpoint, parse_report
 
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -86,7 +86,7 @@ AUTH_CACHE_S = 5.0
 GIL_SWITCH_S = 0.001
 MAX_BATCH_REPORTS = 1000  # reports in one POST /v1/reports/batch
 BATCH_BODY_FACTOR = 16  # a batch's body may be this many times the single-report limit
-PREPARE_FOR_S = 600.0  # a rendering asked for is made for each new view this long
+EXTRA_WAIT_S = 120.0  # how long a request waits for a rendering made on demand (/metrics)
 NODE_WAIT_S = 30.0  # how long a node's first desired-state request waits for a view with it
 
 
@@ -286,6 +286,28 @@ class _ReportRoutes:
         await send({"type": "http.response.body", "body": content})
 
 
+class _Parts(Response):
+    """A response sent as the parts it is made of (slices of a view's memory file among them:
+    a 170 MB health document goes out without being copied into one string first)."""
+
+    def __init__(
+        self, parts: list[bytes | memoryview], media_type: str, headers: dict[str, str]
+    ) -> None:
+        super().__init__(b"", media_type=media_type, headers=headers)
+        self.parts = [p for p in parts if len(p)]
+        self.headers["content-length"] = str(sum(len(p) for p in self.parts))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        last = len(self.parts) - 1
+        for i, part in enumerate(self.parts):
+            await send({"type": "http.response.body", "body": part, "more_body": i < last})
+        if not self.parts:
+            await send({"type": "http.response.body", "body": b""})
+
+
 def _public_key(value: Any) -> str:
     try:
         if isinstance(value, str) and len(base64.b64decode(value, validate=True)) == 32:
@@ -318,16 +340,19 @@ def create_app(
     view_max_age_s: float = 30.0,
     view_min_interval_s: float = 0.0,
     view_fresh_wait_s: float = 0.25,
+    view_process: bool = False,
     auth_cache_s: float = AUTH_CACHE_S,
     max_batch_bytes: int | None = None,
 ) -> FastAPI:
     """The API over ``store``. With ``retention``, history older than that is pruned hourly;
     with ``responder`` (listen address, probe key), the probe responder runs beside the API.
 
-    Fleet queries share one view of the fleet, recomputed in a background thread (see
-    :class:`~fleetvpn.controller.fleet.FleetCache`): a write marks it dirty; it is recomputed
-    at most every ``view_min_interval_s`` (and never busier than a third of a core), and when
-    older than ``view_max_age_s``. Requests answer from the last complete view at once; where a
+    Fleet queries share one view of the fleet, computed and rendered by a worker — a process
+    of its own with ``view_process`` (``controller serve`` does that: its seconds of Python
+    then never hold this process's GIL), else a thread — and served as finished bytes (see
+    :mod:`~fleetvpn.controller.views`): a write marks it dirty; it is recomputed at most every
+    ``view_min_interval_s`` (and never busier than a third of a core), and when older than
+    ``view_max_age_s``. Requests answer from the last complete view at once; where a
     recompute takes at most ``view_fresh_wait_s`` they wait for one with the writes before them.
     The view's age is in each fleet response (``generated_at``; header ``x-fleetvpn-view-age-s``).
 
@@ -363,48 +388,46 @@ def create_app(
     app = FastAPI(title="fleetvpn controller", version=__version__, lifespan=lifespan)
     app.add_middleware(_NoStore)
     tunnel = tunnel or TunnelConfig()
-    # Renderings to make for each new view before it is served: those asked for in the last
-    # PREPARE_FOR_S (a whole-fleet health document costs seconds; nobody may want the next one).
-    asked: dict[str, tuple[Callable[[FleetView], object], float]] = {}
-
-    def prepare(new: FleetView) -> None:
-        for key, (make, at) in list(asked.items()):
-            if time.monotonic() - at > PREPARE_FOR_S:
-                asked.pop(key, None)
-            else:
-                new.memo(key, lambda make=make: make(new))  # type: ignore[misc]
-
-    cache = FleetCache(
+    cache = Views(
         store,
+        tunnel,
+        process=view_process,
         max_age_s=view_max_age_s,
         min_interval_s=view_min_interval_s,
         fresh_wait_s=view_fresh_wait_s,
-        prepare=prepare,
     )
-    app.state.fleet_cache = cache
+    app.state.views = cache
     tokens = TokenCache(store, auth_cache_s)
     writer = ReportWriter(store)
 
-    def view() -> FleetView:
+    def view() -> Published:
         return cache.get()
 
-    def node_view(name: str, who: Principal) -> FleetView:
+    def node_view(name: str, who: Principal) -> Published:
         """A view with ``name`` in it: one that includes the writes so far if the last one does
         not know the node (it may have enrolled a moment ago)."""
         fleet = view()
-        if name not in fleet.node_sites:
+        if not fleet.has_node(name):
             fleet = cache.get_fresh(timeout=NODE_WAIT_S)
-        if name not in fleet.node_sites:
+        if not fleet.has_node(name):
             if who.kind == "node" and who.name == name:  # enrolled, not in a view yet
                 raise ApiError(503, f"{name} is not in the fleet view yet; retry shortly")
             raise ApiError(404, f"no node {name!r}")
         return fleet
 
-    def fleet_response(fleet: FleetView, content: bytes, media_type: str) -> Response:
+    def fleet_response(
+        fleet: Published, content: bytes | memoryview | list[bytes | memoryview], media_type: str
+    ) -> Response:
         age = max(0.0, (utcnow() - fleet.generated_at).total_seconds())
-        return Response(
-            content, media_type=media_type, headers={"x-fleetvpn-view-age-s": f"{age:.1f}"}
+        return _Parts(
+            content if isinstance(content, list) else [content],
+            media_type,
+            {"x-fleetvpn-view-age-s": f"{age:.1f}"},
         )
+
+    @app.exception_handler(ViewError)
+    async def view_error(_request: Request, exc: ViewError) -> JSONResponse:
+        return _error(503, str(exc))
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -654,40 +677,35 @@ def create_app(
     ) -> Response:
         """Link health. ``site``: links with an end there; ``problems``: only links not ok;
         ``limit`` / ``after``: one page (``next_after`` in the answer is the next cursor)."""
-        from fleetvpn.controller.fleet import health_bytes
-
         admin(request)
         if limit is not None and limit < 0:
             raise ApiError(422, f"limit: {limit} is negative")
         if after is not None and "," not in after:
             raise ApiError(422, f"after: {after!r} is not a cursor (a,b: from next_after)")
         fleet = view()
-        if site is None and limit is None and after is None:  # the whole fleet: one encoding
-            key = f"health::{int(problems)}"
-            asked[key] = (lambda v: health_bytes(v, None, problems), time.monotonic())
-        content = health_bytes(fleet, site, problems, limit=limit, after=after)
+        content = fleet.health(site, problems, limit=limit, after=after)
         return fleet_response(fleet, content, "application/json")
 
     @app.get("/v1/tune")
-    def tune(request: Request, site: str | None = None) -> dict[str, Any]:
-        from fleetvpn.controller.fleet import tune_json
-
+    def tune(request: Request, site: str | None = None) -> Response:
+        """What would change: every configured value that differs from the recommendation,
+        ``{node, peer, setting, current, recommended, reason}`` (of ``site``'s nodes)."""
         admin(request)
-        return tune_json(view(), site)
+        fleet = view()
+        return fleet_response(fleet, fleet.tune(site), "application/json")
 
     @app.get("/v1/nodes/{name}/desired")
-    def desired(request: Request, name: str) -> dict[str, Any]:
-        from fleetvpn.controller.fleet import desired_json
-
+    def desired(request: Request, name: str) -> Response:
+        """Everything ``name`` applies: interface and peers, each value with its reason."""
         who = principal(request)
         if who.kind != "admin" and who.name != name:
             raise ApiError(403, f"{who.name} may read only its own desired state")
-        return desired_json(node_view(name, who), name, tunnel)
+        fleet = node_view(name, who)
+        return fleet_response(fleet, fleet.desired(name), "application/json")
 
     @app.get("/v1/nodes/{name}/config/{kind}")
     def node_config(request: Request, name: str, kind: str) -> dict[str, Any]:
         """Rendered config files for ``name``: wg-quick, networkd or host_vars."""
-        from fleetvpn.controller.fleet import desired_json
         from fleetvpn.controller.render import KINDS, render
 
         who = principal(request)
@@ -699,7 +717,7 @@ def create_app(
         return {
             "schema_version": 1,
             "node": name,
-            "files": render(desired_json(fleet, name, tunnel), kind),
+            "files": render(json.loads(fleet.desired(name)), kind),
         }
 
     @app.get("/v1/links/{a}/{b}/history")
@@ -727,11 +745,7 @@ def create_app(
 
     @app.get("/metrics")
     def metrics() -> Response:
-        from fleetvpn.controller.metrics import render
-
-        fleet = view()
-        asked["metrics"] = (render, time.monotonic())
-        content = fleet.memo("metrics", lambda: render(fleet))
+        fleet, content = cache.extra("metrics", EXTRA_WAIT_S)
         return fleet_response(fleet, content, "text/plain; version=0.0.4")
 
     return app

@@ -81,6 +81,7 @@ def serve(config_path: Path) -> None:
         responder=responder,
         tunnel=config.tunnel,
         view_min_interval_s=float(config.view_interval_s),
+        view_process=config.view_process,
         auth_cache_s=float(config.auth_cache_s),
     )
     host, port = config.listen

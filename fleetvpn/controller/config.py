@@ -9,6 +9,8 @@ Example (every key optional)::
     max_body_bytes: 1048576                       # larger requests get 413
     view_interval_s: 0                            # recompute the fleet view at most this often
                                                   # (and never busier than 1/3 of a core)
+    view_process: true                            # compute it in a worker process (false: a
+                                                  # thread, sharing the API's GIL)
     auth_cache_s: 5                               # a revoked token is refused this soon
     access_log: false                             # one log line per request (0.25 ms of CPU
                                                   # each: off by default, errors still logged)
@@ -66,6 +68,7 @@ class ControllerConfig:
     retention_days: int = 30
     max_body_bytes: int = 1 << 20
     view_interval_s: int = 0
+    view_process: bool = True
     auth_cache_s: int = 5
     access_log: bool = False
     responder_listen: tuple[str, int] | None = None
@@ -80,6 +83,7 @@ _KEYS = {
     "retention_days",
     "max_body_bytes",
     "view_interval_s",
+    "view_process",
     "auth_cache_s",
     "access_log",
     "probe_responder",
@@ -121,9 +125,12 @@ def parse(text: str, source: str = "<config>") -> ControllerConfig:
             raise fail(key, f"must be an integer in {low}..{high}, not {value!r}")
         return value
 
-    access_log = doc.get("access_log", False)
-    if not isinstance(access_log, bool):
-        raise fail("access_log", f"must be true or false, not {access_log!r}")
+    def boolean(key: str, default: bool) -> bool:
+        value = doc.get(key, default)
+        if not isinstance(value, bool):
+            raise fail(key, f"must be true or false, not {value!r}")
+        return value
+
     database = doc.get("database", DEFAULT_DATABASE)
     if not isinstance(database, str) or not database.startswith(("sqlite", "postgresql")):
         raise fail("database", "must be a sqlite:/// path URL or a postgresql:// URL")
@@ -170,7 +177,8 @@ def parse(text: str, source: str = "<config>") -> ControllerConfig:
         max_body_bytes=integer("max_body_bytes", 1 << 20, 1024, 64 << 20),
         view_interval_s=integer("view_interval_s", 0, 0, 3600),
         auth_cache_s=integer("auth_cache_s", 5, 0, 3600),
-        access_log=access_log,
+        view_process=boolean("view_process", True),
+        access_log=boolean("access_log", False),
         responder_listen=responder_listen,
         responder_key_file=responder_key,
     )

@@ -126,3 +126,106 @@ def test_access_log_is_a_setting_off_by_default() -> None:
     assert parse("access_log: true\n").access_log is True
     with pytest.raises(ConfigError, match=r"controller.yml: access_log: must be true or false"):
         parse("access_log: sometimes\n", "controller.yml")
+
+
+class _AdminOnly:
+    """Stands in for the store where a test fleet only needs an admin token (made by the CLI)."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def create_admin_token(self) -> str:
+        return self.token
+
+
+def _children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    found: list[int] = []
+    for task in tasks.iterdir() if tasks.exists() else []:
+        children = task / "children"
+        if children.exists():
+            found += [int(c) for c in children.read_text().split()]
+    return found
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return True
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":  # a zombie has exited
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_the_view_worker_process_serves_restarts_and_dies_with_the_api(tmp_path: Path) -> None:
+    """`controller serve` computes the fleet view in a worker process: answers come from it,
+    a killed worker is started again (writes after it still reach the view), and the worker
+    never outlives the API, even a SIGKILLed one."""
+    import httpx
+
+    from .test_fleet_api import fleet
+
+    port = _port(socket.SOCK_STREAM)
+    config = tmp_path / "controller.yml"
+    config.write_text(f"listen: 127.0.0.1:{port}\ndatabase: sqlite:///{tmp_path / 'c.db'}\n")
+    token = fleetvpn("controller", "admin-token", "--config", str(config)).stdout.strip()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "fleetvpn", "controller", "serve", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    admin = {"authorization": f"Bearer {token}"}
+    try:
+        api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if api.get("/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        (worker,) = _children(server.pid)
+        assert "fleetvpn.controller.views" in Path(f"/proc/{worker}/cmdline").read_text()
+        assert "sqlite" not in Path(f"/proc/{worker}/cmdline").read_text()  # URL not in argv
+        fleet(api, _AdminOnly(token))  # type: ignore[arg-type]
+
+        def links() -> list[tuple[str, str, str]]:
+            deadline = time.monotonic() + 30
+            while True:  # this server may answer from a view a moment old: wait for it
+                doc = api.get("/v1/health", headers=admin).json()
+                rows = [(r["a"], r["b"], r["state"]) for r in doc["links"]]
+                if len(rows) == len(set(_nodes())) - 1 or time.monotonic() > deadline:
+                    return rows
+                time.sleep(0.1)
+
+        def _nodes() -> list[str]:
+            return [n["name"] for n in api.get("/v1/nodes", headers=admin).json()["nodes"]]
+
+        assert links() == [("branch1", "hub", "blackhole")]
+        metrics = api.get("/metrics")
+        assert metrics.status_code == 200
+        assert 'fleetvpn_link_path_mtu_bytes{node="branch1",peer="hub",site="branch"} 1400' in (
+            metrics.text
+        )
+        os.kill(worker, 9)
+        assert _gone(worker, 10)
+        from .apiutil import enroll
+
+        enroll(api, token, "b2", "branch", "2" * 43 + "=")  # a write after the kill
+        assert [row[:2] for row in links()] == [("b2", "hub"), ("branch1", "hub")]
+        (restarted,) = _children(server.pid)
+        assert restarted != worker
+        server.kill()  # no clean shutdown: the worker must go by itself
+        server.wait(10)
+        assert _gone(restarted, 10), "the view worker outlived its API process"
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(10)

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from fleetvpn.controller.store import Store
+from fleetvpn.controller.views import Views
 
 from .apiutil import SERVERS, Server, bearer, enroll
 
@@ -236,7 +237,7 @@ def test_requests_are_served_from_the_last_view_while_a_recompute_runs(
     monkeypatch.setattr(fleet_module, "compute", slow_compute)
     with Server(store, view_fresh_wait_s=0.0) as api:
         admin = _star(api, store, 1)
-        assert isinstance(api_cache(api), fleet_module.FleetCache)
+        assert isinstance(api_cache(api), Views)
         api_cache(api).get_fresh(timeout=30)  # a view with every write so far
         before = api.get("/v1/health", headers=bearer(admin)).json()
         assert [(r["a"], r["b"]) for r in before["links"]] == [("b0", "hub")]
@@ -254,7 +255,7 @@ def test_requests_are_served_from_the_last_view_while_a_recompute_runs(
 
 
 def api_cache(api: httpx.Client) -> Any:
-    return SERVERS[str(api.base_url)].app.state.fleet_cache
+    return SERVERS[str(api.base_url)].app.state.views
 
 
 def test_a_node_that_just_enrolled_gets_its_desired_state(store: Store) -> None:
@@ -305,9 +306,11 @@ def test_health_of_a_large_fleet_shows_its_summary_and_problems(
 
 
 @pytest.mark.parametrize("encoder", ["orjson", "json"])
-def test_the_encoded_health_document_is_the_health_json(
-    api: httpx.Client, store: Store, monkeypatch: pytest.MonkeyPatch, encoder: str
+def test_served_health_documents_are_the_health_json(
+    store: Store, monkeypatch: pytest.MonkeyPatch, encoder: str
 ) -> None:
+    """What the API serves (joined from the view's pre-encoded link rows) is health_json of
+    that view, for every filter and page, with either encoder."""
     import sys
 
     from fleetvpn.controller import fleet as fleet_module
@@ -316,11 +319,48 @@ def test_the_encoded_health_document_is_the_health_json(
         monkeypatch.setitem(sys.modules, "orjson", None)  # import orjson → ImportError
     else:
         pytest.importorskip("orjson")
-    t = fleet(api, store)
-    enroll(api, t["admin"], "b9", "branch", "9" * 43 + "=")  # a down link beside the black hole
-    view = api_cache(api).get_fresh(timeout=30)
-    for site, problems in ((None, False), ("branch", False), (None, True)):
-        expected = fleet_module.health_json(view, site, problems)
-        encoded = fleet_module.health_bytes(view, site, problems)
-        assert json.loads(encoded) == json.loads(json.dumps(expected))
-        assert "→" in json.loads(encoded)["links"][0]["reason"]  # UTF-8 or \\u-escaped alike
+    computed: list[fleet_module.FleetView] = []
+    real_compute = fleet_module.compute
+
+    def keep(*args: Any) -> Any:
+        computed.append(real_compute(*args))
+        return computed[-1]
+
+    monkeypatch.setattr(fleet_module, "compute", keep)
+    with Server(store) as api:
+        t = fleet(api, store)
+        enroll(api, t["admin"], "b9", "branch", "9" * 43 + "=")  # a down link beside the black hole
+        enroll(api, t["admin"], "h2", "hub", "2" * 43 + "=", endpoint="198.19.1.12:51820")
+        published = api_cache(api).get_fresh(timeout=30)
+        view = computed[-1]
+        assert len(view.links) == 5
+        for chosen in ([0, 2, 4], [1], [3, 4], []):  # apart (joined) or side by side (one slice)
+            parts = b"".join(published._links(chosen))
+            rows = [fleet_module.link_json(view.links[i]) for i in chosen]
+            assert json.loads(b"[" + parts + b"]") == json.loads(json.dumps(rows))
+        assert published.index.generated_at == fleet_module.format_time(view.generated_at)
+        cursor = fleet_module.link_cursor(view.links[0])
+        queries: list[dict[str, Any]] = [
+            {}, {"site": "branch"}, {"problems": True}, {"site": "branch", "problems": True},
+            {"site": "nowhere"}, {"limit": 1}, {"limit": 0}, {"limit": 2, "after": cursor},
+            {"after": cursor}, {"site": "branch", "limit": 1, "after": cursor},
+            {"problems": True, "limit": 1},
+        ]  # fmt: skip
+        for query in queries:
+            served = api.get("/v1/health", params=query, headers=bearer(t["admin"]))
+            assert served.status_code == 200, query
+            expected = fleet_module.health_json(
+                view,
+                query.get("site"),
+                query.get("problems", False),
+                limit=query.get("limit"),
+                after=query.get("after"),
+            )
+            assert served.json() == json.loads(json.dumps(expected)), query
+        whole = api.get("/v1/health", headers=bearer(t["admin"])).json()
+        assert "→" in whole["links"][0]["reason"]  # UTF-8 or \\u-escaped alike
+        assert any(r["state"] != "ok" for r in whole["links"])
+        tune = api.get("/v1/tune", headers=bearer(t["admin"])).json()
+        assert tune == json.loads(json.dumps(fleet_module.tune_json(view)))
+        branch = api.get("/v1/tune", params={"site": "branch"}, headers=bearer(t["admin"]))
+        assert branch.json() == json.loads(json.dumps(fleet_module.tune_json(view, "branch")))
