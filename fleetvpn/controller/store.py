@@ -244,6 +244,15 @@ ReportWrite = tuple[
 class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        dialect = engine.dialect
+        self._postgres = dialect.name == "postgresql"
+        # How the DateTime columns store a value on this database (SQLite: SQLAlchemy's text
+        # format; PostgreSQL: the driver sends the datetime as it is), for the ingest rows.
+        process = sa.DateTime(timezone=True).dialect_impl(dialect).bind_processor(dialect)
+        self._stamp: Callable[[Any], Any] = process or _same
+        # _ADVANCE_HEADS as this driver takes it with named parameters (sqlite3: ":name").
+        named = sa.dialects.sqlite.dialect(paramstyle="named") if dialect.name == "sqlite" else None
+        self._advance_heads = str(_ADVANCE_HEADS.compile(dialect=named or dialect))
 
     @classmethod
     def open(cls, url: str) -> Store:
@@ -497,60 +506,80 @@ class Store:
     def _write_reports(
         self, accepted: list[tuple[int, str, datetime, str, list[dict[str, Any]], Any]]
     ) -> dict[str, tuple[int, bool]]:
-        """Write what is new; report_id → (the node that owns it, written now)."""
-        now = utcnow()
+        """Write what is new; report_id → (the node that owns it, written now).
+
+        Through the driver's own cursor, rows as plain tuples: SQLAlchemy's per-row parameter
+        handling cost more than the database's work. Values are stored as SQLAlchemy stores
+        them (datetimes through the column type's own bind processor, once per report); ids
+        come from the database, in row order."""
+        stamp = self._stamp
+        received_at = stamp(utcnow())
         with self.tx() as conn:
-            inserted = set(
-                conn.scalars(
-                    self._insert_report,
-                    [
-                        {"report_id": report_id, "node_id": node_id, "created_at": created_at,
-                         "received_at": now, "body": text}
-                        for node_id, report_id, created_at, text, _, _ in accepted
-                    ],
-                )
-            )  # fmt: skip
-            out: dict[str, tuple[int, bool]] = {}
-            rest = [report_id for _, report_id, *_ in accepted if report_id not in inserted]
-            if rest:
-                query = sa.select(reports.c.report_id, reports.c.node_id)
-                for report_id, owner in conn.execute(query.where(reports.c.report_id.in_(rest))):
-                    out[report_id] = (int(owner), False)
-            link_rows: list[dict[str, Any]] = []
-            nat_rows: list[dict[str, Any]] = []
-            heads: list[dict[str, Any]] = []
-            for node_id, report_id, created_at, _, links, nat in accepted:
-                if report_id not in inserted:
-                    continue
-                out[report_id] = (node_id, True)
-                for link in links:
-                    link_rows.append(
-                        {**link, "report_id": report_id, "node_id": node_id,
-                         "measured_at": created_at}
-                    )  # fmt: skip
-                if nat is not None:  # with its own measured_at: NAT searches keep their own time
-                    nat_rows.append({**nat, "report_id": report_id, "node_id": node_id})
-                heads.append({"node_id": node_id, "report_id": report_id, "at": created_at})
-            if link_rows:
-                conn.execute(link_measurements.insert(), link_rows)
-            if nat_rows:
-                conn.execute(nat_measurements.insert(), nat_rows)
-            if heads:
-                conn.execute(_ADVANCE_HEADS, heads)
+            cursor = _driver_connection(conn).cursor()
+            try:
+                inserted = self._insert_reports(
+                    cursor,
+                    [(report_id, node_id, stamp(created_at), received_at, text)
+                     for node_id, report_id, created_at, text, _, _ in accepted],
+                )  # fmt: skip
+                out: dict[str, tuple[int, bool]] = {}
+                rest = [report_id for _, report_id, *_ in accepted if report_id not in inserted]
+                if rest:
+                    query = sa.select(reports.c.report_id, reports.c.node_id)
+                    for report_id, owner in conn.execute(
+                        query.where(reports.c.report_id.in_(rest))
+                    ):
+                        out[report_id] = (int(owner), False)
+                link_rows: list[tuple[Any, ...]] = []
+                nat_rows: list[tuple[Any, ...]] = []
+                heads: list[dict[str, Any]] = []
+                for node_id, report_id, created_at, _, links, nat in accepted:
+                    if report_id not in inserted:
+                        continue
+                    out[report_id] = (node_id, True)
+                    at = stamp(created_at)
+                    head = (report_id, node_id, at)
+                    link_rows += [head + tuple(map(link.get, _LINK_FIELDS)) for link in links]
+                    if nat is not None:  # its own measured_at: NAT searches keep their own time
+                        at_nat = stamp(nat.get("measured_at"))
+                        nat_rows.append((report_id, node_id, at_nat, *map(nat.get, _NAT_FIELDS)))
+                    heads.append({"node_id": node_id, "report_id": report_id, "at": at})
+                if link_rows:
+                    self._insert_rows(cursor, link_measurements, _LINK_COLUMNS, link_rows)
+                if nat_rows:
+                    self._insert_rows(cursor, nat_measurements, _NAT_COLUMNS, nat_rows)
+                if heads:
+                    cursor.executemany(self._advance_heads, heads)
+            finally:
+                cursor.close()
         return out
 
-    @property
-    def _insert_report(self) -> sa.Insert:
-        insert = (
-            sa.dialects.postgresql.insert
-            if self.engine.dialect.name == "postgresql"
-            else sa.dialects.sqlite.insert
+    def _insert_reports(self, cursor: Any, rows: list[tuple[Any, ...]]) -> set[str]:
+        """``INSERT … ON CONFLICT DO NOTHING`` of (report_id, node_id, created_at, received_at,
+        body) rows, one statement; the ids inserted (the others were stored before)."""
+        mark = "%s" if self._postgres else "?"
+        values = ", ".join([f"({mark}, {mark}, {mark}, {mark}, {mark})"] * len(rows))
+        cursor.execute(
+            f"INSERT INTO reports ({', '.join(_REPORT_COLUMNS)}) VALUES {values}"
+            " ON CONFLICT (report_id) DO NOTHING RETURNING report_id",
+            [value for row in rows for value in row],
         )
-        return (
-            insert(reports)
-            .on_conflict_do_nothing(index_elements=["report_id"])
-            .returning(reports.c.report_id)
-        )
+        return {report_id for (report_id,) in cursor.fetchall()}
+
+    def _insert_rows(
+        self, cursor: Any, table: sa.Table, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
+    ) -> None:
+        """Append rows, in order (ids from the table's sequence/rowid follow it): PostgreSQL by
+        COPY (text format: the server parses each value as its column's type), SQLite by
+        executemany."""
+        names = ", ".join(columns)
+        if self._postgres:
+            with cursor.copy(f"COPY {table.name} ({names}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        else:
+            marks = ", ".join(["?"] * len(columns))
+            cursor.executemany(f"INSERT INTO {table.name} ({names}) VALUES ({marks})", rows)
 
     def report_heads(self) -> dict[str, tuple[str | None, datetime | None, str | None]]:
         """Every node not revoked → (latest report id, when it arrived, previous report id); ids
@@ -807,6 +836,26 @@ _ADVANCE_HEADS = (
         ),
     )
 )
+
+
+# The rows ingest writes (plain tuples, these columns in this order; ids from the database). A
+# measurement's missing optional field is NULL, as SQLAlchemy stored a column left out.
+_REPORT_COLUMNS = ("report_id", "node_id", "created_at", "received_at", "body")
+_LINK_FIELDS = ("peer", "family", "path_mtu", "icmp_seen", "rtt_s", "loss_ratio",
+                "handshake_age_s", "rx_bytes", "tx_bytes", "endpoint")  # fmt: skip
+_LINK_COLUMNS = ("report_id", "node_id", "measured_at", *_LINK_FIELDS)
+_NAT_FIELDS = ("nat", "mapped_address", "mapping_lifetime_s", "resolution_s", "max_lifetime_s",
+               "stateful_filter")  # fmt: skip
+_NAT_COLUMNS = ("report_id", "node_id", "measured_at", *_NAT_FIELDS)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _driver_connection(conn: Connection) -> Any:
+    """The DBAPI driver's own connection under ``conn`` (sqlite3's, psycopg's)."""
+    return conn.connection.driver_connection
 
 
 def _row(row: sa.Row[Any]) -> dict[str, Any]:
