@@ -469,7 +469,8 @@ class Store:
         one fsync, however many: group commit for concurrent requests. Per item: True (stored),
         False (a replay: stored before, nothing changes) or the StoreError it earned (another
         node's report id), in order. Should the transaction fail, each report is tried alone,
-        so that one bad report costs the others nothing."""
+        so that one bad report costs the others nothing: all are tried, then the first
+        report's own error is raised."""
         answers: list[bool | StoreError | None] = []
         first: dict[str, tuple[int, str, datetime, str, list[dict[str, Any]], Any]] = {}
         for principal, report_id, created_at, body, links, nat in items:
@@ -487,8 +488,7 @@ class Store:
             except sa.exc.DBAPIError:
                 if len(first) == 1:
                     raise
-                for one in first.values():  # alone: an error is that report's own
-                    owners |= self._write_reports([one])
+                owners = self._write_each(list(first.values()))
         results: list[bool | StoreError] = []
         written: set[str] = set()
         for (principal, report_id, *_), answer in zip(items, answers, strict=True):
@@ -503,6 +503,22 @@ class Store:
                 written.add(report_id)
         return results
 
+    def _write_each(
+        self, accepted: list[tuple[int, str, datetime, str, list[dict[str, Any]], Any]]
+    ) -> dict[str, tuple[int, bool]]:
+        """Each report in its own transaction: an error is that report's own. All are tried,
+        then the first error is raised."""
+        owners: dict[str, tuple[int, bool]] = {}
+        failed: sa.exc.DBAPIError | None = None
+        for one in accepted:
+            try:
+                owners |= self._write_reports([one])
+            except sa.exc.DBAPIError as e:
+                failed = failed or e
+        if failed is not None:
+            raise failed
+        return owners
+
     def _write_reports(
         self, accepted: list[tuple[int, str, datetime, str, list[dict[str, Any]], Any]]
     ) -> dict[str, tuple[int, bool]]:
@@ -514,7 +530,7 @@ class Store:
         come from the database, in row order."""
         stamp = self._stamp
         received_at = stamp(utcnow())
-        with self.tx() as conn:
+        with self.tx() as conn, _driver_errors(conn):
             cursor = _driver_connection(conn).cursor()
             try:
                 inserted = self._insert_reports(
@@ -856,6 +872,24 @@ def _same(value: Any) -> Any:
 def _driver_connection(conn: Connection) -> Any:
     """The DBAPI driver's own connection under ``conn`` (sqlite3's, psycopg's)."""
     return conn.connection.driver_connection
+
+
+@contextmanager
+def _driver_errors(conn: Connection) -> Iterator[None]:
+    """The driver's errors raised as SQLAlchemy raises them from ``conn.execute`` (the same
+    ``sa.exc.DBAPIError`` subclass, the driver's error as ``orig``); a connection the error
+    says is lost is invalidated, so that the pool does not hand it out again."""
+    dialect = conn.dialect
+    error = dialect.loaded_dbapi.Error
+    try:
+        yield
+    except error as e:
+        lost = bool(dialect.is_disconnect(e, conn.connection.dbapi_connection, None))
+        if lost:
+            conn.invalidate(e)
+        raise sa.exc.DBAPIError.instance(
+            None, None, e, error, connection_invalidated=lost, dialect=dialect
+        ) from e
 
 
 def _row(row: sa.Row[Any]) -> dict[str, Any]:

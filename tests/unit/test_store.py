@@ -218,3 +218,136 @@ def test_any_valid_report_reads_back_the_same(report: Any) -> None:
     from fleetvpn.controller.trusted import stored_report
 
     assert stored_report(json.dumps(report.to_json())) == report
+
+
+def _nat(at: datetime, **fields: object) -> dict[str, Any]:
+    return {"measured_at": at, "nat": True, "mapped_address": "198.18.2.6:4000",
+            "mapping_lifetime_s": 19.5, "resolution_s": 0.25, "max_lifetime_s": 300.0,
+            "stateful_filter": False} | fields  # fmt: skip
+
+
+def test_stored_measurements_read_back_field_by_field(store: Store) -> None:
+    """Ingest writes its rows through the driver, not SQLAlchemy's types: every column reads
+    back as given (aware datetimes to the microsecond, booleans, NULLs, 64-bit counters)."""
+    import sqlalchemy as sa
+
+    from fleetvpn.controller.store import link_measurements, nat_measurements, policy_state
+
+    a = store.authenticate(store.enroll(store.create_enrollment_token("s"), "a", KEY_A)[0])
+    assert a is not None
+    at = datetime(2026, 11, 25, 21, 7, 3, 123456, tzinfo=UTC)
+    whole = datetime(2026, 11, 25, 21, 8, 0, tzinfo=UTC)  # no microseconds
+    links = [
+        {"peer": "b", "family": 4, "path_mtu": 1400, "icmp_seen": True, "rtt_s": 0.0123456789,
+         "loss_ratio": 0.25, "handshake_age_s": 4.5, "rx_bytes": 2**53 + 1, "tx_bytes": 0,
+         "endpoint": "198.19.1.11:51820"},
+        {"peer": "c-1", "family": 6, "path_mtu": None, "icmp_seen": False, "rtt_s": None,
+         "loss_ratio": None, "handshake_age_s": None, "rx_bytes": 7, "tx_bytes": 2**62,
+         "endpoint": None},
+        {"peer": "d", "family": 4, "rx_bytes": 1, "tx_bytes": 2},  # optional fields left out
+    ]  # fmt: skip
+    nat = _nat(whole, mapping_lifetime_s=None, max_lifetime_s=None, stateful_filter=True)
+    nat.pop("resolution_s")  # left out: NULL
+    assert store.put_report(a, _rid(1), at, "{}", links, nat) is True
+    given = [link | {"node": "a", "report_id": _rid(1), "measured_at": at} for link in links]
+    for link in given:
+        for key in ("path_mtu", "icmp_seen", "rtt_s", "loss_ratio", "handshake_age_s", "endpoint"):
+            link.setdefault(key, None)
+    got = store.link_history("a", "b", at) + store.link_history("a", "c-1", at)
+    got += store.link_history("a", "d", at)
+    assert [{k: v for k, v in row.items() if k not in ("id", "node_id")} for row in got] == given
+    for row, link in zip(got, given, strict=True):
+        assert set(row) == {c.name for c in link_measurements.c} | {"node"}
+        for key, value in link.items():
+            assert type(row[key]) is type(value), key  # True stays True, not 1
+        assert row["measured_at"].utcoffset() == timedelta(0)
+    assert store.link_history("a", "b", at + timedelta(microseconds=1)) == []
+    (row,) = [r for r in store.nat_history(whole) if r["report_id"] == _rid(1)]
+    assert set(row) == {c.name for c in nat_measurements.c} | {"node", "site"}
+    expected = nat | {"resolution_s": None, "report_id": _rid(1), "node": "a", "site": "s"}
+    assert {k: v for k, v in row.items() if k not in ("id", "node_id")} == expected
+    assert row["nat"] is True and row["stateful_filter"] is True
+    assert store.nat_history(whole + timedelta(microseconds=1))[0]["id"] == row["id"]  # newest
+    assert store.report_heads()["a"][0] == _rid(1)
+    (latest,) = store.latest_reports()["a"]
+    assert latest[0].tzinfo is not None
+    with store.tx() as conn:  # stored exactly as SQLAlchemy's own types store the same values
+        conn.execute(policy_state.insert().values(key="k", state="{}", updated_at=at))
+        through_sa = conn.exec_driver_sql("SELECT updated_at FROM policy_state").scalar()
+        raw = conn.execute(
+            sa.select(sa.cast(link_measurements.c.measured_at, sa.Text)).limit(1)
+        ).scalar()
+        expected_raw = conn.execute(sa.select(sa.cast(policy_state.c.updated_at, sa.Text))).scalar()
+        assert raw == expected_raw
+        if store.engine.dialect.name == "sqlite":
+            assert raw == through_sa == "2026-11-25 21:07:03.123456"
+            kinds = conn.exec_driver_sql(
+                "SELECT typeof(icmp_seen), typeof(family), typeof(rtt_s), typeof(rx_bytes)"
+                " FROM link_measurements ORDER BY id LIMIT 1"
+            ).one()
+            assert tuple(kinds) == ("integer", "integer", "real", "integer")
+
+
+def test_measurement_ids_follow_arrival_order(store: Store) -> None:
+    """fleet.compute relies on NAT row ids increasing as reports arrive; link rows are numbered
+    in the order of the report's measurements."""
+    from fleetvpn.controller.store import Principal
+
+    who: list[Principal] = []
+    for i, key in enumerate((KEY_A, KEY_B, "C" * 43 + "=")):
+        token, _ = store.enroll(store.create_enrollment_token("s"), f"n{i}", key)
+        principal = store.authenticate(token)
+        assert principal is not None
+        who.append(principal)
+    t0 = datetime.now(UTC)
+    order = [(2, 1), (0, 2), (1, 3), (2, 4)]  # (node, report): arrival order
+    store.put_reports(
+        [
+            (
+                who[n],
+                _rid(r),
+                t0 - timedelta(seconds=r),
+                "{}",
+                [_link(f"p{r}{k}", 1400) for k in range(3)],
+                _nat(t0 - timedelta(seconds=r)),
+            )
+            for n, r in order[:3]
+        ]
+    )
+    n, r = order[3]
+    store.put_report(who[n], _rid(r), t0, "{}", [_link("p40", 1400)], _nat(t0))
+    rows = sorted(store.nat_history(t0 - timedelta(hours=1)), key=lambda row: row["id"])
+    assert [row["report_id"] for row in rows] == [_rid(r) for _, r in order]
+    peers = [row["peer"] for row in sorted(store.latest_links(), key=lambda row: row["id"])]
+    assert peers == ["p10", "p11", "p12", "p20", "p21", "p22", "p30", "p31", "p32", "p40"]
+
+
+def test_a_report_that_breaks_the_batch_costs_the_others_nothing(store: Store) -> None:
+    """One transaction for the batch; when it fails, each report is written alone: the good
+    ones are stored with all their rows, the bad one's error is raised, nothing of it kept."""
+    import sqlalchemy as sa
+
+    from fleetvpn.controller.store import Principal
+
+    a = store.authenticate(store.enroll(store.create_enrollment_token("s"), "a", KEY_A)[0])
+    b = store.authenticate(store.enroll(store.create_enrollment_token("s"), "b", KEY_B)[0])
+    assert a is not None and b is not None
+    ghost = Principal("node", "ghost", 999_999, "s")  # no such node: the foreign key refuses
+    now = datetime.now(UTC)
+    store.put_report(a, _rid(9), now, "{}", [], None)
+    items = [
+        (a, _rid(1), now, "{}", [_link("b", 1400)], _nat(now)),
+        (a, _rid(9), now, "{}", [_link("b", 1300)], None),  # a replay: changes nothing
+        (ghost, _rid(2), now, "{}", [_link("a", 1300)], _nat(now)),
+        (b, _rid(3), now + timedelta(seconds=1), "{}", [_link("a", 1380)], _nat(now)),
+    ]
+    with pytest.raises(sa.exc.IntegrityError):
+        store.put_reports(items)  # type: ignore[arg-type]
+    assert store.report_count() == 3
+    assert store.report_bodies([_rid(2)]) == {}
+    links = sorted((row["node"], row["report_id"], row["path_mtu"]) for row in store.latest_links())
+    assert links == [("a", _rid(1), 1400), ("b", _rid(3), 1380)]
+    assert sorted(row["report_id"] for row in store.nat_history(now)) == [_rid(1), _rid(3)]
+    assert store.report_heads()["a"][::2] == (_rid(1), _rid(9))
+    assert store.report_heads()["b"][::2] == (_rid(3), None)
+    assert store.put_reports(items[:2] + items[3:]) == [False, False, False]  # type: ignore[arg-type]
