@@ -8,17 +8,21 @@ ten times smaller), enrolls it through the store and prints figures with their r
 issue's goals — never assertions:
 
   ingest     `POST /v1/reports` over HTTP to the real `fleetvpn controller serve` (a subprocess
-             on 127.0.0.1), C client threads here posting pre-encoded bodies: link measurements/s
-             (goal >= 20,000/s), reports/s, the server's CPU per report (its background
-             recomputes included) and the CPU the clients here took from the same cores. The
-             round before goes straight into the store (one thread), timed stage by stage.
-             At the end, a fifth of the nodes replay a spool of 5 older reports each through
-             `POST /v1/reports/batch` (one request per node), as agents do after an outage.
-  recompute  here, as the server's background thread does it: fleet.compute cold (every
-             stored body parsed, every site's keepalive state saved) and warm (bodies already
-             parsed), the whole-fleet health document encoded, tune_json, metrics.render,
-             desired_json and the config renderings of every node (goal <= 10 s for all of it);
-             and what per-site and paged health answers cost from a computed view.
+             on 127.0.0.1, with its view worker process), C connections here (default 16, one
+             thread each, http.client: real agents post from their own machines, so the load
+             generator here takes as little of the shared cores as it can) posting
+             pre-encoded bodies: link measurements/s (goal >= 20,000/s), reports/s, the
+             server's CPU per report (API and view worker: its recomputes included) and the
+             CPU the clients here took from the same cores. The round before goes straight
+             into the store (one thread), timed stage by stage. At the end, a fifth of the
+             nodes replay a spool of 5 older reports each through `POST /v1/reports/batch`
+             (one request per node), as agents do after an outage.
+  recompute  here, as the server's view worker does it: fleet.compute cold (every stored
+             body parsed, every site's keepalive state saved) and warm (bodies already
+             parsed), views.render_view (every link row's health JSON, the sites, every node's
+             desired state, tune), metrics.render, and the config files of every node (the API
+             renders one on request) — goal <= 10 s for all of it; and what per-site, paged
+             and whole-fleet health answers cost the API from a published view.
   health     p50/p99 (goal p99 <= 200 ms) of the queries `fleetvpn health` makes — `GET
              /v1/health?site=S`, and without --site one page `?limit=100`, then
              `?problems=true&limit=100` — with no reports arriving and while agents report at
@@ -26,7 +30,8 @@ issue's goals — never assertions:
              view each answer came from; and, for comparison, the whole-fleet `GET /v1/health`
              (170 MB at 10,000 nodes: only `health --json` without --site asks for it). A query
              stops after 50 requests or 60 s (--quick: 10 s); the count is printed.
-  memory     peak RSS (the high-water mark ru_maxrss reports) of the server and of this process.
+  memory     peak RSS (the high-water marks) of the API process, of its view worker and of this
+             process.
 
 The fleet: public sites (no NAT; a third with 9000-byte paths inside), NAT sites (mapping
 lifetimes 10-300 s), firewall sites (stateful filter). Each node starts L links to distinct
@@ -56,6 +61,7 @@ import base64
 import cProfile
 import gc
 import hashlib
+import http.client
 import io
 import ipaddress
 import json
@@ -83,7 +89,7 @@ import httpx
 import sqlalchemy as sa
 
 from fleetvpn.controller import fleet as fleetview
-from fleetvpn.controller import metrics, render
+from fleetvpn.controller import metrics, render, views
 from fleetvpn.controller.config import TunnelConfig
 from fleetvpn.controller.store import Store, nodes, reports, sqlite_url
 from fleetvpn.controller.trusted import stored_report
@@ -302,15 +308,30 @@ class Controller:
     url: str
     process: subprocess.Popen[bytes]
 
-    def cpu_s(self) -> float:
-        """User + system CPU seconds the server process has used so far."""
-        stat = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+    def pids(self) -> list[int]:
+        """The API process and its children (the fleet view worker)."""
+        found = [self.process.pid]
+        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
+            found += [int(c) for c in (task / "children").read_text().split()]
+        return found
 
-    def peak_rss_bytes(self) -> int:
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        return next(int(line.split()[1]) * 1024 for line in status.splitlines()
-                    if line.startswith("VmHWM:"))  # fmt: skip
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the server's processes have used so far (a worker that
+        was started again loses its earlier seconds: none is, in a run that goes well)."""
+        total = 0
+        for pid in self.pids():
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(stat[11]) + int(stat[12])
+        return total / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_bytes(self) -> list[int]:
+        """Each process's high-water mark: the API's, then the worker's."""
+        peaks = []
+        for pid in self.pids():
+            status = Path(f"/proc/{pid}/status").read_text()
+            peaks += [int(line.split()[1]) * 1024 for line in status.splitlines()
+                      if line.startswith("VmHWM:")]  # fmt: skip
+        return peaks
 
 
 @contextmanager
@@ -500,21 +521,29 @@ class Agents:
             t.start()
 
     def _post(self, url: str, first: int, step: int) -> None:
-        with httpx.Client(base_url=url, timeout=60) as http:
+        # http.client, not httpx: a third of the client CPU a request, and these threads share
+        # the server's two cores (real agents post from their own machines)
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        try:
             for i in range(first, len(self.batch.bodies), step):
                 if self._stop.wait(max(0.0, self._started + i / self.per_s - time.perf_counter())):
                     return
-                token = self.batch.tokens[i]
-                headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
+                headers = {"authorization": f"Bearer {self.batch.tokens[i]}",
+                           "content-type": "application/json"}  # fmt: skip
                 t0 = time.perf_counter()
                 try:
-                    r = http.post(self.path, content=self.batch.bodies[i], headers=headers)
-                except httpx.HTTPError as e:  # the server went away (Ctrl-C)
+                    conn.request("POST", self.path, body=self.batch.bodies[i], headers=headers)
+                    r = conn.getresponse()
+                    text = r.read()
+                except (OSError, http.client.HTTPException) as e:  # the server went away (Ctrl-C)
                     self.errors.append(str(e))
                     return
                 self.latencies.append(time.perf_counter() - t0)
-                if r.status_code != self.status:
-                    self.errors.append(f"{r.status_code} {r.text[:200]}")
+                if r.status != self.status:
+                    self.errors.append(f"{r.status} {text[:200]!r}")
+        finally:
+            conn.close()
 
     def join(self) -> None:
         for t in self._threads:
@@ -558,8 +587,11 @@ def per_node(what: str, names: list[str], work: Callable[[str], object]) -> floa
 def recompute(store: Store, site: str) -> None:
     from pydantic import TypeAdapter
 
-    print("recompute and render the whole fleet (in this process, as the server's thread does):")
-    gc.freeze()  # as the server does once a view is served: the fleet built here is not garbage
+    print(
+        "recompute and render the whole fleet (in this process, as the server's view worker"
+        " process does):"
+    )
+    gc.freeze()  # as the worker does once a view is published: the fleet here is not garbage
     sources = fleetview.Sources()
     cold_s, _ = timed(
         "compute, cold (every report body parsed, every site's keepalive state saved)",
@@ -570,44 +602,46 @@ def recompute(store: Store, site: str) -> None:
     )
     gc.freeze()
     reread(store)
-    health_s, health = timed(
-        "health, the whole fleet encoded (health_bytes)", lambda: fleetview.health_bytes(view)
+    tunnel = TunnelConfig()
+    publish_s, (fd, _) = timed(
+        "views.render_view (every link's health JSON, sites, every node's desired state, tune)",
+        lambda: views.render_view(view, tunnel, 0),
     )
-    tune_s, _ = timed("tune_json", lambda: fleetview.tune_json(view))
+    published = views.Published(1, fd)
     metrics_s, text = timed("metrics.render", lambda: metrics.render(view))
     names = sorted(view.node_sites)
-    tunnel = TunnelConfig()
-    desired_s = per_node("desired_json", names, lambda n: fleetview.desired_json(view, n, tunnel))
     render_s = per_node(
-        f"render.render ({', '.join(render.KINDS)})",
+        f"render.render ({', '.join(render.KINDS)}; the API renders a node's on request)",
         names,
-        lambda n: [render.render(fleetview.desired_json(view, n, tunnel), k) for k in render.KINDS],
+        lambda n: [render.render(json.loads(published.desired(n)), k) for k in render.KINDS],
     )
-    rest = health_s + tune_s + metrics_s + desired_s + render_s
+    rest = publish_s + metrics_s + render_s
     for what, compute_s in (("cold", cold_s), ("warm", warm_s)):
         total = compute_s + rest
         print(
-            f"  total ({what} compute, health, tune, metrics, desired, render): {total:.1f} s"
+            f"  total ({what} compute, render_view, metrics, config files): {total:.1f} s"
             f" ({total / GOAL_RECOMPUTE_S:.2f}x the goal <= {GOAL_RECOMPUTE_S:.0f} s)"
         )
-    summary = fleetview.health_json(view, limit=0)["summary"]
+    summary = published.index.summary
     print(
         f"  {len(view.links):,} links: "
         + ", ".join(f"{state} {n:,}" for state, n in sorted(summary.items()))
     )
-    print("what a health request costs from a computed view (the server caches whole documents):")
-    timed(f"health_bytes(site={site})", lambda: fleetview.health_bytes(view, site))
-    timed(
-        "health_bytes(problems, limit=100)",
-        lambda: fleetview.health_bytes(view, problems=True, limit=100),
-    )
+    print("what a health answer costs the API from a published view (joining finished bytes):")
+    timed(f"health(site={site})", lambda: published.health(site))
+    timed("health(problems, limit=100)", lambda: published.health(problems=True, limit=100))
+    timed("health() (the whole fleet: slices of the view's file)", published.health)
+    health = b"".join(published.health())
     as_json = TypeAdapter(dict[str, Any])  # how FastAPI encoded the endpoint's dict before
     doc = json.loads(health)
     timed(
         "for comparison: the whole document as FastAPI encoded it (pydantic validate + dump)",
         lambda: as_json.dump_json(as_json.validate_python(doc)),
     )
-    print(f"  health document {len(health) / 1e6:,.0f} MB, /metrics {len(text) / 1e6:,.0f} MB")
+    print(
+        f"  health document {len(health) / 1e6:,.0f} MB, /metrics {len(text) / 1e6:,.0f} MB,"
+        f" the view's file {published.view.nbytes / 1e6:,.0f} MB"
+    )
 
 
 def reread(store: Store) -> None:
@@ -680,7 +714,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--links-per-node", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="a fleet 10x smaller")
     parser.add_argument("--postgres", action="store_true", help="a throwaway PostgreSQL server")
-    parser.add_argument("--clients", type=int, default=4, help="HTTP client threads for ingest")
+    parser.add_argument("--clients", type=int, default=16, help="HTTP connections for ingest")
     parser.add_argument("--queries", type=int, default=50, help="requests per health query")
     parser.add_argument("--budget", type=float, help="seconds per health query (60, quick 10)")
     parser.add_argument("--history", type=int, default=0, help="older rounds stored first")
@@ -786,8 +820,10 @@ def main() -> None:
             print(f"  {arrived / (time.perf_counter() - started):,.0f} reports/s arrived")
             # last: the replayed history would make the phases above differ from earlier runs
             ingest_batches(server, fleet, tokens, now - timedelta(minutes=30), rng, args.clients)
+            peaks = " + ".join(f"{b / 2**20:,.0f}" for b in server.peak_rss_bytes())
             print(
-                f"peak memory: server {server.peak_rss_bytes() / 2**20:,.0f} MiB, this process"
+                f"peak memory: server {peaks} MiB (the API + its view worker; the views' memory"
+                " files are counted in both), this process"
                 f" {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB"
             )
         if ingester and profile:

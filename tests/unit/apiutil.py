@@ -20,7 +20,7 @@ AUTH_CACHE_TEST_S = 0.2  # how long the test servers remember a token
 
 
 # Tests see their own writes: a view of a test's few nodes computes in milliseconds, so every
-# fleet query waits for the view that includes the writes before it (FleetCache.get).
+# fleet query waits for the view that includes the writes before it (views.Views.get).
 TEST_APP_OPTIONS: dict[str, Any] = {"view_fresh_wait_s": 10.0, "auth_cache_s": AUTH_CACHE_TEST_S}
 
 
