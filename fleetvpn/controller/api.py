@@ -69,11 +69,25 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def decode_json(body: bytes) -> Any:
-    """``body`` as JSON; 400 if it is not."""
+    """``body`` as JSON; 400 if it is not. orjson first (a third of the time on a report);
+    whatever it refuses goes to the standard library, which decides and words the errors (and
+    takes what orjson does not: UTF-16/32, NaN, integers over 64 bits, lone surrogates)."""
+    if _fast_loads is not None:
+        try:
+            return _fast_loads(body)
+        except ValueError:
+            pass
     try:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ApiError(400, f"body is not valid JSON: {e}") from None
+
+
+_fast_loads: Callable[[bytes], Any] | None
+try:
+    from orjson import loads as _fast_loads
+except ImportError:  # the controller extra installs orjson; the standard library alone works too
+    _fast_loads = None
 
 
 async def read_json(request: Request, limit: int) -> Any:

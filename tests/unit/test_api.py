@@ -10,6 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fleetvpn.controller.store import Store
 
@@ -199,3 +201,52 @@ def test_report_routes_answer_json_with_no_store(api: httpx.Client, store: Store
     doc = api.get("/openapi.json").json()
     assert "post" in doc["paths"]["/v1/reports/batch"]
     assert api.get("/v1/reports", headers=bearer(token)).status_code == 405
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(value=_JSON)
+def test_request_json_decodes_as_the_standard_library_does(value: Any) -> None:
+    import json
+
+    from fleetvpn.controller.api import decode_json
+
+    text = json.dumps(value)
+    assert decode_json(text.encode()) == json.loads(text)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"a": NaN}', b"[18446744073709551616]", b'["\\ud800"]', '{"a": 1}'.encode("utf-16")],
+)
+def test_what_orjson_refuses_the_standard_library_still_decides(body: bytes) -> None:
+    import json
+    import math
+
+    from fleetvpn.controller.api import decode_json
+
+    got, expected = decode_json(body), json.loads(body)
+    if isinstance(got, dict) and isinstance(got["a"], float):
+        assert math.isnan(got["a"]) and math.isnan(expected["a"])
+    else:
+        assert got == expected
+
+
+@pytest.mark.parametrize("body", [b"{", b"\xff\xfe{", b'{"a": 1} x', b""])
+def test_bad_json_is_a_400_with_the_standard_librarys_words(body: bytes) -> None:
+    import json
+
+    from fleetvpn.controller.api import ApiError, decode_json
+
+    with pytest.raises(ApiError) as raised:
+        decode_json(body)
+    assert raised.value.status == 400
+    try:
+        json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        assert raised.value.message == f"body is not valid JSON: {e}"
