@@ -322,9 +322,12 @@ def test_measurement_ids_follow_arrival_order(store: Store) -> None:
     assert peers == ["p10", "p11", "p12", "p20", "p21", "p22", "p30", "p31", "p32", "p40"]
 
 
-def test_a_report_that_breaks_the_batch_costs_the_others_nothing(store: Store) -> None:
-    """One transaction for the batch; when it fails, each report is written alone: the good
-    ones are stored with all their rows, the bad one's error is raised, nothing of it kept."""
+@pytest.mark.parametrize("broken", ["its node is unknown", "a link has no peer"])
+def test_a_report_that_breaks_the_batch_costs_the_others_nothing(store: Store, broken: str) -> None:
+    """One transaction for the batch; when it fails (at the report's row, or at a measurement
+    row after every report row went in), it is rolled back and each report is written alone:
+    the good ones are stored with all their rows, the bad one's error is raised, nothing of it
+    kept."""
     import sqlalchemy as sa
 
     from fleetvpn.controller.store import Principal
@@ -332,21 +335,24 @@ def test_a_report_that_breaks_the_batch_costs_the_others_nothing(store: Store) -
     a = store.authenticate(store.enroll(store.create_enrollment_token("s"), "a", KEY_A)[0])
     b = store.authenticate(store.enroll(store.create_enrollment_token("s"), "b", KEY_B)[0])
     assert a is not None and b is not None
-    ghost = Principal("node", "ghost", 999_999, "s")  # no such node: the foreign key refuses
+    if broken == "its node is unknown":  # the foreign key refuses the report row
+        who, links = Principal("node", "ghost", 999_999, "s"), [_link("a", 1300)]
+    else:  # NOT NULL refuses the link row
+        who, links = b, [{"family": 4, "rx_bytes": 1, "tx_bytes": 2}]
     now = datetime.now(UTC)
     store.put_report(a, _rid(9), now, "{}", [], None)
     items = [
         (a, _rid(1), now, "{}", [_link("b", 1400)], _nat(now)),
         (a, _rid(9), now, "{}", [_link("b", 1300)], None),  # a replay: changes nothing
-        (ghost, _rid(2), now, "{}", [_link("a", 1300)], _nat(now)),
+        (who, _rid(2), now, "{}", links, _nat(now)),
         (b, _rid(3), now + timedelta(seconds=1), "{}", [_link("a", 1380)], _nat(now)),
     ]
     with pytest.raises(sa.exc.IntegrityError):
         store.put_reports(items)  # type: ignore[arg-type]
     assert store.report_count() == 3
     assert store.report_bodies([_rid(2)]) == {}
-    links = sorted((row["node"], row["report_id"], row["path_mtu"]) for row in store.latest_links())
-    assert links == [("a", _rid(1), 1400), ("b", _rid(3), 1380)]
+    stored = sorted((r["node"], r["report_id"], r["path_mtu"]) for r in store.latest_links())
+    assert stored == [("a", _rid(1), 1400), ("b", _rid(3), 1380)]
     assert sorted(row["report_id"] for row in store.nat_history(now)) == [_rid(1), _rid(3)]
     assert store.report_heads()["a"][::2] == (_rid(1), _rid(9))
     assert store.report_heads()["b"][::2] == (_rid(3), None)
