@@ -24,6 +24,7 @@ from typing import Any, TypeVar, cast
 
 from fleetvpn.controller import policy
 from fleetvpn.controller.config import TunnelConfig
+from fleetvpn.controller.health import NodeHealth, link_verdict
 from fleetvpn.controller.store import Store, utcnow
 from fleetvpn.controller.trusted import stored_report
 from fleetvpn.model import (
@@ -300,7 +301,7 @@ def _compute(store: Store, now: datetime, sources: Sources) -> FleetView:
     ]
 
     measurements = policy.latest_link_measurements(s.report for s in latest.values())
-    mtus = policy.decide_mtus(pairs, measurements, node_sites, overrides)
+    mtus = policy.decide_mtus(pairs, measurements, node_sites, overrides, per_link=False)
 
     nat_by_node = sources.nat(store, node_sites, now)
     nodes = [
@@ -323,29 +324,33 @@ def _compute(store: Store, now: datetime, sources: Sources) -> FleetView:
     )
 
     lifetimes = {site: d.mapping_lifetime_s for site, d in keepalives.sites.items()}
-    index = {node: _index(latest.get(node), mtus.nodes.get(node)) for node in node_sites}
+    directions = _directions(pairs, latest, mtus, keepalives.peers, lifetimes, node_sites, now)
     report_ages = {node: (now - s.received_at).total_seconds() for node, s in latest.items()}
+    site_lifetimes = {node: lifetimes.get(site) for node, site in node_sites.items()}
     rows = []
     for a, b in pairs:
-        ab = _direction(a, b, index[a], mtus, keepalives, lifetimes, node_sites, now)
-        ba = _direction(b, a, index[b], mtus, keepalives, lifetimes, node_sites, now)
-        link = policy.classify_link(ab.health, ba.health)
-        ages = [report_ages[n] for n in (a, b) if n in report_ages]
-        site_lifetimes = [
-            t for t in (lifetimes.get(node_sites[a]), lifetimes.get(node_sites[b])) if t
-        ]
+        ab = directions[a, b]
+        ba = directions[b, a]
+        state, reason = link_verdict(ab.health, ba.health)
+        age_a, age_b = report_ages.get(a), report_ages.get(b)
+        # the NATed side's site lifetime, the smaller if both (0 and None: no lifetime)
+        lifetime_a, lifetime_b = site_lifetimes[a], site_lifetimes[b]
+        if lifetime_a and lifetime_b:
+            mapping_lifetime_s: float | None = min(lifetime_a, lifetime_b)
+        else:
+            mapping_lifetime_s = lifetime_a or lifetime_b or None
         rows.append(
             LinkRow(
-                a=a,
-                b=b,
-                site_a=node_sites[a],
-                site_b=node_sites[b],
-                state=link.state,
-                reason=link.reason,
-                a_to_b=ab,
-                b_to_a=ba,
-                mapping_lifetime_s=min(site_lifetimes) if site_lifetimes else None,
-                report_age_s=max(ages) if len(ages) == 2 else None,
+                a,
+                b,
+                node_sites[a],
+                node_sites[b],
+                state,
+                reason,
+                ab,
+                ba,
+                mapping_lifetime_s,
+                None if age_a is None or age_b is None else max(age_a, age_b),
             )
         )
     return FleetView(
@@ -353,60 +358,72 @@ def _compute(store: Store, now: datetime, sources: Sources) -> FleetView:
     )
 
 
-def _direction(
-    node: str,
-    peer: str,
-    index: _NodeIndex,
+def _directions(
+    pairs: list[tuple[str, str]],
+    latest: dict[str, StoredReport],
     mtus: policy.FleetMtu,
-    keepalives: policy.FleetKeepalive,
+    peer_keepalives: dict[tuple[str, str], PeerKeepalive],
     lifetimes: dict[str, float | None],
     node_sites: dict[str, str],
     now: datetime,
-) -> Direction:
-    stored = index.stored
-    m = index.measurements.get(peer)
-    route = index.routes.get(peer)
-    decision = mtus.directions[node, peer]
-    recommended_mtu = route.route_mtu if route else decision.tunnel_mtu
-    mtu_reason = f"{decision.reason}; {route.reason}" if route else decision.reason
-    keepalive = keepalives.peers.get((node, peer))
-    recommended_keepalive = keepalive.keepalive_s if keepalive else 0
-    peer_config = index.configured.get(peer)
-    configured_mtu: int | None = None
-    configured_keepalive: int | None = None
-    if stored is not None:  # what node says it applies towards peer
-        if peer_config is not None:
-            configured_mtu = peer_config.route_mtu or index.interface_mtu
-            configured_keepalive = peer_config.keepalive_s
-        else:
-            configured_mtu = index.interface_mtu
-    health = policy.classify_direction(
-        node,
-        peer,
-        stored,
-        now=now,
-        recommended_route_mtu=recommended_mtu,
-        recommended_keepalive_s=recommended_keepalive,
-        mapping_lifetime_s=lifetimes.get(node_sites[node]),
-        measurement=m,
-        peer_config=peer_config,
-    )
-    return Direction(
-        node=node,
-        peer=peer,
-        path_mtu=m.path_mtu if m else None,
-        icmp_seen=m.icmp_seen if m else False,
-        rtt_s=m.rtt_s if m else None,
-        loss_ratio=m.loss_ratio if m else None,
-        handshake_age_s=m.handshake_age_s if m else None,
-        configured_mtu=configured_mtu,
-        recommended_mtu=recommended_mtu,
-        mtu_reason=mtu_reason,
-        configured_keepalive_s=configured_keepalive,
-        recommended_keepalive_s=recommended_keepalive,
-        keepalive_reason=keepalive.reason if keepalive else "no keepalive decided",
-        health=health,
-    )
+) -> dict[tuple[str, str], Direction]:
+    """(node, peer) → what node does towards peer, both directions of every pair: node by node,
+    so that what depends on the node alone (its report indexed by peer, its plan, its report's
+    age, its site's lifetime) is worked out once per node."""
+    peers_of: dict[str, list[str]] = {}
+    for a, b in pairs:
+        peers_of.setdefault(a, []).append(b)
+        peers_of.setdefault(b, []).append(a)
+    decisions = mtus.directions
+    result: dict[tuple[str, str], Direction] = {}
+    for node, peers in peers_of.items():
+        stored = latest.get(node)
+        index = _index(stored, mtus.nodes.get(node))
+        measurements, routes, configured = index.measurements, index.routes, index.configured
+        interface_mtu = index.interface_mtu
+        classify = NodeHealth(node, stored, now).classify
+        mapping_lifetime_s = lifetimes.get(node_sites[node])
+        for peer in peers:
+            m = measurements.get(peer)
+            route = routes.get(peer)
+            decision = decisions[node, peer]
+            if route is not None:
+                recommended_mtu = route.route_mtu
+                mtu_reason = f"{decision.reason}; {route.reason}"
+            else:
+                recommended_mtu = decision.tunnel_mtu
+                mtu_reason = decision.reason
+            keepalive = peer_keepalives.get((node, peer))
+            recommended_keepalive = keepalive.keepalive_s if keepalive is not None else 0
+            peer_config = configured.get(peer)
+            configured_mtu: int | None = None
+            configured_keepalive: int | None = None
+            if stored is not None:  # what node says it applies towards peer
+                if peer_config is not None:
+                    configured_mtu = peer_config.route_mtu or interface_mtu
+                    configured_keepalive = peer_config.keepalive_s
+                else:
+                    configured_mtu = interface_mtu
+            health = classify(
+                peer, m, peer_config, recommended_mtu, recommended_keepalive, mapping_lifetime_s
+            )
+            result[node, peer] = Direction(
+                node,
+                peer,
+                m.path_mtu if m is not None else None,
+                m.icmp_seen if m is not None else False,
+                m.rtt_s if m is not None else None,
+                m.loss_ratio if m is not None else None,
+                m.handshake_age_s if m is not None else None,
+                configured_mtu,
+                recommended_mtu,
+                mtu_reason,
+                configured_keepalive,
+                recommended_keepalive,
+                keepalive.reason if keepalive is not None else "no keepalive decided",
+                health,
+            )
+    return result
 
 
 def _mapping_losses(

@@ -84,87 +84,141 @@ def classify_direction(
     for what node applies towards peer (None: no comparison).  ``mapping_lifetime_s``: the
     smallest recent lifetime at node's site (None: unknown or no NAT).  ``measurement`` /
     ``peer_config``: :func:`measurement_of` ``stored`` for peer and ``stored``'s configured
-    entry for peer, when the caller has them indexed already (a fleet asks 200,000 times).
-    Never raises.
+    entry for peer, when the caller has them indexed already (a fleet asks 200,000 times; it
+    uses :class:`NodeHealth` directly).  Never raises.
     """
+    m: LinkMeasurement | None = None
+    config: ConfiguredPeer | None = None
+    if stored is not None:
+        m = measurement_of(stored, peer) if isinstance(measurement, _Unset) else measurement
+        if isinstance(peer_config, _Unset):
+            config = next((p for p in stored.report.configured.peers if p.peer == peer), None)
+        else:
+            config = peer_config
+    return NodeHealth(node, stored, now).classify(
+        peer, m, config, recommended_route_mtu, recommended_keepalive_s, mapping_lifetime_s
+    )
 
-    def health(state: HealthState, reason: str) -> LinkHealth:
-        return LinkHealth(node, peer, state, f"{state}: {reason}")
 
-    if stored is None:
-        return health("down", f"no report from {node}")
-    report_age_s = (now - stored.received_at).total_seconds()
-    if report_age_s > STALE_AFTER_S:
-        return health(
-            "stale", f"last report from {node} {report_age_s:.0f} s ago (> {STALE_AFTER_S:.0f} s)"
-        )
-    m = measurement_of(stored, peer) if isinstance(measurement, _Unset) else measurement
-    if m is None:
-        return health("unmeasured", f"{node}'s report has no measurement of {peer}")
-    if m.handshake_age_s is None:
-        return health("down", f"no handshake between {node} and {peer} yet")
-    handshake_age_s = m.handshake_age_s + max(0.0, report_age_s)
-    if handshake_age_s > REJECT_AFTER_TIME_S:
-        return health(
-            "down",
-            f"last handshake {handshake_age_s:.0f} s ago (> {REJECT_AFTER_TIME_S:.0f} s, "
-            f"REJECT_AFTER_TIME): no valid session",
-        )
-    configured = stored.report.configured
-    if isinstance(peer_config, _Unset):
-        peer_config = next((p for p in configured.peers if p.peer == peer), None)
-    route_mtu = peer_config.route_mtu if peer_config else None
-    interface_mtu = configured.interface_mtu or route_mtu
-    problems: list[str] = []
-    if m.path_mtu is not None and interface_mtu is not None:
-        overhead = overhead_for(m.family)
-        outer = padded_outer_bytes(route_mtu, interface_mtu, overhead)
-        if outer > m.path_mtu:
-            effective = min(route_mtu or interface_mtu, interface_mtu)
-            sends = (
-                f"configured MTU {effective} sends up to {outer} bytes (padding and "
-                f"+{overhead} overhead) into a path MTU of {m.path_mtu}"
+class NodeHealth:
+    """:func:`classify_direction` for the directions of one node: what depends on the node alone
+    (its latest report, that report's age, whether it is missing or stale) is worked out once,
+    not once per peer."""
+
+    __slots__ = ("_age_s", "_interface_mtu", "_verdict", "node")
+
+    def __init__(self, node: str, stored: StoredReport | None, now: datetime) -> None:
+        self.node = node
+        # (state, reason) of every direction of this node, when the node alone decides it
+        self._verdict: tuple[HealthState, str] | None = None
+        self._age_s = 0.0
+        self._interface_mtu: int | None = None
+        if stored is None:
+            self._verdict = ("down", f"down: no report from {node}")
+            return
+        report_age_s = (now - stored.received_at).total_seconds()
+        if report_age_s > STALE_AFTER_S:
+            self._verdict = (
+                "stale",
+                f"stale: last report from {node} {report_age_s:.0f} s ago "
+                f"(> {STALE_AFTER_S:.0f} s)",
             )
-            if not m.icmp_seen:
-                return health(
-                    "blackhole",
-                    f"{sends} and no ICMP was seen: packets above "
-                    f"{m.path_mtu - overhead} bytes vanish",
+        self._age_s = max(0.0, report_age_s)
+        self._interface_mtu = stored.report.configured.interface_mtu
+
+    def classify(
+        self,
+        peer: str,
+        m: LinkMeasurement | None,
+        peer_config: ConfiguredPeer | None,
+        recommended_route_mtu: int | None,
+        recommended_keepalive_s: int | None,
+        mapping_lifetime_s: float | None,
+    ) -> LinkHealth:
+        """node → peer; ``m``: :func:`measurement_of` the report for peer, ``peer_config``: the
+        report's configured entry for peer (see :func:`classify_direction` for the rest)."""
+        node = self.node
+        if self._verdict is not None:
+            return LinkHealth(node, peer, *self._verdict)
+        if m is None:
+            reason = f"unmeasured: {node}'s report has no measurement of {peer}"
+            return LinkHealth(node, peer, "unmeasured", reason)
+        if m.handshake_age_s is None:
+            return LinkHealth(
+                node, peer, "down", f"down: no handshake between {node} and {peer} yet"
+            )
+        handshake_age_s = m.handshake_age_s + self._age_s
+        if handshake_age_s > REJECT_AFTER_TIME_S:
+            reason = (
+                f"down: last handshake {handshake_age_s:.0f} s ago "
+                f"(> {REJECT_AFTER_TIME_S:.0f} s, REJECT_AFTER_TIME): no valid session"
+            )
+            return LinkHealth(node, peer, "down", reason)
+        route_mtu = peer_config.route_mtu if peer_config else None
+        interface_mtu = self._interface_mtu or route_mtu
+        path_mtu = m.path_mtu
+        loss_ratio = m.loss_ratio
+        problems: list[str] = []
+        if path_mtu is not None and interface_mtu is not None:
+            overhead = overhead_for(m.family)
+            outer = padded_outer_bytes(route_mtu, interface_mtu, overhead)
+            if outer > path_mtu:
+                effective = min(route_mtu or interface_mtu, interface_mtu)
+                sends = (
+                    f"configured MTU {effective} sends up to {outer} bytes (padding and "
+                    f"+{overhead} overhead) into a path MTU of {path_mtu}"
                 )
-            problems.append(f"{sends}; ICMP seen, so big packets rely on PMTU discovery")
-    if m.loss_ratio is not None and m.loss_ratio > LOSS_DEGRADED_RATIO:
-        problems.append(f"loss {m.loss_ratio:.1%} (> {LOSS_DEGRADED_RATIO:.0%})")
-    effective_mtu = route_mtu or interface_mtu
-    if (
-        recommended_route_mtu is not None
-        and effective_mtu is not None
-        and effective_mtu < recommended_route_mtu - MTU_SHORTFALL_BYTES
-    ):
-        problems.append(
-            f"MTU {effective_mtu} configured, {recommended_route_mtu} recommended "
-            f"(> {MTU_SHORTFALL_BYTES} bytes unused per packet)"
-        )
-    keepalive_s = peer_config.keepalive_s if peer_config else None
-    if keepalive_s and mapping_lifetime_s is not None and keepalive_s > mapping_lifetime_s:
-        problems.append(
-            f"keepalive {keepalive_s} s is above the site's mapping lifetime "
-            f"{mapping_lifetime_s:g} s: {peer} cannot reach {node} part of the time"
-        )
-    if keepalive_s == 0 and recommended_keepalive_s:
-        problems.append(f"keepalive off, {recommended_keepalive_s} s recommended (NAT)")
-    if problems:
-        return health("degraded", "; ".join(problems))
-    if m.path_mtu is None:
-        return health("unmeasured", f"path MTU {node}→{peer} not measured yet")
-    rtt = f", RTT {m.rtt_s * 1000:.0f} ms" if m.rtt_s is not None else ""
-    loss = f", loss {m.loss_ratio:.1%}" if m.loss_ratio is not None else ""
-    return health("ok", f"handshake {handshake_age_s:.0f} s ago{rtt}{loss}, path MTU {m.path_mtu}")
+                if not m.icmp_seen:
+                    reason = (
+                        f"blackhole: {sends} and no ICMP was seen: packets above "
+                        f"{path_mtu - overhead} bytes vanish"
+                    )
+                    return LinkHealth(node, peer, "blackhole", reason)
+                problems.append(f"{sends}; ICMP seen, so big packets rely on PMTU discovery")
+        if loss_ratio is not None and loss_ratio > LOSS_DEGRADED_RATIO:
+            problems.append(f"loss {loss_ratio:.1%} (> {LOSS_DEGRADED_RATIO:.0%})")
+        effective_mtu = route_mtu or interface_mtu
+        if (
+            recommended_route_mtu is not None
+            and effective_mtu is not None
+            and effective_mtu < recommended_route_mtu - MTU_SHORTFALL_BYTES
+        ):
+            problems.append(
+                f"MTU {effective_mtu} configured, {recommended_route_mtu} recommended "
+                f"(> {MTU_SHORTFALL_BYTES} bytes unused per packet)"
+            )
+        keepalive_s = peer_config.keepalive_s if peer_config else None
+        if keepalive_s and mapping_lifetime_s is not None and keepalive_s > mapping_lifetime_s:
+            problems.append(
+                f"keepalive {keepalive_s} s is above the site's mapping lifetime "
+                f"{mapping_lifetime_s:g} s: {peer} cannot reach {node} part of the time"
+            )
+        if keepalive_s == 0 and recommended_keepalive_s:
+            problems.append(f"keepalive off, {recommended_keepalive_s} s recommended (NAT)")
+        if problems:
+            return LinkHealth(node, peer, "degraded", "degraded: " + "; ".join(problems))
+        if path_mtu is None:
+            reason = f"unmeasured: path MTU {node}→{peer} not measured yet"
+            return LinkHealth(node, peer, "unmeasured", reason)
+        rtt = f", RTT {m.rtt_s * 1000:.0f} ms" if m.rtt_s is not None else ""
+        loss = f", loss {loss_ratio:.1%}" if loss_ratio is not None else ""
+        reason = f"ok: handshake {handshake_age_s:.0f} s ago{rtt}{loss}, path MTU {path_mtu}"
+        return LinkHealth(node, peer, "ok", reason)
 
 
 def classify_link(a_to_b: LinkHealth, b_to_a: LinkHealth) -> LinkHealth:
     """One row per link: the worse direction's state, with both directions' reasons."""
-    worse = min((a_to_b, b_to_a), key=lambda h: SEVERITY.index(h.state))
+    state, reason = link_verdict(a_to_b, b_to_a)
+    return LinkHealth(a_to_b.node, a_to_b.peer, state, reason)
+
+
+_RANK: Final[dict[str, int]] = {state: rank for rank, state in enumerate(SEVERITY)}
+
+
+def link_verdict(a_to_b: LinkHealth, b_to_a: LinkHealth) -> tuple[HealthState, str]:
+    """:func:`classify_link`'s state and reason, without the LinkHealth around them."""
+    state = a_to_b.state if _RANK[a_to_b.state] <= _RANK[b_to_a.state] else b_to_a.state
     reason = f"{a_to_b.node}→{a_to_b.peer} {a_to_b.reason}; {b_to_a.node}→{b_to_a.peer} " + (
         b_to_a.reason
     )
-    return LinkHealth(a_to_b.node, a_to_b.peer, worse.state, reason)
+    return state, reason

@@ -310,52 +310,63 @@ def peer_keepalives(
     ``overrides``: all of them (link > node > site, keepalive settings only).  Never raises.
     """
     index = OverrideIndex(overrides)
+    per_peer = index.has_links("keepalive_s")
+    # What a node sets is the same towards each peer but for the peer's name in the reason: one
+    # (value, source, reason around the name, override) per node, not per direction.
+    made: dict[str, tuple[int, Source, tuple[str, ...], Override | None]] = {}
     result: dict[tuple[str, str], PeerKeepalive] = {}
     for a, b in links:
         for node, peer in ((a, b), (b, a)):
-            site = node_sites.get(node)
-            decision = _peer_measured(node, peer, site, latest_nat.get(node), sites)
-            found = index.find("keepalive_s", node, peer, site)
+            try:
+                keepalive_s, source, parts, found = made[node]
+            except KeyError:
+                site = node_sites.get(node)
+                keepalive_s, source, parts = _node_measured(node, site, latest_nat.get(node), sites)
+                found = None if per_peer else index.find("keepalive_s", node, None, site)
+                made[node] = keepalive_s, source, parts, found
+            if per_peer:
+                found = index.find("keepalive_s", node, peer, node_sites.get(node))
             if found is not None:
                 reason = (
                     f"{describe(found)}: keepalive {_shown(found.value)} towards {peer} "
-                    f"(measured would be {_shown(decision.keepalive_s)})"
+                    f"(measured would be {_shown(keepalive_s)})"
                 )
-                decision = replace(
-                    decision, keepalive_s=found.value, source="override", reason=reason
+                result[node, peer] = PeerKeepalive(node, peer, found.value, "override", reason)
+            else:
+                result[node, peer] = PeerKeepalive(
+                    node, peer, keepalive_s, source, peer.join(parts)
                 )
-            result[node, peer] = decision
     return result
 
 
-def _peer_measured(
-    node: str,
-    peer: str,
-    site: str | None,
-    nat: NatMeasurement | None,
-    sites: Mapping[str, SiteKeepalive],
-) -> PeerKeepalive:
+def _node_measured(
+    node: str, site: str | None, nat: NatMeasurement | None, sites: Mapping[str, SiteKeepalive]
+) -> tuple[int, Source, tuple[str, ...]]:
+    """(keepalive, source, the reason's parts) of what ``node`` sets towards any peer, before
+    overrides: the reason is the parts joined by the peer's name."""
     site_decision = sites.get(site) if site is not None else None
+    why: tuple[str, ...]
     if nat is not None and not (nat.nat or nat.stateful_filter):
         why = (
-            f"{node} has no NAT and no stateful filter: keepalive off towards {peer} "
-            f"(nothing to keep open)"
+            f"{node} has no NAT and no stateful filter: keepalive off towards ",
+            " (nothing to keep open)",
         )
-        return PeerKeepalive(node, peer, 0, "measured", why)
+        return 0, "measured", why
     if site_decision is None or site_decision.keepalive_s == 0:
         known = "not measured yet" if nat is None else "measured, its site has no value"
-        why = f"{node}'s NAT {known}: default keepalive {DEFAULT_KEEPALIVE_S} s towards {peer}"
-        return PeerKeepalive(node, peer, DEFAULT_KEEPALIVE_S, "default", why)
+        why = (f"{node}'s NAT {known}: default keepalive {DEFAULT_KEEPALIVE_S} s towards ", "")
+        return DEFAULT_KEEPALIVE_S, "default", why
     k = site_decision.keepalive_s
     if nat is None:
-        why = f"{node}'s NAT not measured yet: site {site}'s keepalive {k} s towards {peer}"
-        return PeerKeepalive(node, peer, k, "default", why)
+        why = (f"{node}'s NAT not measured yet: site {site}'s keepalive {k} s towards ", "")
+        return k, "default", why
     behind = "NAT" if nat.nat else "a stateful filter"
     why = (
-        f"{node} is behind {behind}: keepalive {k} s towards {peer} keeps the mapping "
-        f"{peer} reaches it through (site {site}'s keepalive)"
+        f"{node} is behind {behind}: keepalive {k} s towards ",
+        " keeps the mapping ",
+        f" reaches it through (site {site}'s keepalive)",
     )
-    return PeerKeepalive(node, peer, k, site_decision.source, why)
+    return k, site_decision.source, why
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Final
 
 from fleetvpn.controller.policy_overrides import OverrideIndex, describe
@@ -66,37 +67,43 @@ def direction_mtu(
 
     ``measurement`` None or without a path MTU: the safe default.  Never raises.
     """
-    where = f"{node}→{peer}"
     if measurement is None or measurement.path_mtu is None:
         return LinkMtuDecision(
             node=node,
             peer=peer,
             tunnel_mtu=SAFE_DEFAULT_MTU,
             source="default",
-            reason=f"MTU {SAFE_DEFAULT_MTU} {where}: unmeasured: safe default {SAFE_DEFAULT_MTU}",
+            reason=f"MTU {SAFE_DEFAULT_MTU} {node}→{peer}: unmeasured: safe default "
+            f"{SAFE_DEFAULT_MTU}",
             family=None if measurement is None else measurement.family,
         )
     family = measurement.family
-    overhead = OVERHEAD_BYTES[family]
     path_mtu = measurement.path_mtu
+    tunnel_mtu, rest, fragments = _measured(path_mtu, family, carries_ipv6)
+    reason = f"MTU {tunnel_mtu} {node}→{peer}: path MTU {path_mtu} measured by {node}{rest}"
+    return LinkMtuDecision(node, peer, tunnel_mtu, "measured", reason, path_mtu, family, fragments)
+
+
+@lru_cache(maxsize=1024, typed=True)
+def _measured(path_mtu: int, family: Family, carries_ipv6: bool) -> tuple[int, str, bool]:
+    """(tunnel MTU, the reason after "measured by {node}", needs fragmentation) of a measured
+    path: the same for every direction with this path MTU (200,000 directions, a few values)."""
+    overhead = OVERHEAD_BYTES[family]
     usable = min(path_mtu, MAX_PATH_MTU)
     fits = usable - overhead
     underlay = f"IPv{family} underlay, −{overhead}"
-    measured = f"path MTU {path_mtu} measured by {node}"
-    if usable < path_mtu:
-        measured += f", taken as {MAX_PATH_MTU} (the largest size probed)"
+    taken = f", taken as {MAX_PATH_MTU} (the largest size probed)" if usable < path_mtu else ""
     floor = IPV6_MIN_MTU if carries_ipv6 else IPV4_MIN_MTU
     if fits >= floor:
         jumbo = "; jumbo path" if path_mtu > 1500 else ""
-        reason = f"MTU {fits} {where}: {measured} ({underlay}{jumbo})"
-        return LinkMtuDecision(node, peer, fits, "measured", reason, path_mtu, family)
+        return fits, f"{taken} ({underlay}{jumbo})", False
     why = "the tunnel carries IPv6" if carries_ipv6 else "it is the IPv4 minimum"
-    reason = (
-        f"MTU {floor} {where}: {measured} ({underlay}) cannot carry {floor} + {overhead}; "
+    rest = (
+        f"{taken} ({underlay}) cannot carry {floor} + {overhead}; "
         f"held at {floor} because {why}: packets of {fits + 1}..{floor} bytes need outer "
         f"fragmentation or are dropped — the link needs another path"
     )
-    return LinkMtuDecision(node, peer, floor, "measured", reason, path_mtu, family, True)
+    return floor, rest, True
 
 
 def apply_mtu_override(decision: LinkMtuDecision, override: Override | None) -> LinkMtuDecision:
@@ -145,27 +152,38 @@ def node_mtu_plan(node: str, directions: Sequence[LinkMtuDecision]) -> NodeMtuPl
         return NodeMtuPlan(node, SAFE_DEFAULT_MTU, reason, ())
     largest = max(directions, key=lambda d: d.tunnel_mtu)
     interface_mtu = largest.tunnel_mtu
-    reason = (
+    reason_of_plan = (
         f"interface MTU {interface_mtu}: the largest of {len(directions)} link(s) "
         f"(towards {largest.peer}: {largest.reason})"
     )
     routes = []
-    for d in sorted(directions, key=lambda d: d.peer):
-        if d.tunnel_mtu >= interface_mtu:
-            route_mtu = interface_mtu
-            why = "= the interface MTU: padding is capped there, the exact value is safe"
-        elif d.tunnel_mtu % PADDING_BYTES == 0:
-            route_mtu = d.tunnel_mtu
-            why = f"below the interface MTU {interface_mtu}, already a multiple of 16"
-        else:
-            route_mtu = floor16(d.tunnel_mtu)
-            padded = min(-(-d.tunnel_mtu // PADDING_BYTES) * PADDING_BYTES, interface_mtu)
-            why = (
-                f"= floor16({d.tunnel_mtu}): below the interface MTU {interface_mtu}, "
-                f"wireguard-go pads {d.tunnel_mtu} to {padded}"
-            )
-        routes.append(RouteMtu(d.peer, route_mtu, d.tunnel_mtu, f"route MTU {route_mtu} {why}"))
-    return NodeMtuPlan(node, interface_mtu, reason, tuple(routes))
+    for d in sorted(directions, key=_by_peer):
+        route_mtu, reason = _route(d.tunnel_mtu, interface_mtu)
+        routes.append(RouteMtu(d.peer, route_mtu, d.tunnel_mtu, reason))
+    return NodeMtuPlan(node, interface_mtu, reason_of_plan, tuple(routes))
+
+
+def _by_peer(d: LinkMtuDecision) -> str:
+    return d.peer
+
+
+@lru_cache(maxsize=4096, typed=True)
+def _route(tunnel_mtu: int, interface_mtu: int) -> tuple[int, str]:
+    """(route MTU, its reason) of a direction's tunnel MTU under the node's interface MTU."""
+    if tunnel_mtu >= interface_mtu:
+        route_mtu = interface_mtu
+        why = "= the interface MTU: padding is capped there, the exact value is safe"
+    elif tunnel_mtu % PADDING_BYTES == 0:
+        route_mtu = tunnel_mtu
+        why = f"below the interface MTU {interface_mtu}, already a multiple of 16"
+    else:
+        route_mtu = floor16(tunnel_mtu)
+        padded = min(-(-tunnel_mtu // PADDING_BYTES) * PADDING_BYTES, interface_mtu)
+        why = (
+            f"= floor16({tunnel_mtu}): below the interface MTU {interface_mtu}, "
+            f"wireguard-go pads {tunnel_mtu} to {padded}"
+        )
+    return route_mtu, f"route MTU {route_mtu} {why}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,26 +200,34 @@ def decide_mtus(
     overrides: Iterable[Override] = (),
     *,
     carries_ipv6: bool = True,
+    per_link: bool = True,
 ) -> FleetMtu:
     """Every MTU decision of a fleet.
 
     ``links``: unordered peerings (a, b).  ``measurements``: (sender, receiver) → the sender's
     latest measurement (see :func:`latest_link_measurements`).  ``node_sites``: node → site
     (for site overrides; unknown nodes have none).  ``carries_ipv6``: the tunnels carry IPv6.
-    Returns per-direction decisions, per-link values and per-node plans.  Never raises.
+    Returns per-direction decisions, per-link values (``per_link`` False: none, for a caller
+    that reads only directions and plans) and per-node plans.  Never raises.
     """
     index = OverrideIndex(overrides)
+    find = index.find
     directions: dict[tuple[str, str], LinkMtuDecision] = {}
     link_values: dict[tuple[str, str], LinkMtu] = {}
+
+    def decide(node: str, peer: str) -> LinkMtuDecision:
+        decision = direction_mtu(
+            node, peer, measurements.get((node, peer)), carries_ipv6=carries_ipv6
+        )
+        found = find("tunnel_mtu", node, peer, node_sites.get(node))
+        directions[node, peer] = decision = apply_mtu_override(decision, found)
+        return decision
+
     for a, b in links:
-        for node, peer in ((a, b), (b, a)):
-            if (node, peer) not in directions:
-                decision = direction_mtu(
-                    node, peer, measurements.get((node, peer)), carries_ipv6=carries_ipv6
-                )
-                found = index.find("tunnel_mtu", node, peer, node_sites.get(node))
-                directions[node, peer] = apply_mtu_override(decision, found)
-        link_values[a, b] = link_mtu(directions[a, b], directions[b, a])
+        ab = directions.get((a, b)) or decide(a, b)
+        ba = directions.get((b, a)) or decide(b, a)
+        if per_link:
+            link_values[a, b] = link_mtu(ab, ba)
     outgoing: dict[str, list[LinkMtuDecision]] = {}
     for (node, _), decision in directions.items():
         outgoing.setdefault(node, []).append(decision)

@@ -11,10 +11,13 @@ class OverrideIndex:
     """Overrides indexed by (setting, scope, target): one lookup per decision, whatever their
     number (a fleet of 100,000 links asks 200,000 times)."""
 
-    __slots__ = ("_by_key",)
+    __slots__ = ("_by_key", "_link_settings", "_node_settings")
 
     def __init__(self, overrides: Iterable[Override]) -> None:
         self._by_key = {(o.setting, o.scope, o.target): o for o in overrides}
+        # settings with any link (node) override: the others skip that lookup and its key
+        self._link_settings = {s for s, scope, _ in self._by_key if scope == "link"}
+        self._node_settings = {s for s, scope, _ in self._by_key if scope == "node"}
 
     def find(
         self, setting: Setting, node: str, peer: str | None, site: str | None
@@ -25,11 +28,22 @@ class OverrideIndex:
         ``peer`` None skips link overrides; ``site`` None skips site overrides.
         """
         by_key = self._by_key
-        if peer is not None and (found := by_key.get((setting, "link", f"{node}>{peer}"))):
+        if not by_key:
+            return None
+        if (
+            peer is not None
+            and setting in self._link_settings
+            and (found := by_key.get((setting, "link", f"{node}>{peer}")))
+        ):
             return found
-        if found := by_key.get((setting, "node", node)):
+        if setting in self._node_settings and (found := by_key.get((setting, "node", node))):
             return found
         return by_key.get((setting, "site", site)) if site is not None else None
+
+    def has_links(self, setting: Setting) -> bool:
+        """Whether any link override of ``setting`` exists (if not, :meth:`find` gives the same
+        answer for every peer of a node)."""
+        return setting in self._link_settings
 
     def site(self, setting: Setting, site: str) -> Override | None:
         """The site-scope override of ``setting`` for ``site`` only, or None."""
