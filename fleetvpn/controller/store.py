@@ -530,13 +530,15 @@ class Store:
         come from the database, in row order."""
         stamp = self._stamp
         received_at = stamp(utcnow())
+        stamped = [(node_id, report_id, stamp(created_at), text, links, nat)
+                   for node_id, report_id, created_at, text, links, nat in accepted]  # fmt: skip
         with self.tx() as conn, _driver_errors(conn):
             cursor = _driver_connection(conn).cursor()
             try:
                 inserted = self._insert_reports(
                     cursor,
-                    [(report_id, node_id, stamp(created_at), received_at, text)
-                     for node_id, report_id, created_at, text, _, _ in accepted],
+                    [(report_id, node_id, at, received_at, text)
+                     for node_id, report_id, at, text, _, _ in stamped],
                 )  # fmt: skip
                 out: dict[str, tuple[int, bool]] = {}
                 rest = [report_id for _, report_id, *_ in accepted if report_id not in inserted]
@@ -549,11 +551,10 @@ class Store:
                 link_rows: list[tuple[Any, ...]] = []
                 nat_rows: list[tuple[Any, ...]] = []
                 heads: list[dict[str, Any]] = []
-                for node_id, report_id, created_at, _, links, nat in accepted:
+                for node_id, report_id, at, _, links, nat in stamped:
                     if report_id not in inserted:
                         continue
                     out[report_id] = (node_id, True)
-                    at = stamp(created_at)
                     head = (report_id, node_id, at)
                     link_rows += [head + tuple(map(link.get, _LINK_FIELDS)) for link in links]
                     if nat is not None:  # its own measured_at: NAT searches keep their own time
