@@ -607,7 +607,10 @@ def recompute(store: Store, site: str) -> None:
         "views.render_view (every link's health JSON, sites, every node's desired state, tune)",
         lambda: views.render_view(view, tunnel, 0),
     )
-    published = views.Published(1, fd)
+    _, published = timed(
+        "views.Published (the API maps the file and reads its index)",
+        lambda: views.Published(1, fd),
+    )
     metrics_s, text = timed("metrics.render", lambda: metrics.render(view))
     names = sorted(view.node_sites)
     render_s = per_node(
