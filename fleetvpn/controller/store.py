@@ -573,15 +573,20 @@ class Store:
 
     def _insert_reports(self, cursor: Any, rows: list[tuple[Any, ...]]) -> set[str]:
         """``INSERT … ON CONFLICT DO NOTHING`` of (report_id, node_id, created_at, received_at,
-        body) rows, one statement; the ids inserted (the others were stored before)."""
+        body) rows, one statement per 500 (well within both databases' limits on parameters);
+        the ids inserted (the others were stored before)."""
         mark = "%s" if self._postgres else "?"
-        values = ", ".join([f"({mark}, {mark}, {mark}, {mark}, {mark})"] * len(rows))
-        cursor.execute(
-            f"INSERT INTO reports ({', '.join(_REPORT_COLUMNS)}) VALUES {values}"
-            " ON CONFLICT (report_id) DO NOTHING RETURNING report_id",
-            [value for row in rows for value in row],
-        )
-        return {report_id for (report_id,) in cursor.fetchall()}
+        inserted: set[str] = set()
+        for i in range(0, len(rows), 500):
+            page = rows[i : i + 500]
+            values = ", ".join([f"({mark}, {mark}, {mark}, {mark}, {mark})"] * len(page))
+            cursor.execute(
+                f"INSERT INTO reports ({', '.join(_REPORT_COLUMNS)}) VALUES {values}"
+                " ON CONFLICT (report_id) DO NOTHING RETURNING report_id",
+                [value for row in page for value in row],
+            )
+            inserted.update(report_id for (report_id,) in cursor.fetchall())
+        return inserted
 
     def _insert_rows(
         self, cursor: Any, table: sa.Table, columns: tuple[str, ...], rows: list[tuple[Any, ...]]

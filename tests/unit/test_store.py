@@ -357,3 +357,21 @@ def test_a_report_that_breaks_the_batch_costs_the_others_nothing(store: Store, b
     assert store.report_heads()["a"][::2] == (_rid(1), _rid(9))
     assert store.report_heads()["b"][::2] == (_rid(3), None)
     assert store.put_reports(items[:2] + items[3:]) == [False, False, False]  # type: ignore[arg-type]
+
+
+def test_a_batch_larger_than_one_statement_takes(store: Store) -> None:
+    """7,000 reports × 5 values is more parameters than SQLite takes in one statement (32,766):
+    the report rows go in several statements, one transaction, each report answered."""
+    from fleetvpn.controller.store import ReportWrite
+
+    a = store.authenticate(store.enroll(store.create_enrollment_token("s"), "a", KEY_A)[0])
+    assert a is not None
+    t0 = datetime.now(UTC)
+    store.put_report(a, _rid(6_999), t0, "{}", [], None)
+    items: list[ReportWrite] = [
+        (a, _rid(i), t0 + timedelta(seconds=i), "{}", [], None) for i in range(7_000)
+    ]
+    results = store.put_reports(items)
+    assert results == [True] * 6_999 + [False]
+    assert store.report_count() == 7_000
+    assert store.report_heads()["a"][::2] == (_rid(6_998), _rid(6_997))
