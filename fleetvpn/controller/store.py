@@ -13,6 +13,11 @@ Contract (the port the API and the policy loop use):
   measurement rows in one transaction; a second put with the same ``report_id`` stores nothing
   and returns False (replays are harmless).
 - Reads return plain dicts/dataclasses; nothing here decides anything.
+
+Report ingest is the hot write path (issue 4: 10,000 nodes reporting): ``put_reports`` writes its
+rows through the driver's own cursor as plain tuples (SQLite ``executemany``, PostgreSQL
+``COPY``), each value as SQLAlchemy's column types would store it; everything else goes through
+SQLAlchemy.
 """
 
 from __future__ import annotations
@@ -861,7 +866,8 @@ _ADVANCE_HEADS = (
 
 
 # The rows ingest writes (plain tuples, these columns in this order; ids from the database). A
-# measurement's missing optional field is NULL, as SQLAlchemy stored a column left out.
+# measurement's missing optional field is NULL, as SQLAlchemy stored a column left out. A new
+# column of these tables goes here too (tests/unit/test_store.py reads every column back).
 _REPORT_COLUMNS = ("report_id", "node_id", "created_at", "received_at", "body")
 _LINK_FIELDS = ("peer", "family", "path_mtu", "icmp_seen", "rtt_s", "loss_ratio",
                 "handshake_age_s", "rx_bytes", "tx_bytes", "endpoint")  # fmt: skip
