@@ -222,7 +222,14 @@ def test_request_json_decodes_as_the_standard_library_does(value: Any) -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b'{"a": NaN}', b"[18446744073709551616]", b'["\\ud800"]', '{"a": 1}'.encode("utf-16")],
+    [
+        b'{"a": NaN}',
+        b"[18446744073709551616]",
+        b"[-9223372036854775809]",
+        b"[1e400]",
+        b'["\\ud800"]',
+        '{"a": 1}'.encode("utf-16"),
+    ],
 )
 def test_what_orjson_refuses_the_standard_library_still_decides(body: bytes) -> None:
     import json
