@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from operator import attrgetter
 from typing import Final
 
 from fleetvpn.controller.policy_overrides import OverrideIndex, describe
@@ -151,7 +152,7 @@ def node_mtu_plan(node: str, directions: Sequence[LinkMtuDecision]) -> NodeMtuPl
     if not directions:
         reason = f"interface MTU {SAFE_DEFAULT_MTU}: no links: safe default"
         return NodeMtuPlan(node, SAFE_DEFAULT_MTU, reason, ())
-    largest = max(directions, key=lambda d: d.tunnel_mtu)
+    largest = max(directions, key=_by_tunnel_mtu)
     interface_mtu = largest.tunnel_mtu
     reason_of_plan = (
         f"interface MTU {interface_mtu}: the largest of {len(directions)} link(s) "
@@ -164,8 +165,8 @@ def node_mtu_plan(node: str, directions: Sequence[LinkMtuDecision]) -> NodeMtuPl
     return NodeMtuPlan(node, interface_mtu, reason_of_plan, tuple(routes))
 
 
-def _by_peer(d: LinkMtuDecision) -> str:
-    return d.peer
+_by_peer = attrgetter("peer")
+_by_tunnel_mtu = attrgetter("tunnel_mtu")
 
 
 @lru_cache(maxsize=4096, typed=True)
@@ -216,17 +217,16 @@ def decide_mtus(
     directions: dict[tuple[str, str], LinkMtuDecision] = {}
     link_values: dict[tuple[str, str], LinkMtu] = {}
 
-    def decide(node: str, peer: str) -> LinkMtuDecision:
-        decision = direction_mtu(
-            node, peer, measurements.get((node, peer)), carries_ipv6=carries_ipv6
-        )
+    def decide(key: tuple[str, str]) -> LinkMtuDecision:
+        node, peer = key
+        decision = direction_mtu(node, peer, measurements.get(key), carries_ipv6=carries_ipv6)
         found = find("tunnel_mtu", node, peer, node_sites.get(node))
-        directions[node, peer] = decision = apply_mtu_override(decision, found)
+        directions[key] = decision = apply_mtu_override(decision, found)
         return decision
 
     for a, b in links:
-        ab = directions.get((a, b)) or decide(a, b)
-        ba = directions.get((b, a)) or decide(b, a)
+        ab = directions.get(key := (a, b)) or decide(key)
+        ba = directions.get(key := (b, a)) or decide(key)
         if per_link:
             link_values[a, b] = link_mtu(ab, ba)
     outgoing: dict[str, list[LinkMtuDecision]] = {}
