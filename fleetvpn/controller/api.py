@@ -35,6 +35,7 @@ from fleetvpn.controller.store import (
     ReportWrite,
     Store,
     StoreError,
+    Unstorable,
     hash_token,
     utcnow,
 )
@@ -42,6 +43,7 @@ from fleetvpn.controller.views import Published, ViewError, Views
 from fleetvpn.model import NAME_PATTERN, Override, ReportError, parse_endpoint, parse_report
 
 _NAME_RE = re.compile(NAME_PATTERN)
+_STORE_STATUS = {Conflict: 409, Forbidden: 403, NotFound: 404, Unstorable: 422}
 
 
 class ApiError(Exception):
@@ -103,6 +105,9 @@ GIL_SWITCH_S = 0.001
 MAX_BATCH_REPORTS = 1000  # reports in one POST /v1/reports/batch
 BATCH_BODY_FACTOR = 16  # a batch's body may be this many times the single-report limit
 EXTRA_WAIT_S = 120.0  # how long a request waits for a rendering made on demand (/metrics)
+# WireGuard's counters are u64; the store's columns are signed 64-bit (SQLite and PostgreSQL
+# alike). 2^63 bytes is 9.2 EB: only a broken or hostile agent gets there.
+STORED_COUNTER_MAX = 2**63 - 1
 NODE_WAIT_S = 30.0  # how long a node's first desired-state request waits for a view with it
 
 
@@ -451,7 +456,7 @@ def create_app(
 
     @app.exception_handler(StoreError)
     async def store_error(_request: Request, exc: StoreError) -> JSONResponse:
-        status = {Conflict: 409, Forbidden: 403, NotFound: 404}.get(type(exc), 400)
+        status = _STORE_STATUS.get(type(exc), 400)
         return _error(status, str(exc))
 
     def principal(request: Request) -> Principal:
@@ -529,6 +534,14 @@ def create_app(
             raise ApiError(
                 422, f"site: {report.node} enrolled in site {who.site}, not {report.site}"
             )
+        for i, m in enumerate(report.measurements):
+            for name, value in (("rx_bytes", m.rx_bytes), ("tx_bytes", m.tx_bytes)):
+                if value > STORED_COUNTER_MAX:
+                    raise ApiError(
+                        422,
+                        f"measurements[{i}].{name}: {value} is beyond what the controller"
+                        f" stores (0..{STORED_COUNTER_MAX}, a signed 64-bit column)",
+                    )
         links = [
             {"peer": m.peer, "family": m.family, "path_mtu": m.path_mtu,
              "icmp_seen": m.icmp_seen, "rtt_s": m.rtt_s, "loss_ratio": m.loss_ratio,
@@ -590,7 +603,7 @@ def create_app(
         outcomes = await writer.put_many([item for _, item in pending])
         for (i, _), outcome in zip(pending, outcomes, strict=True):
             if isinstance(outcome, StoreError):
-                status = {Conflict: 409, Forbidden: 403, NotFound: 404}.get(type(outcome), 400)
+                status = _STORE_STATUS.get(type(outcome), 400)
                 results[i] |= {"status": status, "stored": False, "error": f"[{i}] {outcome}"}
             else:
                 results[i] |= {"status": 201 if outcome else 200, "stored": outcome}
@@ -613,9 +626,7 @@ def create_app(
         except ApiError as e:
             return e.status, {"error": e.message}
         except StoreError as e:
-            return {Conflict: 409, Forbidden: 403, NotFound: 404}.get(type(e), 400), {
-                "error": str(e)
-            }
+            return _STORE_STATUS.get(type(e), 400), {"error": str(e)}
 
     @app.post("/v1/reports", status_code=201)
     async def put_report(request: Request) -> JSONResponse:

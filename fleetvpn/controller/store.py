@@ -209,6 +209,10 @@ class Forbidden(StoreError):
     pass
 
 
+class Unstorable(StoreError):
+    """The database refused this report's values (a data or integrity error of its own)."""
+
+
 @dataclass(frozen=True)
 class Principal:
     kind: str  # "admin" | "node"
@@ -474,8 +478,9 @@ class Store:
         one fsync, however many: group commit for concurrent requests. Per item: True (stored),
         False (a replay: stored before, nothing changes) or the StoreError it earned (another
         node's report id), in order. Should the transaction fail, each report is tried alone,
-        so that one bad report costs the others nothing: all are tried, then the first
-        report's own error is raised."""
+        so that one bad report costs the others nothing: a report the database refuses
+        (a data or integrity error) earns Unstorable; any other error is raised once all
+        were tried (the database itself failed)."""
         answers: list[bool | StoreError | None] = []
         first: dict[str, tuple[int, str, datetime, str, list[dict[str, Any]], Any]] = {}
         for principal, report_id, created_at, body, links, nat in items:
@@ -487,18 +492,20 @@ class Store:
                 text = body if isinstance(body, str) else json.dumps(body, sort_keys=True)
                 first[report_id] = (principal.node_id, report_id, created_at, text, links, nat)
         owners: dict[str, tuple[int, bool]] = {}
+        refused: dict[str, StoreError] = {}
         if first:
             try:
                 owners = self._write_reports(list(first.values()))
             except sa.exc.DBAPIError:
-                if len(first) == 1:
-                    raise
-                owners = self._write_each(list(first.values()))
+                owners, refused = self._write_each(list(first.values()))
         results: list[bool | StoreError] = []
         written: set[str] = set()
         for (principal, report_id, *_), answer in zip(items, answers, strict=True):
             if answer is not None:
                 results.append(answer)
+                continue
+            if report_id in refused:
+                results.append(refused[report_id])
                 continue
             owner, inserted = owners[report_id]
             if owner != principal.node_id:
@@ -510,19 +517,23 @@ class Store:
 
     def _write_each(
         self, accepted: list[tuple[int, str, datetime, str, list[dict[str, Any]], Any]]
-    ) -> dict[str, tuple[int, bool]]:
-        """Each report in its own transaction: an error is that report's own. All are tried,
-        then the first error is raised."""
+    ) -> tuple[dict[str, tuple[int, bool]], dict[str, StoreError]]:
+        """Each report in its own transaction: (owners, report id → Unstorable for the
+        reports the database refused). Any other error is raised once all were tried."""
         owners: dict[str, tuple[int, bool]] = {}
+        refused: dict[str, StoreError] = {}
         failed: sa.exc.DBAPIError | None = None
         for one in accepted:
             try:
                 owners |= self._write_reports([one])
+            except (sa.exc.DataError, sa.exc.IntegrityError) as e:
+                first_line = str(e.orig).splitlines()[0] if e.orig else str(e)
+                refused[one[1]] = Unstorable(f"report {one[1]} could not be stored: {first_line}")
             except sa.exc.DBAPIError as e:
                 failed = failed or e
         if failed is not None:
             raise failed
-        return owners
+        return owners, refused
 
     def _write_reports(
         self, accepted: list[tuple[int, str, datetime, str, list[dict[str, Any]], Any]]

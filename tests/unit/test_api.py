@@ -67,6 +67,11 @@ def test_enroll_then_report_exactly_once(api: httpx.Client, store: Store) -> Non
             422,
             "measurements[0].rtt_s",
         ),
+        (  # a valid u64 WireGuard counter, but beyond the store's signed 64-bit columns
+            lambda d: {**d, "measurements": [{**d["measurements"][0], "tx_bytes": 2**63}]},
+            422,
+            "measurements[0].tx_bytes: 9223372036854775808 is beyond what the controller stores",
+        ),
         (lambda d: {**d, "colour": "red"}, 422, "colour"),
         (lambda d: {k: v for k, v in d.items() if k != "node"}, 422, "node"),
         (lambda d: {**d, "report_id": "not-a-uuid"}, 422, "report_id"),
