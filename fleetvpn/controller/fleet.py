@@ -140,7 +140,8 @@ class Sources:
     path: they were validated when they arrived), and the NAT measurements of the lifetime
     window. Which reports are the newest two comes from the nodes table (the store records
     them at ingest), so nothing scans the reports. One instance per FleetCache; not shared
-    between threads."""
+    between threads. It keeps the MTU decisions of every node too, reused for the nodes whose
+    measurements did not change (policy.MtuMemo)."""
 
     # NAT rows are read again from reports that arrived this long before the previous read: a
     # transaction that was still open then (PostgreSQL commits out of id order) is seen too.
@@ -150,6 +151,7 @@ class Sources:
         self._reports: dict[str, Report] = {}  # report_id → parsed, only the newest two per node
         self._nat: dict[int, tuple[str, NatMeasurement]] = {}  # row id → (node, measurement)
         self._nat_read_at: datetime | None = None
+        self.mtus = policy.MtuMemo()  # the MTU decisions of nodes whose measurements are the same
 
     def reports(
         self, store: Store, node_sites: dict[str, str]
@@ -301,7 +303,9 @@ def _compute(store: Store, now: datetime, sources: Sources) -> FleetView:
     ]
 
     measurements = policy.latest_link_measurements(s.report for s in latest.values())
-    mtus = policy.decide_mtus(pairs, measurements, node_sites, overrides, per_link=False)
+    mtus = policy.decide_mtus(
+        pairs, measurements, node_sites, overrides, per_link=False, memo=sources.mtus
+    )
 
     nat_by_node = sources.nat(store, node_sites, now)
     nodes = [

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from operator import attrgetter
+from operator import attrgetter, is_
 from typing import Final
 
 from fleetvpn.controller.policy_overrides import OverrideIndex, describe
@@ -195,6 +195,31 @@ class FleetMtu:
     nodes: dict[str, NodeMtuPlan]
 
 
+class MtuMemo:
+    """What :func:`decide_mtus` decided for each node last time, and from what: given one, it
+    reuses a node's decisions and plan when the node's site, its peers (in order) and its
+    measurements of them are the same (the same measurement objects) and the overrides are
+    equal — a fleet's recompute sees new reports from a few of its nodes only. The policy
+    stays pure: equal inputs, the values it would decide anew."""
+
+    __slots__ = ("_carries_ipv6", "_nodes", "_overrides")
+
+    def __init__(self) -> None:
+        self._overrides: tuple[Override, ...] | None = None
+        self._carries_ipv6 = True
+        # node → (site, peers, measurements, decisions towards the peers, plan)
+        self._nodes: dict[str, _NodeMtus] = {}
+
+
+_NodeMtus = tuple[
+    str | None,
+    tuple[str, ...],
+    tuple[LinkMeasurement | None, ...],
+    list[LinkMtuDecision],
+    NodeMtuPlan,
+]
+
+
 def decide_mtus(
     links: Iterable[tuple[str, str]],
     measurements: Mapping[tuple[str, str], LinkMeasurement],
@@ -203,36 +228,59 @@ def decide_mtus(
     *,
     carries_ipv6: bool = True,
     per_link: bool = True,
+    memo: MtuMemo | None = None,
 ) -> FleetMtu:
     """Every MTU decision of a fleet.
 
     ``links``: unordered peerings (a, b).  ``measurements``: (sender, receiver) → the sender's
     latest measurement (see :func:`latest_link_measurements`).  ``node_sites``: node → site
     (for site overrides; unknown nodes have none).  ``carries_ipv6``: the tunnels carry IPv6.
+    ``memo``: the previous call's, to reuse what did not change (:class:`MtuMemo`; updated).
     Returns per-direction decisions, per-link values (``per_link`` False: none, for a caller
     that reads only directions and plans) and per-node plans.  Never raises.
     """
+    links = list(links)
+    overrides = tuple(overrides)
     index = OverrideIndex(overrides)
-    find = index.find
-    directions: dict[tuple[str, str], LinkMtuDecision] = {}
-    link_values: dict[tuple[str, str], LinkMtu] = {}
-
-    def decide(key: tuple[str, str]) -> LinkMtuDecision:
-        node, peer = key
-        decision = direction_mtu(node, peer, measurements.get(key), carries_ipv6=carries_ipv6)
-        found = find("tunnel_mtu", node, peer, node_sites.get(node))
-        directions[key] = decision = apply_mtu_override(decision, found)
-        return decision
-
+    # node → its peers, each once, in the order of the links: the order node_mtu_plan sees
+    peers_of: dict[str, dict[str, None]] = {}
     for a, b in links:
-        ab = directions.get(key := (a, b)) or decide(key)
-        ba = directions.get(key := (b, a)) or decide(key)
-        if per_link:
-            link_values[a, b] = link_mtu(ab, ba)
-    outgoing: dict[str, list[LinkMtuDecision]] = {}
-    for (node, _), decision in directions.items():
-        outgoing.setdefault(node, []).append(decision)
-    plans = {node: node_mtu_plan(node, ds) for node, ds in outgoing.items()}
+        peers_of.setdefault(a, {})[b] = None
+        peers_of.setdefault(b, {})[a] = None
+    known: dict[str, _NodeMtus] = {}
+    if memo is not None:
+        if memo._overrides == overrides and memo._carries_ipv6 == carries_ipv6:
+            known = memo._nodes
+        memo._overrides, memo._carries_ipv6 = overrides, carries_ipv6
+    remembered: dict[str, _NodeMtus] = {}
+    directions: dict[tuple[str, str], LinkMtuDecision] = {}
+    plans: dict[str, NodeMtuPlan] = {}
+    for node, peer_set in peers_of.items():
+        site = node_sites.get(node)
+        peers = tuple(peer_set)
+        ms = tuple([measurements.get((node, peer)) for peer in peers])
+        last = known.get(node)
+        if last is not None and last[0] == site and last[1] == peers and all(map(is_, last[2], ms)):
+            decided, plan = last[3], last[4]
+        else:
+            decided = [
+                apply_mtu_override(
+                    direction_mtu(node, peer, m, carries_ipv6=carries_ipv6),
+                    index.find("tunnel_mtu", node, peer, site),
+                )
+                for peer, m in zip(peers, ms, strict=True)
+            ]
+            plan = node_mtu_plan(node, decided)
+        remembered[node] = (site, peers, ms, decided, plan)
+        for peer, decision in zip(peers, decided, strict=True):
+            directions[node, peer] = decision
+        plans[node] = plan
+    if memo is not None:
+        memo._nodes = remembered
+    link_values: dict[tuple[str, str], LinkMtu] = {}
+    if per_link:
+        for a, b in links:
+            link_values[a, b] = link_mtu(directions[a, b], directions[b, a])
     return FleetMtu(directions, link_values, plans)
 
 

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from fleetvpn.controller.policy import (
     OVERHEAD_BYTES,
+    MtuMemo,
     apply_mtu_override,
     decide_mtus,
     direction_mtu,
@@ -254,3 +255,32 @@ def test_link_mtu_with_equal_values_from_different_paths_names_both() -> None:
     )
     assert link.tunnel_mtu == 1340
     assert "both ways" in link.reason and "IPv6 underlay" in link.reason
+
+
+def test_a_memo_reuses_what_did_not_change_and_decides_the_rest_anew() -> None:
+    links = [("a", "b"), ("a", "c"), ("b", "c")]
+    meas = {("a", "b"): measured("b", 1400), ("b", "a"): measured("a", 1500)}
+    meas |= {("c", "a"): measured("a", 1480), ("b", "c"): measured("c", 1440, 6)}
+    sites = {"a": "s1", "b": "s1", "c": "s2"}
+    memo = MtuMemo()
+    first = decide_mtus(links, meas, sites, memo=memo)
+    assert first == decide_mtus(links, meas, sites)
+    again = decide_mtus(links, meas, sites, memo=memo)
+    assert again == first and again.nodes["a"] is first.nodes["a"]  # nothing changed: reused
+    # b measures anew (a new report): b's decisions and plan are new, a's and c's reused
+    changed = meas | {("b", "a"): measured("a", 1400)}
+    after = decide_mtus(links, changed, sites, memo=memo)
+    assert after == decide_mtus(links, changed, sites)
+    assert after.directions["b", "a"].tunnel_mtu == 1340
+    assert after.nodes["a"] is first.nodes["a"] and after.nodes["b"] is not first.nodes["b"]
+    # an equal measurement that is another object is decided anew (no equality guesses)
+    copied = changed | {("c", "a"): measured("a", 1480)}
+    assert decide_mtus(links, copied, sites, memo=memo).nodes["c"] is not after.nodes["c"]
+    # another site, new peers, or other overrides: decided anew, as without a memo
+    for args in (
+        (links, copied, sites | {"a": "s2"}, [Override("site", "s2", "tunnel_mtu", 1300)]),
+        ([*links, ("a", "d")], copied, sites, []),
+        (links, copied, sites, [Override("node", "c", "tunnel_mtu", 1280)]),
+        (links, copied, sites, []),
+    ):
+        assert decide_mtus(*args, memo=memo) == decide_mtus(*args)
