@@ -24,6 +24,7 @@ from fleetvpn.controller.policy_mtu import overhead_for, padded_outer_bytes
 from fleetvpn.controller.trusted import fast_constructor
 from fleetvpn.model import (
     ConfiguredPeer,
+    Family,
     HealthState,
     LinkHealth,
     LinkMeasurement,
@@ -109,7 +110,7 @@ class NodeHealth:
     (its latest report, that report's age, whether it is missing or stale) is worked out once,
     not once per peer."""
 
-    __slots__ = ("_age_s", "_interface_mtu", "_verdict", "node")
+    __slots__ = ("_age_s", "_interface_mtu", "_outer", "_verdict", "node")
 
     def __init__(self, node: str, stored: StoredReport | None, now: datetime) -> None:
         self.node = node
@@ -117,6 +118,8 @@ class NodeHealth:
         self._verdict: tuple[HealthState, str] | None = None
         self._age_s = 0.0
         self._interface_mtu: int | None = None
+        # (route MTU, family) → (overhead, largest outer packet): a node's peers share a few
+        self._outer: dict[tuple[int | None, Family], tuple[int, int]] = {}
         if stored is None:
             self._verdict = ("down", f"down: no report from {node}")
             return
@@ -164,8 +167,12 @@ class NodeHealth:
         loss_ratio = m.loss_ratio
         problems: list[str] = []
         if path_mtu is not None and interface_mtu is not None:
-            overhead = overhead_for(m.family)
-            outer = padded_outer_bytes(route_mtu, interface_mtu, overhead)
+            try:
+                overhead, outer = self._outer[route_mtu, m.family]
+            except KeyError:
+                overhead = overhead_for(m.family)
+                outer = padded_outer_bytes(route_mtu, interface_mtu, overhead)
+                self._outer[route_mtu, m.family] = overhead, outer
             if outer > path_mtu:
                 effective = min(route_mtu or interface_mtu, interface_mtu)
                 sends = (
@@ -204,9 +211,16 @@ class NodeHealth:
         if path_mtu is None:
             reason = f"unmeasured: path MTU {node}→{peer} not measured yet"
             return _new_health(node, peer, "unmeasured", reason)
-        rtt = f", RTT {m.rtt_s * 1000:.0f} ms" if m.rtt_s is not None else ""
-        loss = f", loss {loss_ratio:.1%}" if loss_ratio is not None else ""
-        reason = f"ok: handshake {handshake_age_s:.0f} s ago{rtt}{loss}, path MTU {path_mtu}"
+        rtt_s = m.rtt_s
+        if rtt_s is not None and loss_ratio is not None:  # the usual case: one format
+            reason = (
+                f"ok: handshake {handshake_age_s:.0f} s ago, RTT {rtt_s * 1000:.0f} ms, "
+                f"loss {loss_ratio:.1%}, path MTU {path_mtu}"
+            )
+        else:
+            rtt = f", RTT {rtt_s * 1000:.0f} ms" if rtt_s is not None else ""
+            loss = f", loss {loss_ratio:.1%}" if loss_ratio is not None else ""
+            reason = f"ok: handshake {handshake_age_s:.0f} s ago{rtt}{loss}, path MTU {path_mtu}"
         return _new_health(node, peer, "ok", reason)
 
 
