@@ -125,6 +125,14 @@ def test_metrics_use_names_as_labels(api: httpx.Client, store: Store) -> None:
     assert 'fleetvpn_site_mapping_lifetime_seconds{site="branch"} 19.55' in text
     assert 'fleetvpn_link_state{a="branch1",b="hub",state="blackhole"} 1.0' in text
     assert "=" * 43 not in text and "hhhh" not in text  # no public keys
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(text)}  # valid exposition
+    (compute,) = families["fleetvpn_view_compute_seconds"].samples
+    (age,) = families["fleetvpn_view_age_seconds"].samples
+    assert 0 < compute.value < 60 and 0 <= age.value < 60
+    health = api.get("/v1/health", headers=bearer(store.create_admin_token()))
+    assert 0 < float(health.headers["x-fleetvpn-view-compute-s"]) < 60
 
 
 def _cli(*args: str, env: dict[str, str]) -> Any:
