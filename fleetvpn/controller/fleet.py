@@ -15,7 +15,6 @@ import gc
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from typing import Any, TypeVar, cast
 from fleetvpn.controller import policy
 from fleetvpn.controller.config import TunnelConfig
 from fleetvpn.controller.health import NodeHealth, link_verdict
-from fleetvpn.controller.store import Store, utcnow
+from fleetvpn.controller.store import Store
 from fleetvpn.controller.trusted import stored_report
 from fleetvpn.model import (
     ConfiguredPeer,
@@ -140,7 +139,7 @@ class Sources:
     only what changed: every node's two newest reports, parsed once (through the trusted fast
     path: they were validated when they arrived), and the NAT measurements of the lifetime
     window. Which reports are the newest two comes from the nodes table (the store records
-    them at ingest), so nothing scans the reports. One instance per FleetCache; not shared
+    them at ingest), so nothing scans the reports. One instance per view worker; not shared
     between threads. It keeps the MTU decisions of every node too, reused for the nodes whose
     measurements did not change (policy.MtuMemo)."""
 
@@ -255,7 +254,7 @@ def _index(stored: StoredReport | None, plan: NodeMtuPlan | None) -> _NodeIndex:
 
 
 def compute(store: Store, now: datetime, sources: Sources | None = None) -> FleetView:
-    """The fleet now. ``sources``: what earlier computes read (a FleetCache keeps one), so
+    """The fleet now. ``sources``: what earlier computes read (the view worker keeps one), so
     that only new reports are read and parsed; None reads everything. The cyclic garbage
     collector is paused meanwhile: a large fleet makes millions of objects, none of them in a
     cycle, and collecting while they pile up cost a third of the time."""
@@ -698,175 +697,3 @@ def tune_json(view: FleetView, site: str | None = None) -> dict[str, Any]:
                      "reason": d.keepalive_reason}
                 )  # fmt: skip
     return {"schema_version": 1, "generated_at": format_time(view.generated_at), "changes": changes}
-
-
-class FleetCache:
-    """One FleetView shared by every reader, recomputed in the background, off the request path.
-
-    Readers get the last complete view at once (its ``generated_at`` says how old it is); only
-    the very first reader waits, for the first view. Writes through this process call
-    :meth:`invalidate`: the view is then dirty and a background thread recomputes it — after a
-    pause of ``max(min_interval_s, busy_ratio × the last compute's duration)`` since the last
-    one ended, so that recomputing a large fleet under a stream of reports takes at most
-    1 / (1 + busy_ratio) of a core and ingest keeps the rest. Without writes the view is
-    recomputed when older than ``max_age_s`` (report ages, staleness and other controllers'
-    writes to a shared PostgreSQL move on without writes here).
-
-    Read-your-writes where it is cheap: when the last compute took at most ``fresh_wait_s``,
-    :meth:`get` waits (up to ``fresh_wait_s``) for a view that includes every write made
-    before it was called; a small fleet therefore always answers with its latest
-    state, a large one with the last complete view. :meth:`get_fresh` waits for such a view
-    whatever it costs (bounded by ``timeout``).
-    """
-
-    def __init__(
-        self,
-        store: Store,
-        *,
-        max_age_s: float = 30.0,
-        min_interval_s: float = 0.0,
-        busy_ratio: float = 2.0,
-        fresh_wait_s: float = 0.25,
-        prepare: Callable[[FleetView], None] | None = None,
-    ) -> None:
-        self.store = store
-        self.max_age_s = max_age_s
-        self.min_interval_s = min_interval_s
-        self.busy_ratio = busy_ratio
-        self.fresh_wait_s = fresh_wait_s
-        self.prepare = prepare  # run on each new view before it is served (pre-render)
-        self.last_compute_s = 0.0
-        self.computes = 0
-        self._sources = Sources()
-        self._changed = threading.Condition()
-        self._writes = 0  # writes announced so far
-        self._view: FleetView | None = None
-        self._view_writes = -1  # writes the current view includes
-        self._error: Exception | None = None
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self._thaw_at = time.monotonic() + self.THAW_EVERY_S
-
-    # --- lifecycle ---------------------------------------------------------------------------
-
-    def start(self) -> None:
-        with self._changed:
-            if self._thread is None:
-                self._stopping = False
-                self._thread = threading.Thread(
-                    target=self._run, name="fleet-recompute", daemon=True
-                )
-                self._thread.start()
-
-    def stop(self) -> None:
-        with self._changed:
-            self._stopping = True
-            self._changed.notify_all()
-            thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join()
-
-    # --- writers and readers -----------------------------------------------------------------
-
-    def invalidate(self) -> None:
-        """A write happened (call it after the write committed)."""
-        with self._changed:
-            self._writes += 1
-            self._changed.notify_all()
-
-    def peek(self) -> FleetView | None:
-        """The last complete view, or None before the first: never waits, never computes."""
-        return self._view
-
-    def get(self) -> FleetView:
-        """The last complete view (see the class docstring for when this waits)."""
-        self.start()
-        with self._changed:
-            if self._view is not None and (
-                self._view_writes >= self._writes or self.last_compute_s > self.fresh_wait_s
-            ):
-                return self._view
-            deadline = None if self._view is None else time.monotonic() + self.fresh_wait_s
-            return self._wait(self._writes, deadline)
-
-    def get_fresh(self, timeout: float) -> FleetView:
-        """A view that includes every write made before this call; after ``timeout`` seconds
-        the last complete view (the caller can tell by its ``generated_at``)."""
-        self.start()
-        with self._changed:
-            return self._wait(self._writes, time.monotonic() + timeout)
-
-    def _wait(self, wanted: int, deadline: float | None) -> FleetView:
-        while self._view_writes < wanted or self._view is None:
-            if self._view is None and self._error is not None:
-                raise self._error
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                break
-            self._changed.wait(left)
-        assert self._view is not None
-        return self._view
-
-    # --- the background thread ---------------------------------------------------------------
-
-    def _due(self) -> float | None:
-        """Seconds until the next recompute is due (0: now), None: only when told."""
-        if self._view is None or self._view_writes < self._writes:
-            return 0.0
-        age = (utcnow() - self._view.generated_at).total_seconds()
-        return max(0.0, self.max_age_s - age)
-
-    def _run(self) -> None:
-        ended = 0.0
-        while True:
-            with self._changed:
-                while not self._stopping and (due := self._due()) != 0.0:
-                    self._changed.wait(due)
-                if self._stopping:
-                    return
-                pause = max(self.min_interval_s, self.busy_ratio * self.last_compute_s)
-                while not self._stopping and (left := ended + pause - time.monotonic()) > 0:
-                    self._changed.wait(left)  # writes meanwhile are in the next view
-                if self._stopping:
-                    return
-                writes = self._writes  # read before the store: a racing write is redone
-            started = time.monotonic()
-            try:
-                view = compute(self.store, utcnow(), self._sources)
-            except Exception as e:  # keep serving the last view; say why, try again later
-                log.exception("fleet recompute failed; serving the previous view")
-                self._sources = Sources()
-                with self._changed:
-                    self._error = e
-                    self._changed.notify_all()
-                ended = time.monotonic()
-                self.last_compute_s = max(self.last_compute_s, ended - started, 1.0)
-                continue
-            if self.prepare is not None:  # before it is served: readers never wait for it
-                try:
-                    self.prepare(view)
-                except Exception:
-                    log.exception("pre-rendering the fleet view failed")
-            ended = time.monotonic()
-            self.last_compute_s = ended - started
-            with self._changed:
-                self._view, self._view_writes, self._error = view, writes, None
-                self.computes += 1
-                self._changed.notify_all()
-            del view
-            self._freeze_heap()
-
-    # The cyclic collector's full passes traverse every live object: with a 100,000-link view
-    # (millions of objects) one pass took seconds, in whichever request thread triggered it.
-    # So what is alive once a view is served is frozen (gc.freeze: never traversed again; freed
-    # by reference counting as usual when an old view goes). A cycle that was alive at a freeze
-    # and dies later is only collected at the next thaw, which happens here, off the request
-    # path, every THAW_EVERY_S.
-    THAW_EVERY_S = 3600.0
-
-    def _freeze_heap(self) -> None:
-        if time.monotonic() >= self._thaw_at:
-            gc.unfreeze()
-            gc.collect()
-            self._thaw_at = time.monotonic() + self.THAW_EVERY_S
-        gc.freeze()
