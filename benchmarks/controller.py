@@ -27,9 +27,12 @@ issue's goals — never assertions:
              /v1/health?site=S`, and without --site one page `?limit=100`, then
              `?problems=true&limit=100` — with no reports arriving and while agents report at
              the fleet's steady rate (each node once a minute, 4 threads), with the age of the
-             view each answer came from; and, for comparison, the whole-fleet `GET /v1/health`
-             (170 MB at 10,000 nodes: only `health --json` without --site asks for it). A query
-             stops after 50 requests or 60 s (--quick: 10 s); the count is printed.
+             view each answer came from and what it took the server's worker; and, for
+             comparison, the whole-fleet `GET /v1/health` (170 MB at 10,000 nodes: only
+             `health --json` without --site asks for it), with httpx and with curl (which reads
+             as fast as the server sends). Queries are made by a small child process, as the CLI
+             is one. A query stops after 50 requests or 60 s (--quick: 10 s); the count is
+             printed.
   memory     peak RSS (the high-water marks) of the API process, of its view worker and of this
              process.
 
@@ -70,6 +73,7 @@ import os
 import pstats
 import random
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -683,13 +687,19 @@ def compute(store: Store, sources: fleetview.Sources | None = None) -> fleetview
 
 
 def health_latency(
-    server: Controller, admin: str, path: str, queries: int, budget_s: float
+    server: Controller, admin: str, path: str, queries: int, budget_s: float, client: str = "httpx"
 ) -> None:
     """p50/p99 of ``GET path`` as a small client process sees it: this process holds the
     synthetic fleet (GBs of objects; a pass of its cyclic collector takes hundreds of ms and
     large answers land in a crowded heap), `fleetvpn health` does not. So the requests are
-    made by a child process (:func:`_query_main`) with httpx, as the CLI makes them."""
-    args = [server.url, path, str(queries), str(budget_s)]
+    made by a child process (:func:`_query_main`) with httpx, as the CLI makes them, or with
+    ``client`` "curl" (one curl process a request, its start included), a client that reads
+    as fast as the server sends: what the server itself takes, where httpx's reading of
+    hundreds of MB in Python dominates."""
+    if client == "curl" and shutil.which("curl") is None:
+        print(f"  GET {path} with curl: no curl on this machine")
+        return
+    args = [server.url, path, str(queries), str(budget_s), client]
     child = subprocess.run(
         [sys.executable, __file__, "--query", *args],
         input=admin,
@@ -698,13 +708,17 @@ def health_latency(
         check=False,
     )
     if child.returncode != 0:
-        print(f"  GET {path}: {child.stdout.strip()} {child.stderr.strip()[-300:]}")
+        print(
+            f"  GET {path} ({client}): exit {child.returncode}"
+            f" {child.stdout.strip()} {child.stderr.strip()[-300:]}"
+        )
         return
     result = json.loads(child.stdout)
     latencies, ages, computes = result["latencies"], result["ages"], result["computes"]
     p99 = _percentile(latencies, 0.99)
     print(
-        f"  GET {path}: {len(latencies)} requests, p50 {_ms(_percentile(latencies, 0.5))},"
+        f"  GET {path}{'' if client == 'httpx' else ' with ' + client}: {len(latencies)}"
+        f" requests, p50 {_ms(_percentile(latencies, 0.5))},"
         f" p99 {_ms(p99)} ({p99 / GOAL_HEALTH_P99_S:.3g}x the goal p99 <="
         f" {GOAL_HEALTH_P99_S * 1000:.0f} ms), {result['size'] / 1e6:,.1f} MB each;"
         f" the view served was {min(ages):.0f}..{max(ages):.0f} s old and took the server's"
@@ -712,7 +726,7 @@ def health_latency(
     )
 
 
-def _query_main(url: str, path: str, queries: str, budget_s: str) -> None:
+def _query_main(url: str, path: str, queries: str, budget_s: str, client: str) -> None:
     """The child process of :func:`health_latency` (the admin token on stdin): JSON out."""
     headers = {"authorization": f"Bearer {sys.stdin.read().strip()}"}
     latencies: list[float] = []
@@ -723,13 +737,26 @@ def _query_main(url: str, path: str, queries: str, budget_s: str) -> None:
     with httpx.Client(base_url=url, timeout=600) as http:
         while len(latencies) < int(queries) and time.perf_counter() - started < float(budget_s):
             t0 = time.perf_counter()
-            r = http.get(path, headers=headers)
-            latencies.append(time.perf_counter() - t0)
-            if r.status_code != 200:
-                sys.exit(f"{r.status_code} {r.text[:200]}")
-            size = len(r.content)
-            ages.append(float(r.headers.get("x-fleetvpn-view-age-s", "nan")))
-            computes.add(float(r.headers.get("x-fleetvpn-view-compute-s", "nan")))
+            if client == "curl":
+                curl = ["curl", "-sS", "-o", "/dev/null", "-D", "-", "-w", "%{size_download}",
+                        "-H", f"authorization: {headers['authorization']}", url + path]  # fmt: skip
+                out = subprocess.run(curl, capture_output=True, text=True, check=True).stdout
+                latencies.append(time.perf_counter() - t0)
+                head, _, downloaded = out.rpartition("\n\n")  # text mode: \r\n read as \n
+                lines = head.split("\n")
+                if " 200" not in lines[0]:
+                    sys.exit(lines[0])
+                found = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+                size = int(downloaded)
+            else:
+                r = http.get(path, headers=headers)
+                latencies.append(time.perf_counter() - t0)
+                if r.status_code != 200:
+                    sys.exit(f"{r.status_code} {r.text[:200]}")
+                size = len(r.content)
+                found = dict(r.headers)
+            ages.append(float(found.get("x-fleetvpn-view-age-s", "nan")))
+            computes.add(float(found.get("x-fleetvpn-view-compute-s", "nan")))
     doc = {"latencies": latencies, "ages": ages, "computes": sorted(computes), "size": size}
     print(json.dumps(doc))
 
@@ -848,6 +875,7 @@ def main() -> None:
                 " without --site asks for it):"
             )
             health_latency(server, admin, "/v1/health", args.queries, args.budget)
+            health_latency(server, admin, "/v1/health", args.queries, args.budget, "curl")
             third = build_round(fleet, tokens, now + timedelta(minutes=1), True, rng)
             per_s = len(fleet.nodes) / 60
             print(
@@ -885,7 +913,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--query"]:
-        _query_main(*sys.argv[2:6])
+        _query_main(*sys.argv[2:7])
         sys.exit(0)
     try:
         main()
