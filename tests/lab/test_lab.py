@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 from fleetvpn.lab.build import LabPaths, LabState, lab_namespaces
@@ -172,6 +173,9 @@ def test_zz_down_removes_everything(default_lab: LabHandle) -> None:
     # A process left running in a host (as a crashed test or agent would leave it).
     leftover = subprocess.Popen([*default_lab.lab.host_ns("branch1").prefix(), "sleep", "600"])
     inodes = {netns.inode(ns) for ns in lab_namespaces(name)} - {None}
+    deadline = time.monotonic() + 10  # nsenter enters the namespaces after Popen returns
+    while _net_inode(leftover.pid) not in inodes and time.monotonic() < deadline:
+        time.sleep(0.05)
     inside = {(pid, _started(pid)) for pid in _pids() if _net_inode(pid) in inodes}
     assert (leftover.pid, _started(leftover.pid)) in inside
     default_lab.cli("down")
