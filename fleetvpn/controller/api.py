@@ -439,9 +439,8 @@ def create_app(
     def fleet_response(
         fleet: Published, content: bytes | memoryview | list[bytes | memoryview], media_type: str
     ) -> Response:
-        age = max(0.0, (utcnow() - fleet.generated_at).total_seconds())
         headers = {
-            "x-fleetvpn-view-age-s": f"{age:.1f}",
+            "x-fleetvpn-view-age-s": f"{fleet.age_s():.1f}",
             "x-fleetvpn-view-compute-s": f"{fleet.index.compute_s:.4f}",
         }
         return _Parts(content if isinstance(content, list) else [content], media_type, headers)
@@ -773,11 +772,10 @@ def create_app(
     @app.get("/metrics")
     def metrics() -> Response:
         fleet, content = cache.extra("metrics", EXTRA_WAIT_S)
-        age = max(0.0, (utcnow() - fleet.generated_at).total_seconds())
         view = (
             "# HELP fleetvpn_view_age_seconds Age of the fleet view these figures come from\n"
             "# TYPE fleetvpn_view_age_seconds gauge\n"
-            f"fleetvpn_view_age_seconds {age:.3f}\n"
+            f"fleetvpn_view_age_seconds {fleet.age_s():.3f}\n"
             "# HELP fleetvpn_view_compute_seconds How long computing and rendering it took\n"
             "# TYPE fleetvpn_view_compute_seconds gauge\n"
             f"fleetvpn_view_compute_seconds {fleet.index.compute_s:.3f}\n"

@@ -14,12 +14,11 @@ import bisect
 import gc
 import json
 import logging
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar, cast
+from typing import Any
 
 from fleetvpn.controller import policy
 from fleetvpn.controller.config import TunnelConfig
@@ -45,7 +44,6 @@ from fleetvpn.model import (
 )
 
 _STATE_KEY = "keepalive:site:"
-T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
@@ -108,20 +106,6 @@ class FleetView:
     node_sites: dict[str, str]
     nodes: dict[str, NodeInfo]
     peers: dict[str, list[str]]  # node → the nodes it has a tunnel with
-    # Renderings of this view (health JSON bytes, /metrics text, …), made once on first use.
-    _memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-    _memo_lock: threading.RLock = field(default_factory=threading.RLock, compare=False, repr=False)
-
-    def memo(self, key: str, make: Callable[[], T]) -> T:
-        """``make()`` once per view and key (a view never changes, so neither does this)."""
-        try:
-            return cast(T, self._memo[key])
-        except KeyError:
-            pass
-        with self._memo_lock:  # one maker at a time: concurrent askers wait for the first
-            if key not in self._memo:
-                self._memo[key] = make()
-            return cast(T, self._memo[key])
 
 
 def peerings(nodes: dict[str, NodeInfo]) -> set[tuple[str, str]]:
@@ -520,18 +504,6 @@ def link_cursor(row: LinkRow) -> str:
     return f"{row.a},{row.b}"
 
 
-def _site_rows(view: FleetView, site: str) -> list[LinkRow]:
-    def index() -> dict[str, list[LinkRow]]:
-        by_site: dict[str, list[LinkRow]] = {}
-        for r in view.links:
-            by_site.setdefault(r.site_a, []).append(r)
-            if r.site_b != r.site_a:
-                by_site.setdefault(r.site_b, []).append(r)
-        return by_site
-
-    return view.memo("links-by-site", index).get(site, [])
-
-
 def health_json(
     view: FleetView,
     site: str | None = None,
@@ -539,21 +511,20 @@ def health_json(
     *,
     limit: int | None = None,
     after: str | None = None,
-    rows: bool = True,
 ) -> dict[str, Any]:
     """The health document: links (those with an end in ``site``; with ``problems`` only those
     not ok), the fleet's summary (always the whole fleet) and the sites' keepalives.
 
     Paging: links come ordered by (a, b); ``after`` (a cursor, ``a,b``) starts after that link,
     ``limit`` caps how many; ``next_after`` is the cursor to ask for the next page, None after
-    the last. ``links_matched`` counts every link the filters match, on all pages. ``rows``
-    False leaves the LinkRow objects in ``links`` (for an encoder that goes row by row)."""
-    if site is None and problems:  # what `fleetvpn health` asks of a large fleet: once a view
-        links = view.memo("problem-links", lambda: [r for r in view.links if r.state != "ok"])
-    else:
-        links = view.links if site is None else _site_rows(view, site)
-        if problems:
-            links = [r for r in links if r.state != "ok"]
+    the last. ``links_matched`` counts every link the filters match, on all pages.
+
+    The definition of what ``GET /v1/health`` answers: the API serves the same document from
+    a published view's pre-encoded rows (``views.Published.health``; a test holds the two
+    equal for every filter and page)."""
+    links = [r for r in view.links if site is None or site in (r.site_a, r.site_b)]
+    if problems:
+        links = [r for r in links if r.state != "ok"]
     matched = len(links)
     if after is not None:
         a, _, b = after.partition(",")
@@ -562,66 +533,35 @@ def health_json(
     if limit is not None and len(links) > limit:
         links = links[:limit]
         next_after = link_cursor(links[-1]) if links else after
-    counts: dict[str, int] = view.memo("summary", lambda: _summary(view))
+    counts = summary(view)
     return {
         "schema_version": 1,
         "generated_at": format_time(view.generated_at),
-        "summary": dict(counts),
+        "summary": counts,
         "healthy": all(state == "ok" for state in counts),
         "links_matched": matched,
         "next_after": next_after,
-        "links": [link_json(r) for r in links] if rows else links,
+        "links": [link_json(r) for r in links],
         "sites": [
-            {"site": s.site, **{k: v for k, v in s.to_json().items() if k != "site"}}
-            for name, s in sorted(view.sites.items())
-            if site is None or name == site
+            site_json(s) for name, s in sorted(view.sites.items()) if site is None or name == site
         ],
     }
 
 
-def _summary(view: FleetView) -> dict[str, int]:
+def site_json(s: SiteKeepalive) -> dict[str, Any]:
+    """A site's keepalive decision as the health document shows it (``site`` first)."""
+    return {"site": s.site, **{k: v for k, v in s.to_json().items() if k != "site"}}
+
+
+def summary(view: FleetView) -> dict[str, int]:
+    """Links per state, the whole fleet."""
     counts: dict[str, int] = {}
     for r in view.links:
         counts[r.state] = counts.get(r.state, 0) + 1
     return counts
 
 
-def health_bytes(
-    view: FleetView,
-    site: str | None = None,
-    problems: bool = False,
-    *,
-    limit: int | None = None,
-    after: str | None = None,
-) -> bytes:
-    """:func:`health_json` as UTF-8 JSON; unpaged documents are encoded once per view."""
-
-    def encode() -> bytes:
-        with gc_paused():  # 100,000 rows of dicts: no cycles, and collecting tripled the time
-            doc = health_json(view, site, problems, limit=limit, after=after, rows=False)
-            links = doc.pop("links")
-            sites = doc.pop("sites")
-            head = json.dumps(doc, separators=(",", ":"))[:-1]
-            # Row by row: one encoding of 170 MB would hold the GIL for seconds, and every
-            # request (reports too) would wait for it.
-            dumps = _dumps_bytes()
-            parts = [f'{head},"links":['.encode()]
-            for i in range(0, len(links), ENCODE_ROWS):
-                if i:
-                    parts.append(b",")
-                parts.append(dumps([link_json(r) for r in links[i : i + ENCODE_ROWS]])[1:-1])
-            parts += [b'],"sites":', dumps(sites), b"}"]
-            return b"".join(parts)  # one copy of the document besides its parts
-
-    if limit is None and after is None:
-        return view.memo(f"health:{site or ''}:{int(problems)}", encode)
-    return encode()
-
-
-ENCODE_ROWS = 200  # link rows encoded at a time (a few ms holding the GIL)
-
-
-def _dumps_bytes() -> Callable[[Any], bytes]:
+def dumps_bytes() -> Callable[[Any], bytes]:
     """Compact JSON as UTF-8 bytes: orjson where installed (the controller extra installs it:
     it encodes a 100,000-link health document 2-3 times faster), else the standard library."""
     try:

@@ -6,7 +6,7 @@ Written by hand rather than through prometheus_client's collector: a 100,000-lin
 over a million samples, and the client's per-sample objects and label checks took 12 s of it.
 Names and sites are validated at enrollment (``NAME_PATTERN``: no quote, backslash or newline),
 so labels need no escaping; :func:`_label` escapes anyway, should that ever change. The text is
-rendered once per fleet view (the API caches it with the view).
+rendered by the view worker, for each view while someone scrapes (see views.py).
 
 Series: per link direction (``node`` → ``peer``, ``site`` = node's site) path MTU, RTT, loss,
 last handshake, recommended and configured route MTU; per link one ``fleetvpn_link_state``

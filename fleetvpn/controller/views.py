@@ -81,8 +81,7 @@ class Index:
     writes: int  # writes (the API's counter) the view includes
     compute_s: float  # how long computing and rendering it took
     summary: dict[str, int]
-    links: Span  # every link row's JSON object, comma-separated, in (a, b) order
-    starts: array[int]  # link i is file[starts[i]:ends[i]]
+    starts: array[int]  # link i is file[starts[i]:ends[i]], comma-separated, in (a, b) order
     ends: array[int]
     cursors: list[str]  # "a,b" of each link, the paging cursor
     problems: array[int]  # indexes of the links not ok
@@ -130,7 +129,7 @@ def render_view(
     """Everything the API answers from ``view``, in a new memory file: (its fd, its index).
     ``started``: when computing the view began (monotonic), for the index's ``compute_s``."""
     started = time.monotonic() if started is None else started
-    dumps = fleetview._dumps_bytes()
+    dumps = fleetview.dumps_bytes()
     out = _FileWriter("fleetvpn-view")
     with fleetview.gc_paused():
         fragments = [dumps(fleetview.link_json(r)) for r in view.links]
@@ -141,7 +140,7 @@ def render_view(
             at += len(fragment)
             ends.append(at)
             at += 1  # the comma
-        links = out.put(b",".join(fragments))
+        out.put(b",".join(fragments))
         del fragments
         ok = bytes(r.state == "ok" for r in view.links)
         by_site: dict[str, array[int]] = {}
@@ -149,10 +148,7 @@ def render_view(
             by_site.setdefault(r.site_a, array("I")).append(i)
             if r.site_b != r.site_a:
                 by_site.setdefault(r.site_b, array("I")).append(i)
-        site_docs = {
-            name: dumps({"site": s.site, **{k: v for k, v in s.to_json().items() if k != "site"}})
-            for name, s in sorted(view.sites.items())
-        }
+        site_docs = {name: dumps(fleetview.site_json(s)) for name, s in sorted(view.sites.items())}
         sites = out.put(b"[" + b",".join(site_docs.values()) + b"]")
         site = {name: out.put(doc) for name, doc in site_docs.items()}
         desired = {
@@ -166,13 +162,11 @@ def render_view(
         for change, doc in zip(changes, encoded, strict=True):
             per_site.setdefault(view.node_sites.get(change["node"], ""), []).append(doc)
         tune = {name: out.put(b",".join(docs)) for name, docs in per_site.items()}
-        summary = fleetview._summary(view)
         index = Index(
             generated_at=format_time(view.generated_at),
             writes=writes,
             compute_s=0.0,
-            summary=summary,
-            links=links,
+            summary=fleetview.summary(view),
             starts=starts,
             ends=ends,
             cursors=[fleetview.link_cursor(r) for r in view.links],
@@ -232,6 +226,10 @@ class Published:
     @property
     def writes(self) -> int:
         return int(self.index.writes)
+
+    def age_s(self) -> float:
+        """How old the view is now."""
+        return max(0.0, (utcnow() - self.generated_at).total_seconds())
 
     def has_node(self, name: str) -> bool:
         return name in self.index.desired
@@ -324,7 +322,7 @@ class Published:
 
 
 def _json(doc: Any) -> bytes:
-    return fleetview._dumps_bytes()(doc)
+    return fleetview.dumps_bytes()(doc)
 
 
 class ViewError(Exception):
@@ -360,7 +358,6 @@ class Views:
         self.options = {"max_age_s": max_age_s, "min_interval_s": min_interval_s,
                         "busy_ratio": busy_ratio}  # fmt: skip
         self.fresh_wait_s = fresh_wait_s
-        self.computes = 0
         self._changed = threading.Condition()
         self._view: Published | None = None
         self._error: str | None = None
@@ -394,7 +391,7 @@ class Views:
             fds = (theirs.fileno(), self._counter_fd)
             argv = [sys.executable, "-m", "fleetvpn.controller.views",
                     "--socket", str(fds[0]), "--counter", str(fds[1])]  # fmt: skip
-            self._worker = subprocess.Popen(argv, pass_fds=(theirs.fileno(), self._counter_fd))
+            self._worker = subprocess.Popen(argv, pass_fds=fds)
             theirs.close()
             config = {"url": url, "tunnel": self.tunnel, **self.options}
             ours.sendall(pickle.dumps(("config", config)))
@@ -465,9 +462,6 @@ class Views:
                 if left <= 0:
                     raise ViewError(f"no {key} rendering after {timeout:.0f} s")
                 self._changed.wait(left)
-
-    def peek(self) -> Published | None:
-        return self._view
 
     def get(self) -> Published:
         self.start()
@@ -556,7 +550,6 @@ class Views:
     def _publish(self, view: Published) -> None:
         with self._changed:
             self._view, self._error = view, None
-            self.computes += 1
             self._changed.notify_all()
 
 
@@ -717,9 +710,8 @@ def _die_with_parent() -> None:
         sys.exit(0)
 
 
-if (
-    __name__ == "__main__"
-):  # through the package: pickled classes must be views.Index, not __main__'s
+# Through the package: what the worker pickles must be views.Index, not __main__.Index.
+if __name__ == "__main__":
     from fleetvpn.controller import views
 
     views.main()
