@@ -35,6 +35,9 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, Self, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from fleetvpn import grammar
+from fleetvpn.grammar import NAME_PATTERN
+
 SCHEMA_VERSION: Final = 1
 
 Family = Literal[4, 6]
@@ -43,7 +46,6 @@ Setting = Literal["tunnel_mtu", "keepalive_s"]
 Scope = Literal["site", "node", "link"]
 HealthState = Literal["ok", "degraded", "blackhole", "stale", "down", "unmeasured"]
 
-NAME_PATTERN: Final = "[a-z0-9][a-z0-9-]{0,62}"  # node and site names: DNS-label-like
 MTU_RANGE: Final = (68, 65535)  # IPv4 minimum (RFC 791) .. the largest IP packet
 KEEPALIVE_RANGE: Final = (0, 65535)  # wg(8): 0 = off, else 1..65535 s
 RTT_LIMIT_S: Final = 3600.0  # exclusive: an hour-long RTT is a broken clock, not a path
@@ -53,7 +55,7 @@ COUNTER_LIMIT: Final = 2**64 - 1  # WireGuard's rx/tx counters are u64
 MAX_PEERS: Final = 65535  # entries per list in one report; the API's body limit comes first
 MAX_TEXT: Final = 2000  # reasons, notes, evidence
 
-_NAME_RE: Final = re.compile(NAME_PATTERN)
+_NAME_RE: Final = re.compile(NAME_PATTERN, re.ASCII)
 _UUID_RE: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _RFC3339_RE: Final = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})"
@@ -97,7 +99,7 @@ def _range(lo: float, hi: float, *, open_lo: bool = False, open_hi: bool = False
 
 
 def _name(value: str) -> str | None:
-    return None if _NAME_RE.fullmatch(value) else f"{_show(value)} is not a name ({NAME_PATTERN})"
+    return None if grammar.is_name(value) else f"{_show(value)} is not a name ({NAME_PATTERN})"
 
 
 def _uuid(value: str) -> str | None:
@@ -107,18 +109,11 @@ def _uuid(value: str) -> str | None:
 
 
 def parse_endpoint(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
-    """``"198.18.0.1:51820"`` or ``"[2001:db8::1]:51820"`` → (address, port); ValueError."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit() or len(port_text) > 5:
-        raise ValueError("expected ip:port or [ipv6]:port")
-    if host.startswith("[") and host.endswith("]"):
-        address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv6Address(host[1:-1])
-    else:
-        address = ipaddress.IPv4Address(host)
-    port = int(port_text)
-    if not 1 <= port <= 65535:
-        raise ValueError(f"port {port} is out of range (1..65535)")
-    return address, port
+    """``"198.18.0.1:51820"`` or ``"[2001:db8::1]:51820"`` → (address, port); ValueError.
+    An IP literal only (what WireGuard reports in use), by :mod:`fleetvpn.grammar`."""
+    parsed = grammar.Endpoint.parse(text, allow_dns=False)
+    assert parsed.address is not None
+    return parsed.address, parsed.port
 
 
 def _endpoint(value: str) -> str | None:

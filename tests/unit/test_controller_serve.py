@@ -91,7 +91,7 @@ def test_a_broken_config_is_one_clear_line(tmp_path: Path) -> None:
     config.write_text("listen: 127.0.0.1:99999\n")
     result = fleetvpn("controller", "serve", "--config", str(config))
     assert result.returncode == 1
-    assert f"{config}: listen: '99999' is not a port" in result.stderr
+    assert f"{config}: listen: port: '99999' is not a port" in result.stderr
     assert "Traceback" not in result.stderr
     config.write_text("lisen: 1\n")
     assert "lisen: unknown key" in fleetvpn("controller", "serve", "--config", str(config)).stderr

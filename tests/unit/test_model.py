@@ -187,7 +187,7 @@ BAD: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
     ("endpoint without port", _set("measurements[0].endpoint", "198.18.0.1"),
      "measurements[0].endpoint", "is not an endpoint"),
     ("endpoint port 0", _set("measurements[0].endpoint", "198.18.0.1:0"),
-     "measurements[0].endpoint", "port 0 is out of range"),
+     "measurements[0].endpoint", "'0' is not a port"),
     ("endpoint host name", _set("measurements[0].endpoint", "hub:51820"),
      "measurements[0].endpoint", "is not an endpoint"),
     ("IPv6 endpoint unbracketed", _set("measurements[2].endpoint", "2001:db8::2:51820"),
