@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from typing import Any, Final, Literal, Self, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from fleetvpn import grammar
-from fleetvpn.grammar import NAME_PATTERN
+from fleetvpn.grammar import NAME_PATTERN as NAME_PATTERN
 
 SCHEMA_VERSION: Final = 1
 

@@ -66,6 +66,7 @@ from fleetvpn.agent.spool import Spool
 from fleetvpn.agent.startup import FatalError
 from fleetvpn.model import Family, NatMeasurement, parse_endpoint
 from fleetvpn.net.keys import KeyFileError, load_key
+from fleetvpn.net.wire import KeyLike
 from fleetvpn.runner import Runner
 from fleetvpn.wg.state import TunnelState
 
@@ -95,7 +96,7 @@ class Agent:
         self.site: str | None = None
         self.token: str | None = None
         self.public_key = ""
-        self.probe_key = b""
+        self.probe_key: KeyLike = b""
         self.pmtu: dict[str, PathMtu] = {}
         self.rtt: dict[str, Any] = {}
         self.nat: NatMeasurement | None = None

@@ -73,7 +73,7 @@ class AgentResponder(Responder):
     (at most ``MAX_PENDING_HELLOS``) and ``on_unknown()`` is called, so the agent can fetch the
     desired state; :meth:`set_hello_tags` then delivers the hellos that became known."""
 
-    def __init__(self, key: bytes, on_hello: Callable[[str, tuple[str, int]], None]) -> None:
+    def __init__(self, key: wire.KeyLike, on_hello: Callable[[str, tuple[str, int]], None]) -> None:
         super().__init__(key)
         self.hello_tags: dict[int, str] = {}
         self.on_hello = on_hello
@@ -136,7 +136,7 @@ def _reuse_socket(family: int, port: int, host: str | None = None) -> socket.soc
 
 async def serve_responder(
     port: int,
-    key: bytes,
+    key: wire.KeyLike,
     on_hello: Callable[[str, tuple[str, int]], None],
     host: str = "0.0.0.0",
 ) -> tuple[AgentResponder, list[asyncio.DatagramTransport]]:
@@ -185,7 +185,7 @@ class ResponderSet:
 
 
 async def serve_responders(
-    port: int, key: bytes, on_hello: Callable[[str, tuple[str, int]], None]
+    port: int, key: wire.KeyLike, on_hello: Callable[[str, tuple[str, int]], None]
 ) -> tuple[ResponderSet, list[asyncio.DatagramTransport]]:
     v4, transports = await serve_responder(port, key, on_hello)
     v6 = None
@@ -197,12 +197,14 @@ async def serve_responders(
     return ResponderSet(v4, v6), transports
 
 
-async def measure_forward(target: tuple[str, int], key: bytes, timeout_s: float) -> PmtuReport:
+async def measure_forward(
+    target: tuple[str, int], key: wire.KeyLike, timeout_s: float
+) -> PmtuReport:
     return await measure_pmtu(target, key, timeout_s=timeout_s)
 
 
 async def measure_reverse(
-    target: tuple[str, int], key: bytes, port: int, timeout_s: float, host: str | None = None
+    target: tuple[str, int], key: wire.KeyLike, port: int, timeout_s: float, host: str | None = None
 ) -> PmtuReport:
     """Probe ``target`` (the address a hello came from) from our own probe ``port``."""
     family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
@@ -217,7 +219,7 @@ async def measure_reverse(
 
 async def measure_rtt(
     target: tuple[str, int],
-    key: bytes,
+    key: wire.KeyLike,
     *,
     probes: int = RTT_PROBES,
     spacing_s: float = RTT_SPACING_S,

@@ -36,6 +36,7 @@ from fleetvpn.agent.desired import Desired, DesiredError, parse_desired
 from fleetvpn.agent.report import PathMtu
 from fleetvpn.model import NatMeasurement, ReportError
 from fleetvpn.net.keys import KeyFileError, load_key
+from fleetvpn.net.wire import KeyRing
 
 log = logging.getLogger("fleetvpn.agent")
 
@@ -66,7 +67,7 @@ def write_json(path: Path, doc: Any, mode: int = 0o644, *, durable: bool = True)
     os.replace(tmp, path)
 
 
-def prepare_keys(config: AgentConfig) -> tuple[str, bytes]:
+def prepare_keys(config: AgentConfig) -> tuple[str, KeyRing]:
     from fleetvpn.wg.keys import generate_private_key, public_key_of
 
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -41,6 +41,7 @@ from fleetvpn.controller.store import (
 )
 from fleetvpn.controller.views import Published, ViewError, Views
 from fleetvpn.model import NAME_PATTERN, Override, ReportError, parse_endpoint, parse_report
+from fleetvpn.net.wire import KeyLike
 
 _NAME_RE = re.compile(NAME_PATTERN)
 _STORE_STATUS = {Conflict: 409, Forbidden: 403, NotFound: 404, Unstorable: 422}
@@ -356,7 +357,7 @@ def create_app(
     *,
     max_body_bytes: int = 1 << 20,
     retention: timedelta | None = None,
-    responder: tuple[tuple[str, int], bytes] | None = None,
+    responder: tuple[tuple[str, int], KeyLike] | None = None,
     tunnel: TunnelConfig | None = None,
     view_max_age_s: float = 30.0,
     view_min_interval_s: float = 0.0,

@@ -15,6 +15,7 @@ import click
 
 from fleetvpn.net.endpoint import parse_endpoint
 from fleetvpn.net.keys import KeyFileError, generate_key, load_key
+from fleetvpn.net.wire import KeyRing
 
 T = TypeVar("T")
 
@@ -33,7 +34,7 @@ def _endpoint(text: str, what: str) -> tuple[str, int]:
         raise click.BadParameter(str(e), param_hint=what) from None
 
 
-def _key(path: Path) -> bytes:
+def _key(path: Path) -> KeyRing:
     try:
         return load_key(path)
     except KeyFileError as e:

@@ -64,7 +64,7 @@ class _Driver:
         self,
         loop: asyncio.AbstractEventLoop,
         target: tuple[str, int],
-        key: bytes,
+        key: wire.KeyLike,
         source: str,
         search: natlife.NatLifetimeSearch,
     ) -> None:
@@ -162,7 +162,7 @@ class _Driver:
 
 async def measure_nat(
     target: tuple[str, int],
-    key: bytes,
+    key: wire.KeyLike,
     *,
     source: str | None = None,
     max_lifetime_s: float = 300.0,

@@ -82,7 +82,7 @@ def _socket(target: tuple[str, int], source: str | None) -> socket.socket:
 class _Driver:
     """Feeds one PmtuSearch from one socket; the only state is what the engine does not know."""
 
-    def __init__(self, sock: socket.socket, key: bytes, search: pmtu.PmtuSearch) -> None:
+    def __init__(self, sock: socket.socket, key: wire.KeyLike, search: pmtu.PmtuSearch) -> None:
         self.sock = sock
         self.key = key
         self.search = search
@@ -159,7 +159,7 @@ class _Driver:
 
 async def measure_pmtu(
     target: tuple[str, int],
-    key: bytes,
+    key: wire.KeyLike,
     *,
     source: str | None = None,
     timeout_s: float = 60.0,

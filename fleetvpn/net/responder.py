@@ -45,7 +45,7 @@ def source_ip(
 
 
 class Responder(asyncio.DatagramProtocol):
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: wire.KeyLike) -> None:
         self.key = key
         self.sealer = wire.Sealer(key, secrets.randbits(64))
         self.guard = wire.ReplayGuard()
@@ -65,7 +65,7 @@ class Responder(asyncio.DatagramProtocol):
             self.counters.record_rate_limited()
             return
         try:
-            message = wire.decode(data, self.key)
+            message, matched = wire.decode_keyed(data, self.key)
             self.guard.check(message, time.time())
         except wire.WireError as e:
             self.counters.record(e)
@@ -75,20 +75,21 @@ class Responder(asyncio.DatagramProtocol):
             self.counters.record(wire.Malformed("not a request"))
             return
         self.counters.record(None)
-        self._send(self.transport, reply, addr)
+        self._send(self.transport, reply, addr, matched)
         if isinstance(message.body, wire.ArmRequest):
-            self._arm(message.body, (addr[0], addr[1]))
+            self._arm(message.body, (addr[0], addr[1]), matched)
 
     def error_received(self, exc: Exception) -> None:
         pass  # ICMP about a client that went away: nothing to do
 
     def _send(
-        self, transport: asyncio.DatagramTransport | None, body: wire.Body, addr: Addr
+        self, transport: asyncio.DatagramTransport | None, body: wire.Body, addr: Addr, key: bytes
     ) -> None:
+        """Replies are sealed with the key their request used (a key rotation's overlap)."""
         if transport is not None and not transport.is_closing():
-            transport.sendto(self.sealer.seal(body, time.time()), addr)
+            transport.sendto(self.sealer.seal(body, time.time(), key=key), addr)
 
-    def _arm(self, arm: wire.ArmRequest, addr: Addr) -> None:
+    def _arm(self, arm: wire.ArmRequest, addr: Addr, key: bytes) -> None:
         for handle in self._armed.pop(addr, []):
             handle.cancel()
         while len(self._armed) >= MAX_ARMED_SOURCES:
@@ -98,7 +99,7 @@ class Responder(asyncio.DatagramProtocol):
         loop = asyncio.get_running_loop()
         transport = self.other if arm.other_port else self.transport
         self._armed[addr] = [
-            loop.call_later(arm.gap_s + i * FIRE_SPACING_S, self._send, transport, fire, addr)
+            loop.call_later(arm.gap_s + i * FIRE_SPACING_S, self._send, transport, fire, addr, key)
             for i, fire in enumerate(wire.fires_for(arm))
         ]
 
@@ -126,7 +127,7 @@ class _Sink(asyncio.DatagramProtocol):
     """The other-port socket only sends; whatever reaches it is dropped."""
 
 
-async def serve(listen: Addr, key: bytes) -> ResponderHandle:
+async def serve(listen: Addr, key: wire.KeyLike) -> ResponderHandle:
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in listen[0] else socket.AF_INET
     protocol = Responder(key)

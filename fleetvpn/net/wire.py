@@ -39,6 +39,14 @@ The responder is not an amplifier: a reply is never longer than its request, and
 request the armed reply plus all fire packets together are not longer than the request (the
 decoder refuses requests shorter than that). Replies carry no padding.
 
+Keys: every function that takes a key takes a :class:`KeyRing` too (the probe key file may hold
+up to :data:`MAX_KEYS` keys while the fleet rotates its key): the ring's first key seals what is
+sent; a datagram sealed with any key of the ring is accepted, and :func:`decode_keyed` says which,
+so that a reply is sealed with the key its request used. Rotation with an overlap, fleet-wide,
+one step at a time: add the new key second (accepted, not used) → make it first (used; the old one
+still accepted) → drop the old one. At every step every sender's key is accepted by every
+receiver, so probing never stops.
+
 Errors: ``decode`` raises only :class:`WireError` subclasses — Malformed (framing, lengths,
 field values), BadAuth (tag), Unsupported (version, type, flags), never anything else for any
 input. Replayed/Stale come from :class:`ReplayGuard`. Encoding with invalid field values, and
@@ -65,6 +73,7 @@ MAX_DATAGRAM: Final = 65507  # largest UDP payload over IPv4
 FLAG_OTHER_PORT: Final = 0x01  # fire from a different responder port (filter detection)
 MAX_FIRE_COPIES: Final = 8
 MAX_GAP_S: Final = 3600.0
+MAX_KEYS: Final = 4  # keys in a ring: each costs one HMAC per datagram that fails them all
 
 PMTU_PROBE: Final = 1
 PMTU_ACK: Final = 2
@@ -208,14 +217,46 @@ def min_len(body: Body) -> int:
     return OVERHEAD + _REPLY_STRUCTS[type(body)].size
 
 
-def encode(body: Body, header: Header, key: bytes, *, pad_to: int | None = None) -> bytes:
+@dataclass(frozen=True, slots=True)
+class KeyRing:
+    """The fleet probe keys one process holds: ``keys[0]`` seals, every key authenticates."""
+
+    keys: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.keys) <= MAX_KEYS:
+            raise ValueError(f"a key ring holds 1 to {MAX_KEYS} keys, not {len(self.keys)}")
+        for key in self.keys:
+            _check_key(key)
+        if len(set(self.keys)) != len(self.keys):
+            raise ValueError("a key ring holds each key once")
+
+    @property
+    def send(self) -> bytes:
+        return self.keys[0]
+
+    def __repr__(self) -> str:  # never the keys themselves
+        return f"KeyRing(<{len(self.keys)} keys>)"
+
+
+KeyLike = bytes | KeyRing
+
+
+def _keys(key: KeyLike) -> tuple[bytes, ...]:
+    if isinstance(key, KeyRing):
+        return key.keys
+    _check_key(key)
+    return (key,)
+
+
+def encode(body: Body, header: Header, key: KeyLike, *, pad_to: int | None = None) -> bytes:
     """Serialise and authenticate one datagram.
 
     ``pad_to`` (requests only) is the exact datagram length wanted — for a PMTU probe, the UDP
     payload length of the probe size. ValueError if it is below ``min_len(body)``, above 65507,
     given for a reply, or if any field is out of range.
     """
-    _check_key(key)
+    key = _keys(key)[0]
     for name, value, limit in (
         ("sender_id", header.sender_id, _U64),
         ("counter", header.counter, _U64),
@@ -246,17 +287,24 @@ class Sealer:
     new counters look like replays.
     """
 
-    def __init__(self, key: bytes, sender_id: int, first_counter: int = 1) -> None:
-        _check_key(key)
+    def __init__(self, key: KeyLike, sender_id: int, first_counter: int = 1) -> None:
         _check_range("sender_id", sender_id, _U64)
         _check_range("first_counter", first_counter, _U64)
-        self._key = bytes(key)
+        self._key = bytes(_keys(key)[0])
         self.sender_id = sender_id
         self._counter = first_counter
 
-    def seal(self, body: Body, unix_time_s: float, *, pad_to: int | None = None) -> bytes:
+    def seal(
+        self,
+        body: Body,
+        unix_time_s: float,
+        *,
+        pad_to: int | None = None,
+        key: bytes | None = None,
+    ) -> bytes:
+        """``key``: seal with this key instead (a reply, with the key of its request)."""
         header = Header(self.sender_id, self._counter, max(0, int(unix_time_s * 1000)))
-        packet = encode(body, header, self._key, pad_to=pad_to)
+        packet = encode(body, header, self._key if key is None else key, pad_to=pad_to)
         self._counter += 1
         return packet
 
@@ -285,13 +333,18 @@ def fires_for(arm: ArmRequest) -> list[Fire]:
 # ---------------------------------------------------------------------- decoding
 
 
-def decode(data: bytes, key: bytes) -> Message:
+def decode(data: bytes, key: KeyLike) -> Message:
     """Parse and authenticate one datagram. Total: raises only WireError subclasses.
 
     Order: framing (Malformed), version (Unsupported), tag (BadAuth), then the authenticated
     type/flags (Unsupported) and lengths/fields (Malformed). Replay is the guard's job.
     """
-    _check_key(key)
+    return decode_keyed(data, key)[0]
+
+
+def decode_keyed(data: bytes, key: KeyLike) -> tuple[Message, bytes]:
+    """:func:`decode`, and the key of the ring that authenticated the datagram."""
+    keys = _keys(key)
     if not isinstance(data, bytes | bytearray | memoryview):
         raise Malformed(f"not bytes: {type(data).__name__}")
     data = bytes(data)
@@ -305,7 +358,9 @@ def decode(data: bytes, key: bytes) -> Message:
         raise Malformed("bad magic")
     if version != VERSION:
         raise Unsupported(f"version {version}")
-    if not hmac.compare_digest(data[-TAG_LEN:], _tag(key, data[:-TAG_LEN])):
+    tag, signed = data[-TAG_LEN:], data[:-TAG_LEN]
+    matched = next((k for k in keys if hmac.compare_digest(tag, _tag(k, signed))), None)
+    if matched is None:
         raise BadAuth("tag mismatch (wrong key or altered datagram)")
     spec = _BODY_SPECS.get(type_)
     if spec is None:
@@ -322,7 +377,7 @@ def decode(data: bytes, key: bytes) -> Message:
     if (n < need) if is_request else (n != need):
         what = "request shorter than its replies" if is_request else "reply with padding"
         raise Malformed(f"type {type_}: {n} bytes, {what} ({need})")
-    return Message(Header(sender, counter, stamp), body, n)
+    return Message(Header(sender, counter, stamp), body, n), matched
 
 
 # ---------------------------------------------------------------------- replay protection

@@ -413,3 +413,24 @@ def test_responder_pipeline_counts_everything() -> None:
         "dropped": 4,
     }
     assert replies == [BindingReply(i, V4, 1234) for i in (1, 3, 4)]
+
+
+def test_a_key_ring_seals_with_its_first_key_and_accepts_every_key() -> None:
+    old, new, other = b"o" * 32, b"n" * 32, b"x" * 32
+    ring = wire.KeyRing((new, old))
+    probe = wire.PmtuProbe(7)
+    from_old = wire.Sealer(old, 1).seal(probe, 1.0, pad_to=100)
+    from_ring = wire.Sealer(ring, 2).seal(probe, 1.0, pad_to=100)
+    assert wire.decode_keyed(from_old, ring)[1] == old
+    assert wire.decode_keyed(from_ring, ring)[1] == new
+    assert wire.decode(from_ring, new).body == probe
+    with pytest.raises(wire.BadAuth):
+        wire.decode(from_ring, old)  # sealed with the ring's first key only
+    with pytest.raises(wire.BadAuth):
+        wire.decode(from_old, wire.KeyRing((new, other)))
+    reply = wire.Sealer(ring, 3).seal(wire.PmtuAck(7, 100), 1.0, key=old)
+    assert wire.decode(reply, old).body == wire.PmtuAck(7, 100)
+    for bad in [(), (old, old), (old, b"short"), (old, new, other, b"4" * 32, b"5" * 32)]:
+        with pytest.raises(ValueError):
+            wire.KeyRing(bad)
+    assert "o" * 8 not in repr(ring)
