@@ -102,6 +102,15 @@ def _name(value: str) -> str | None:
     return None if grammar.is_name(value) else f"{_show(value)} is not a name ({NAME_PATTERN})"
 
 
+def _grammar_problem(parse: Callable[[Any], object], value: object) -> str | None:
+    """A grammar's refusal as a field problem (without the grammar's own field label)."""
+    try:
+        parse(value)
+    except grammar.GrammarError as e:
+        return str(e).split(": ", 1)[-1]
+    return None
+
+
 def _uuid(value: str) -> str | None:
     if _UUID_RE.fullmatch(value):
         return None
@@ -745,7 +754,7 @@ class Override(Wire):
     target: str
     setting: Setting
     value: int
-    note: str = ""
+    note: str = field(default="", metadata=_meta(lambda v: _grammar_problem(grammar.note, v)))
 
     def _cross_check(self, path: str) -> None:
         names = self.target.split(">") if self.scope == "link" else [self.target]

@@ -449,3 +449,11 @@ def test_parse_does_not_mutate_its_input() -> None:
     before = copy.deepcopy(doc)
     parse_report(doc)
     assert doc == before
+
+
+@pytest.mark.parametrize("note", ["a\nPostUp = touch /pwned", "a\rb", "\u2028", "\ud800", "\u202e"])
+def test_an_override_note_is_one_printable_line(note: str) -> None:
+    doc = {"scope": "site", "target": "branch", "setting": "keepalive_s", "value": 5, "note": note}
+    with pytest.raises(ReportError) as caught:
+        Override.from_json(doc)
+    assert caught.value.field_path == "note" and "unprintable" in caught.value.problem
