@@ -10,7 +10,10 @@ from typing import Any
 import pytest
 import yaml
 
-from fleetvpn.controller.render import KINDS, render
+from fleetvpn.controller.render import KINDS, RenderError, render
+
+HUB_KEY = "KqkHARKrDpxfjZq7B99cU1K18vq6Socu+kYOUocRZRc="
+CLOUD_KEY = "hxWIM5/0EXTH6xrfdGFycohv0MYKJoJbY8JEA5r3v30="
 
 DESIRED: dict[str, Any] = {
     "schema_version": 1,
@@ -23,11 +26,11 @@ DESIRED: dict[str, Any] = {
     "interface_mtu": 1340,
     "interface_mtu_reason": "interface MTU 1340: the largest of its links",
     "peers": [
-        {"peer": "hub", "site": "hub", "public_key": "h" * 43 + "=",
+        {"peer": "hub", "site": "hub", "public_key": HUB_KEY,
          "endpoint": "198.19.1.11:51820", "allowed_ips": ["10.99.0.1/32", "fd99:f1ee:7::1/128"],
          "keepalive_s": 8, "keepalive_reason": "keepalive 8 s = floor((19.55 - 2) / 2)",
          "route_mtu": 1340, "route_mtu_reason": "route MTU 1340 = the interface MTU"},
-        {"peer": "cloud1", "site": "cloud", "public_key": "c" * 43 + "=", "endpoint": None,
+        {"peer": "cloud1", "site": "cloud", "public_key": CLOUD_KEY, "endpoint": None,
          "allowed_ips": ["10.99.0.5/32"], "keepalive_s": 0, "keepalive_reason": "off",
          "route_mtu": 1264, "route_mtu_reason": "route MTU 1264 = floor16(1270)"},
     ],
@@ -80,3 +83,115 @@ def test_host_vars_are_yaml_with_every_decision_and_its_reason() -> None:
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_every_kind_renders_a_node_without_peers(kind: str) -> None:
     assert all(render({**DESIRED, "peers": []}, kind).values())
+
+
+# --- templates refuse, never escape-and-hope (issue 11) ----------------------------------------
+
+INJECTED = "\n[Interface]\nPostUp = touch /tmp/owned\n#"
+
+
+def _peer(**changes: Any) -> dict[str, Any]:
+    return {**DESIRED, "peers": [{**DESIRED["peers"][0], **changes}, DESIRED["peers"][1]]}
+
+
+HOSTILE: list[tuple[str, dict[str, Any], str]] = [
+    # (case, document, the field the error must name)
+    ("issue 11's scoped endpoint", _peer(endpoint=f"[fe80::1%1]:51820{INJECTED}]:51820"),
+     "peers[0].endpoint"),
+    ("scope id alone", _peer(endpoint="[fe80::1%eth0]:51820"), "peers[0].endpoint"),
+    ("non-ASCII port", _peer(endpoint="198.19.1.11:٥١٨٢٠"), "peers[0].endpoint"),
+    ("endpoint not canonical", _peer(endpoint="[FD00::1]:51820"), "peers[0].endpoint"),
+    ("key --help", _peer(public_key="--help"), "peers[0].public_key"),
+    ("key of 31 bytes", _peer(public_key="A" * 42 + "=="), "peers[0].public_key"),
+    ("newline in a peer name", _peer(peer="hub\n[Peer]"), "peers[0].peer"),
+    ("newline in a peer's site", _peer(site="hub\nPostUp = x"), "peers[0].site"),
+    ("newline in a reason", _peer(keepalive_reason=f"ok{INJECTED}"), "peers[0].keepalive_reason"),
+    ("U+2028 in a reason", _peer(route_mtu_reason="a\u2028PostUp = x"),
+     "peers[0].route_mtu_reason"),
+    ("bidi override in a reason", _peer(keepalive_reason="a\u202eb"), "peers[0].keepalive_reason"),
+    ("allowed IP with a newline", _peer(allowed_ips=["10.99.0.1/32\nPostUp = x"]),
+     "peers[0].allowed_ips[0]"),
+    ("allowed IP with host bits", _peer(allowed_ips=["10.99.0.1/24"]), "peers[0].allowed_ips[0]"),
+    ("no allowed IPs", _peer(allowed_ips=[]), "peers[0].allowed_ips"),
+    ("keepalive 65535", _peer(keepalive_s=65535), "peers[0].keepalive_s"),
+    ("keepalive as text", _peer(keepalive_s="25\nPostUp = x"), "peers[0].keepalive_s"),
+    ("keepalive true", _peer(keepalive_s=True), "peers[0].keepalive_s"),
+    ("route MTU 68", _peer(route_mtu=68), "peers[0].route_mtu"),
+    ("IPv6 route MTU 1264", _peer(route_mtu=1264), "peers[0].route_mtu"),
+    ("route MTU None", _peer(route_mtu=None), "peers[0].route_mtu"),
+    ("same key twice", _peer(public_key=CLOUD_KEY), "peers[1].public_key"),
+    ("newline in the node", {**DESIRED, "node": "branch1\nPostUp = x"}, "node"),
+    ("path in the node", {**DESIRED, "node": "../../etc/cron.d/x"}, "node"),
+    ("65-char site", {**DESIRED, "site": "s" * 64}, "site"),
+    ("interface ..", {**DESIRED, "interface": ".."}, "interface"),
+    ("interface with a slash", {**DESIRED, "interface": "wg0/../x"}, "interface"),
+    ("address with a newline", {**DESIRED, "addresses": ["10.99.0.2/16\nPostUp = x"]},
+     "addresses[0]"),
+    ("interface MTU 1279 with IPv6", {**DESIRED, "interface_mtu": 1279}, "interface_mtu"),
+    ("interface MTU 65535", {**DESIRED, "interface_mtu": 65535}, "interface_mtu"),
+    ("listen port 0", {**DESIRED, "listen_port": 0}, "listen_port"),
+    ("listen port as text", {**DESIRED, "listen_port": "51820"}, "listen_port"),
+    ("reason with CR", {**DESIRED, "interface_mtu_reason": "x\rPostUp = y"},
+     "interface_mtu_reason"),
+    ("generated_at with a newline", {**DESIRED, "generated_at": "now\n[Peer]"}, "generated_at"),
+    ("unknown schema", {**DESIRED, "schema_version": 2}, "schema_version"),
+    ("missing peers", {k: v for k, v in DESIRED.items() if k != "peers"}, "peers"),
+    ("peer not an object", {**DESIRED, "peers": ["hub"]}, "peers[0]"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize(("case", "document", "field"), HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_values_make_render_raise_naming_the_field(
+    kind: str, case: str, document: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(RenderError) as raised:
+        render(document, kind)
+    assert raised.value.field == field, case
+    assert str(raised.value).startswith(f"{field}: ")
+    assert "\n" not in str(raised.value)  # the message never carries the hostile line
+
+
+def test_an_ipv4_only_node_may_go_below_1280() -> None:
+    v4 = {**DESIRED, "addresses": ["10.99.0.2/16"], "interface_mtu": 1264,
+          "peers": [DESIRED["peers"][1]]}  # fmt: skip
+    assert "MTU = 1264" in render(v4, "wg-quick")["wg0.conf"]
+
+
+def test_the_template_environment_refuses_any_printed_line_break() -> None:
+    """A value nobody validated (a new field, a template edit) still cannot add a line."""
+    from fleetvpn.controller.render import _environment
+
+    template = _environment().from_string("Endpoint = {{ value }}\n")
+    assert template.render(value="198.19.1.11:51820") == "Endpoint = 198.19.1.11:51820\n"
+    for value in ("a\nb", "a\rb", "a\x0bb", "a\x85b", "a\u2028b", "a\u2029b", "a\x00b", None):
+        with pytest.raises(RenderError, match=r"^template: "):
+            template.render(value=value)
+
+
+def test_a_reason_ending_in_a_backslash_cannot_swallow_the_next_line() -> None:
+    """systemd joins a line ending in ``\\`` with the next one, comments included: the
+    ``[Route]`` or ``MTUBytes`` line after the reason's comment would vanish."""
+    document = _peer(route_mtu_reason="route MTU 1340 \\")
+    with pytest.raises(RenderError, match=r"^wg0\.network line \d+: ends in a backslash"):
+        render(document, "networkd")
+    with pytest.raises(RenderError, match=r"^wg0\.conf line \d+: ends in a backslash"):
+        render(document, "wg-quick")
+
+
+def test_unicode_reasons_and_max_length_names_render() -> None:
+    name63 = "n" + "-x" * 31
+    document = {**DESIRED, "node": name63, "site": "s" * 63,
+                "interface_mtu_reason": "MTU 1340 — the largest link ⇄ hub",
+                "peers": [{**DESIRED["peers"][0], "peer": "p" * 63, "site": "q" * 63,
+                           "endpoint": "[2001:db8::11]:51820",
+                           "keepalive_reason": "NAT ⇄ 19.5 s — keepalive 8 s"},
+                          {**DESIRED["peers"][1],
+                           "endpoint": "hub-1.example.net:65535"}]}  # fmt: skip
+    conf = render(document, "wg-quick")["wg0.conf"]
+    assert "# MTU 1340 — the largest link ⇄ hub\n" in conf
+    assert "Endpoint = [2001:db8::11]:51820\n" in conf
+    assert "Endpoint = hub-1.example.net:65535\n" in conf
+    assert set(render(document, "host_vars")) == {f"{name63}.yml"}
+    doc = yaml.safe_load(render(document, "host_vars")[f"{name63}.yml"])
+    assert doc["fleetvpn_peers"][0]["keepalive_reason"] == "NAT ⇄ 19.5 s — keepalive 8 s"
