@@ -22,9 +22,12 @@ message carries a key or a token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import secrets
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +42,7 @@ from fleetvpn.net.keys import KeyFileError, load_key
 from fleetvpn.net.wire import KeyRing
 
 log = logging.getLogger("fleetvpn.agent")
+_SAVING = threading.Lock()
 
 ENROLL_RETRY_S: Final = (1.0, 60.0)
 
@@ -56,15 +60,22 @@ class Identity:
 
 def write_json(path: Path, doc: Any, mode: int = 0o644, *, durable: bool = True) -> None:
     """Atomic; ``durable=False`` skips the fsync (status.json, rewritten every few seconds:
-    flash storage on small nodes should not pay for it)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=1)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    flash storage on small nodes should not pay for it). Safe from several threads at once:
+    each write has a temporary file of its own (two PMTU jobs finishing together once shared
+    one, and the second rename failed), and the last rename wins."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def prepare_keys(config: AgentConfig) -> tuple[str, KeyRing]:
@@ -186,4 +197,5 @@ def save_measurements(
         "path_mtu": {peer: asdict(m) for peer, m in pmtu.items()},
         "nat": nat.to_json() if nat else None,
     }
-    write_json(config.measurements_file, doc)
+    with _SAVING:  # one save at a time: PMTU jobs of several peers finish together
+        write_json(config.measurements_file, doc)

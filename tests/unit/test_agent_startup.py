@@ -68,3 +68,32 @@ def test_damaged_node_json_is_named(tmp_path: Path) -> None:
     (tmp_path / "node.json").write_text("{}")
     with pytest.raises(FatalError, match=r"node\.json: unreadable"):
         asyncio.run(enroll(c, "pub", lambda: False))
+
+
+def test_write_json_from_many_threads_at_once_loses_no_write(tmp_path: Path) -> None:
+    """Two PMTU jobs finishing together once shared one temporary file name: one rename failed
+    (FileNotFoundError) and its measurement was not saved (issue 12)."""
+    import threading
+
+    from fleetvpn.agent.startup import write_json
+
+    target = tmp_path / "measurements.json"
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def writer(n: int) -> None:
+        start.wait()
+        try:
+            for i in range(50):
+                write_json(target, {"writer": n, "i": i}, durable=False)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert json.loads(target.read_text())["i"] == 49
+    assert [p.name for p in tmp_path.iterdir()] == ["measurements.json"]  # no temporary left
