@@ -170,8 +170,9 @@ def test_the_template_environment_refuses_any_printed_line_break() -> None:
 
 
 def test_a_reason_ending_in_a_backslash_cannot_swallow_the_next_line() -> None:
-    """systemd joins a line ending in ``\\`` with the next one, comments included: the
-    ``[Route]`` or ``MTUBytes`` line after the reason's comment would vanish."""
+    """systemd joins a key line ending in ``\\`` with the next one (tests/lab/
+    test_render_parsers.py shows it with the real networkd); render() refuses every such line,
+    comments included, whatever the parser's version does with them."""
     document = _peer(route_mtu_reason="route MTU 1340 \\")
     with pytest.raises(RenderError, match=r"^wg0\.network line \d+: ends in a backslash"):
         render(document, "networkd")
