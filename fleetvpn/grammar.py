@@ -23,6 +23,9 @@ The grammars (ASCII only everywhere: ``str.isdigit`` and ``int()`` take ``"٥١�
   note       one line of printable text (no control, format, line or paragraph separator
              characters, no lone surrogates), at most :data:`NOTE_MAX` characters.
   ifname     a Linux interface name as wg-quick accepts it: ``[a-zA-Z0-9_=+.-]{1,15}``.
+  tunnel mtu an int (not a bool) in 1280..9000 where the tunnel carries IPv6 (RFC 8200 §5; Linux
+             drops IPv6 from a device below 1280), else 576..9000 (RFC 791: every IPv4 host
+             accepts 576; 9000: jumbo frames, the largest underlay the MTU policy plans for).
 
 Every parser raises :class:`GrammarError` (a ValueError) whose message says what is wrong
 without echoing more than a bounded, escaped excerpt of the input.
@@ -40,6 +43,8 @@ from typing import Final
 
 NAME_PATTERN: Final = "[a-z0-9][a-z0-9-]{0,62}"
 NOTE_MAX: Final = 2000
+TUNNEL_MTU_IPV4: Final = (576, 9000)
+TUNNEL_MTU_IPV6: Final = (1280, 9000)
 WG_KEY_BYTES: Final = 32
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -126,6 +131,17 @@ def is_wg_key(value: object) -> bool:
     except GrammarError:
         return False
     return True
+
+
+def tunnel_mtu(value: object, what: str = "mtu", *, ipv6: bool) -> int:
+    """A tunnel's interface or route MTU; ``ipv6``: the tunnel carries IPv6."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GrammarError(f"{what}: expected an integer MTU, got {type(value).__name__}")
+    low, high = TUNNEL_MTU_IPV6 if ipv6 else TUNNEL_MTU_IPV4
+    if not low <= value <= high:
+        carries = ": the tunnel carries IPv6" if ipv6 else ""
+        raise GrammarError(f"{what}: {value} out of range ({low}..{high}{carries})")
+    return value
 
 
 def ifname(value: object, what: str = "interface") -> str:

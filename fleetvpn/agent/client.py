@@ -8,9 +8,15 @@ Contract (blocking calls; the daemon runs them in a worker thread):
   (201 stored or 200 a replay) or the controller's reason it refused that report for good (a
   per-report 4xx). A whole-batch refusal is :class:`Refused` (404/405: an older controller
   without the batch path; 413: too large, send fewer) and nothing of it was stored.
-Errors: :class:`Unreachable` (connection refused/reset, timeout, TLS failure, 5xx, 429: try again
-later) and :class:`Refused` (any other non-2xx: ``status`` and the controller's ``error`` text).
-Neither message ever carries a token: tokens travel only in the Authorization header.
+Errors: :class:`Unreachable` (connection refused/reset, timeout, TLS failure, 5xx: try again
+later), its subclass :class:`Throttled` (429: try again after ``retry_after_s``, from the
+``Retry-After`` header in seconds or as an HTTP date, bounded by :data:`RETRY_AFTER_S`) and
+:class:`Refused` (any other non-2xx: ``status`` and the controller's ``error`` text). No message
+ever carries a token: tokens travel only in the Authorization header.
+
+TLS: with ``ca_file`` the context trusts that CA alone (the fleet CA, pinned): the system's
+store is not loaded, so a certificate any public CA would sign for the controller's name is
+refused. Without ``ca_file`` (https only) the system's store is used.
 
 Every connection to the controller advertises a TCP MSS of :data:`CONTROL_MSS` (packets of at
 most 1260 bytes over IPv4): the agent's own control traffic must cross the very path-MTU black
@@ -21,16 +27,23 @@ matter.
 
 from __future__ import annotations
 
+import email.utils
 import http.client
 import json
 import socket
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 TIMEOUT_S = 10.0
 CONTROL_MSS = 1220  # fits a 1280-byte path over IPv6 (1280 - 40 - 20), any real IPv4 path
+# 429 without a usable Retry-After waits the default; a Retry-After is obeyed within the bounds:
+# whoever answers (or sits on the path) must not silence an agent for longer than a quarter of
+# an hour with one header. Reports wait in the spool meanwhile (bounded, summarised, not lost).
+RETRY_AFTER_S = (1.0, 900.0)
+DEFAULT_RETRY_AFTER_S = 30.0
 
 
 def _create_connection(
@@ -54,12 +67,52 @@ def _create_connection(
     raise last or OSError(f"cannot resolve {host}")
 
 
+def pinned_context(ca_file: Path | None) -> ssl.SSLContext:
+    """A client context that verifies the controller's certificate and name: against
+    ``ca_file`` alone when given (the system's store is never loaded then), else the system's."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies certificates and host names
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca_file is not None:
+        context.load_verify_locations(cafile=str(ca_file))
+    else:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    return context
+
+
 class ControllerError(RuntimeError):
     pass
 
 
 class Unreachable(ControllerError):
     pass
+
+
+class Throttled(Unreachable):
+    """429: the controller asks for nothing more from this node for ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(f"{message} (retry after {retry_after_s:.0f} s)")
+
+
+def retry_after(value: str | None, now: float | None = None) -> float:
+    """Seconds to wait from a ``Retry-After`` header (RFC 9110 §10.2.3: delay-seconds or an
+    HTTP-date), within :data:`RETRY_AFTER_S`; :data:`DEFAULT_RETRY_AFTER_S` when absent or
+    unreadable. ``now``: unix time (for tests)."""
+    low, high = RETRY_AFTER_S
+    if value is None:
+        return DEFAULT_RETRY_AFTER_S
+    text = value.strip()
+    if text.isascii() and text.isdigit():
+        return min(max(float(int(text[:12])), low), high)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return DEFAULT_RETRY_AFTER_S
+    if when.tzinfo is None:  # HTTP dates are GMT
+        return DEFAULT_RETRY_AFTER_S
+    delay = when.timestamp() - (time.time() if now is None else now)
+    return min(max(delay, low), high)
 
 
 class Refused(ControllerError):
@@ -79,9 +132,7 @@ class Client:
         self.token = token
         self.context: ssl.SSLContext | None = None
         if self.https:
-            self.context = ssl.create_default_context(
-                cafile=str(ca_file) if ca_file is not None else None
-            )
+            self.context = pinned_context(ca_file)
 
     def _request(self, method: str, path: str, body: Any = None) -> Any:
         conn: http.client.HTTPConnection
@@ -107,7 +158,10 @@ class Client:
             raise Unreachable(f"{self.base}: {e.__class__.__name__}: {e}") from None
         finally:
             conn.close()
-        if response.status >= 500 or response.status == 429:
+        if response.status == 429:
+            wait_s = retry_after(response.getheader("Retry-After"))
+            raise Throttled(f"{self.base}{path}: HTTP 429", wait_s)
+        if response.status >= 500:
             raise Unreachable(f"{self.base}{path}: HTTP {response.status}")
         try:
             doc = json.loads(payload) if payload else None
@@ -158,7 +212,12 @@ class Client:
             status = result.get("status") if isinstance(result, dict) else None
             if not isinstance(status, int) or result.get("index", i) != i:
                 raise Unreachable(f"{self.base}/v1/reports/batch: result {i} is malformed")
-            if status >= 500 or status == 429:  # not the report's fault: the batch again later
+            if status == 429:  # not the report's fault: the batch again, later
+                raise Throttled(
+                    f"{self.base}/v1/reports/batch: report {i}: HTTP 429",
+                    retry_after(str(result.get("retry_after_s", "")) or None),
+                )
+            if status >= 500:  # not the report's fault: the batch again later
                 raise Unreachable(f"{self.base}/v1/reports/batch: report {i}: HTTP {status}")
             if status in (200, 201):
                 outcomes.append(None)

@@ -3,8 +3,9 @@ by key. Pure: parsing only (reading the file is :func:`load`'s one line of I/O).
 
 Example (``controller`` is the only required key; the rest shows the defaults)::
 
-    controller: http://198.19.1.10:8080          # the controller's base URL (https with ca_file)
-    ca_file: /etc/fleetvpn/ca.pem                # optional: the CA of the controller's cert
+    controller: https://198.19.1.10:8443         # the controller's base URL
+    ca_file: /etc/fleetvpn/ca.pem                # optional: the fleet CA, pinned (see below)
+    insecure_http: false                         # true: allow an http:// controller (the lab)
     enrollment_token_file: /etc/fleetvpn/enrollment.token   # read once, before enrolling
     node: branch1                                # default: the hostname
     endpoint: 198.19.1.11:51820                  # optional: where other nodes dial this one
@@ -22,6 +23,21 @@ Example (``controller`` is the only required key; the rest shows the defaults)::
     on_stop: keep                                # keep | down: what SIGTERM does to the tunnel
     log_level: info                              # debug | info | warning | error
     spool_max_reports: 2000                      # reports kept on disk while the controller is away
+    tunnel_networks: [10.99.0.0/16]              # optional: the fleet's tunnel subnets (below)
+    routed_subnets: []                           # subnets a peer may route to us (its LAN)
+
+Transport: an ``http://`` controller is refused unless ``insecure_http: true`` or its host is a
+loopback address (the desired state says where this node's traffic goes: on the path, plain
+HTTP lets anyone redirect it; a loopback controller is on this host, with no path to be on).
+With ``ca_file`` the controller's certificate must chain to that CA alone (the fleet CA), not to
+the system's store.
+
+What the desired state may ask for (:mod:`fleetvpn.agent.desired`): this node's addresses and
+its peers' tunnel addresses must lie in ``tunnel_networks`` (without it: the networks of the
+addresses in the last good desired state, or on the very first start of the first document's,
+trust on first use); a peer's other allowed IPs must lie in ``routed_subnets``. A default route
+(a /0) is refused in both: a default route through the tunnel needs policy routing, which
+fleetvpn does not do.
 
 Errors: :class:`ConfigError`, whose text reads ``FILE: KEY: PROBLEM`` (``probe.key_file``,
 ``intervals.pmtu_s`` — the dotted key), with a did-you-mean for unknown keys.
@@ -39,6 +55,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from fleetvpn import grammar
+from fleetvpn.grammar import IPNetwork
 from fleetvpn.model import NAME_PATTERN
 from fleetvpn.net.endpoint import parse_endpoint
 
@@ -87,6 +105,9 @@ class AgentConfig:
     on_stop: Literal["keep", "down"] = "keep"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     spool_max_reports: int = 2000
+    insecure_http: bool = False
+    tunnel_networks: tuple[IPNetwork, ...] = ()  # empty: derived (module docstring)
+    routed_subnets: tuple[IPNetwork, ...] = ()
 
     # Files in state_dir (the layout is part of the agent's contract with Ansible).
     @property
@@ -117,7 +138,7 @@ class AgentConfig:
 _TOP: Final = {
     "controller", "ca_file", "enrollment_token_file", "node", "endpoint", "interface",
     "listen_port", "wireguard", "apply", "probe", "state_dir", "intervals", "on_stop",
-    "log_level", "spool_max_reports",
+    "log_level", "spool_max_reports", "insecure_http", "tunnel_networks", "routed_subnets",
 }  # fmt: skip
 _PROBE: Final = {"listen_port", "key_file", "nat_responder", "nat_max_lifetime_s"}
 _INTERVALS: Final = {"report_s", "desired_s", "pmtu_s", "nat_s", "rtt_s"}
@@ -198,6 +219,33 @@ def parse(text: str, source: str = "<config>", *, hostname: str | None = None) -
     ca_file = path(doc, "ca_file", None, "ca_file")
     if ca_file is not None and parts.scheme != "https":
         raise fail("ca_file", "is only used with an https:// controller")
+    insecure_http = doc.get("insecure_http", False)
+    if not isinstance(insecure_http, bool):
+        raise fail("insecure_http", f"must be true or false, not {insecure_http!r}")
+    if parts.scheme == "http" and not insecure_http and not _loopback(parts.hostname):
+        raise fail(
+            "controller",
+            f"{controller!r} is plain HTTP: use https:// (with ca_file), or set "
+            "insecure_http: true where the path to the controller is trusted (the lab)",
+        )
+
+    def networks(key: str) -> tuple[IPNetwork, ...]:
+        raw = doc.get(key, [])
+        if not isinstance(raw, list):
+            raise fail(key, "must be a list of CIDRs (10.99.0.0/16)")
+        out: list[IPNetwork] = []
+        for i, text in enumerate(raw):
+            try:
+                net = grammar.cidr(text, f"{key}[{i}]")
+            except grammar.GrammarError as e:
+                raise fail(f"{key}[{i}]", str(e).split(": ", 1)[-1]) from None
+            if net.prefixlen == 0:
+                raise fail(f"{key}[{i}]", f"{net}: a default route through the tunnel is refused")
+            out.append(net)
+        return tuple(out)
+
+    tunnel_networks = networks("tunnel_networks")
+    routed_subnets = networks("routed_subnets")
 
     node = doc.get("node", hostname if hostname is not None else socket.gethostname())
     if not isinstance(node, str) or not _NAME_RE.fullmatch(node):
@@ -260,7 +308,19 @@ def parse(text: str, source: str = "<config>", *, hostname: str | None = None) -
         spool_max_reports=integer(
             doc, "spool_max_reports", 2000, 2, 1_000_000, "spool_max_reports"
         ),
+        insecure_http=insecure_http,
+        tunnel_networks=tunnel_networks,
+        routed_subnets=routed_subnets,
     )
+
+
+def _loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return grammar.ip_address(host).is_loopback
+    except grammar.GrammarError:
+        return False
 
 
 # What a reload (SIGHUP) cannot change: the node's identity, its state and its interface.

@@ -18,7 +18,17 @@ Life of an agent:
    probes.py for the directions), and a wg sample every ``SAMPLE_S`` that feeds the re-probe
    triggers (endpoint changed, handshake stale).
 3. Controller unreachable: nothing changes on the tunnel; reports queue in the spool (bounded)
-   and leave in order when it answers again.
+   and leave in order when it answers again. A 429 (``client.Throttled``) holds every request
+   to the controller (desired state, reports) until its Retry-After has passed; reports made
+   meanwhile wait in the spool.
+   A desired state that fails :mod:`~fleetvpn.agent.desired` is refused and logged with the
+   field at fault; the last good one stays applied (nothing is reconciled). Its trust anchor:
+   the config's ``tunnel_networks``, else the networks of the last good state at start, else
+   (first start) of the first document accepted — fixed for the life of the process.
+   A peer endpoint that is a DNS name is resolved (``getaddrinfo`` in a worker thread) before
+   each apply and probe: WireGuard gets the address (so the diff compares what ``wg show``
+   prints), an unresolvable name leaves the peer's endpoint as it is and skips its probes, with
+   the reason logged.
 4. SIGHUP: the config file is read again (an invalid one is logged and ignored); SIGTERM/SIGINT:
    the tunnel stays up unless ``on_stop: down``.
 
@@ -30,10 +40,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import random
 import signal
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -41,10 +53,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from fleetvpn import grammar
 from fleetvpn.agent import client as api
 from fleetvpn.agent import startup
 from fleetvpn.agent.config import AgentConfig, ConfigError, load, reloaded
-from fleetvpn.agent.desired import Desired, DesiredError, PeerPlan
+from fleetvpn.agent.desired import Acceptance, Desired, DesiredError, PeerPlan
 from fleetvpn.agent.probes import (
     ResponderSet,
     hello_tag,
@@ -64,11 +77,11 @@ from fleetvpn.agent.report import (
 from fleetvpn.agent.schedule import BlackHoleWatch, PeerWatch, ProbeBudget, Scheduler
 from fleetvpn.agent.spool import Spool
 from fleetvpn.agent.startup import FatalError
-from fleetvpn.model import Family, NatMeasurement, parse_endpoint
+from fleetvpn.model import Family, NatMeasurement
 from fleetvpn.net.keys import KeyFileError, load_key
 from fleetvpn.net.wire import KeyLike
 from fleetvpn.runner import Runner
-from fleetvpn.wg.state import TunnelState
+from fleetvpn.wg.state import TunnelSpec, TunnelState
 
 log = logging.getLogger("fleetvpn.agent")
 
@@ -79,8 +92,28 @@ FULL_SIZE_EVERY: Final = 4  # a full-size tunnel probe every 4th RTT round (and 
 HELLO_REPEAT_S: Final = 60.0  # the first hello to a peer is sent again once, this much later
 
 
-def _host(endpoint: str) -> str:
-    return str(parse_endpoint(endpoint)[0])
+async def resolve(endpoint: str) -> tuple[tuple[str, int] | None, str]:
+    """``endpoint`` (canonical, from the desired state) → ((address, port), "") or (None, why).
+    A DNS name is resolved by ``getaddrinfo`` in the loop's executor (never on the loop)."""
+    parsed = grammar.Endpoint.parse(endpoint)
+    if parsed.address is not None:
+        return (str(parsed.address), parsed.port), ""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(str(parsed.host), parsed.port, type=socket.SOCK_DGRAM)
+    except (OSError, UnicodeError) as e:
+        return None, f"{parsed.host} does not resolve ({e})"
+    for _family, _type, _proto, _name, sockaddr in infos:
+        try:
+            address = grammar.ip_address(str(sockaddr[0]))
+        except grammar.GrammarError:
+            continue  # a scoped IPv6 address: not one the fleet can use
+        return (str(address), parsed.port), ""
+    return None, f"{parsed.host} resolves to no usable address"
+
+
+def _endpoint_text(address: str, port: int) -> str:
+    return str(grammar.Endpoint(grammar.ip_address(address), port))
 
 
 class Agent:
@@ -115,6 +148,8 @@ class Agent:
         self.spool = Spool(config.spool_dir, config.spool_max_reports, log.warning)
         self.batches = True  # False once the controller answered 404/405 for the batch path
         self.tunnel: Any = None
+        self.throttled_until = 0.0  # monotonic: no request to the controller before (a 429)
+        self.trusted_networks: tuple[Any, ...] = ()  # see the module docstring, step 3
 
     # --- start-up --------------------------------------------------------------------------
     def _client(self) -> api.Client:
@@ -132,7 +167,28 @@ class Agent:
         )
 
     def _parse(self, doc: Any) -> Desired:
-        return startup.parse(self.config, doc)
+        accept = startup.acceptance(self.config, self.trusted_networks)
+        accept = Acceptance(
+            accept.tunnel_networks,
+            accept.routed_subnets,
+            own_public_key=self.public_key or None,
+            node=self.node,
+        )
+        desired = startup.parse(self.config, doc, accept)
+        for warning in desired.warnings:
+            log.warning("%s", warning)
+        if not accept.tunnel_networks:
+            self.trusted_networks = desired.tunnel_networks
+            log.warning("tunnel networks %s taken from the first desired state (set "
+                        "tunnel_networks in the agent config to pin them)",
+                        ", ".join(map(str, self.trusted_networks)))  # fmt: skip
+        return desired
+
+    def _throttled(self, job: str) -> bool:
+        wait_s = self.throttled_until - time.monotonic()
+        if wait_s > 0:
+            log.info("%s: held %.0f s more: the controller answered 429", job, wait_s)
+        return wait_s > 0
 
     # --- the loop ---------------------------------------------------------------------------
     async def run(self) -> int:
@@ -145,6 +201,7 @@ class Agent:
         self.pmtu, self.nat = startup.load_measurements(self.config)
         last_good = startup.load_last_good(self.config)
         if last_good is not None:
+            self.trusted_networks = last_good.tunnel_networks
             self._adopt(last_good)
             if self.config.apply:
                 log.info("re-applying the last good desired state (%s)",
@@ -236,6 +293,8 @@ class Agent:
 
     # --- jobs -------------------------------------------------------------------------------
     async def _job_desired(self) -> None:
+        if self._throttled("desired state"):
+            return
         client = self._client()
         try:
             doc = await asyncio.to_thread(client.desired, self.node)
@@ -246,7 +305,7 @@ class Agent:
         try:
             desired = self._parse(doc)
         except DesiredError as e:
-            log.error("%s; keeping the last good desired state", e)
+            log.error("refused %s; keeping the last good desired state", e)
             return
         self._adopt(desired)
         self._schedule_peers(desired, time.monotonic())
@@ -270,8 +329,9 @@ class Agent:
         from fleetvpn.wg.tunnel import ApplyError
 
         started = datetime.now(UTC)
+        spec = await self._resolved(desired.spec)
         try:
-            changes = await asyncio.to_thread(self.tunnel.reconcile, desired.spec, desired.reasons)
+            changes = await asyncio.to_thread(self.tunnel.reconcile, spec, desired.reasons)
         except ApplyError as e:
             log.error("apply failed and was rolled back: %s", e)
             self.last_apply = {"at": started.isoformat(), "ok": False, "error": str(e),
@@ -295,6 +355,21 @@ class Agent:
                 startup.write_json, self.config.desired_file, dict(desired.document)
             )
 
+    async def _resolved(self, spec: TunnelSpec) -> TunnelSpec:
+        """``spec`` with every DNS endpoint replaced by its address (module docstring, 3.)."""
+        peers = []
+        for peer in spec.peers:
+            if peer.endpoint is not None and grammar.Endpoint.parse(peer.endpoint).address is None:
+                target, why = await resolve(peer.endpoint)
+                if target is None:
+                    log.warning("peer %s: endpoint %s left as it is: %s", peer.name,
+                                peer.endpoint, why)  # fmt: skip
+                    peer = dataclasses.replace(peer, endpoint=None)
+                else:
+                    peer = dataclasses.replace(peer, endpoint=_endpoint_text(*target))
+            peers.append(peer)
+        return dataclasses.replace(spec, peers=tuple(peers))
+
     def _controller_ok(self) -> None:
         if self.controller["reachable"] is False:
             log.info("controller %s answers again", self.config.controller)
@@ -302,6 +377,8 @@ class Agent:
                                last_ok_at=datetime.now(UTC).isoformat())  # fmt: skip
 
     def _controller_failed(self, e: Exception) -> None:
+        if isinstance(e, api.Throttled):
+            self.throttled_until = max(self.throttled_until, time.monotonic() + e.retry_after_s)
         if self.controller["reachable"] is not False or self.controller["error"] != str(e):
             log.warning("controller: %s (tunnel keeps its settings; reports are spooled)", e)
         self.controller.update(reachable=False, error=str(e))
@@ -362,6 +439,9 @@ class Agent:
             configured=configured_from(self.state, names),
         )
         await asyncio.to_thread(self.spool.put, report)
+        if self._throttled("reports"):
+            await self._job_status()
+            return  # they wait in the spool
         sent, self.batches = await asyncio.to_thread(
             replay,
             self.spool,
@@ -472,7 +552,11 @@ class Agent:
         if why_not is not None:
             log.info("PMTU towards %s postponed: %s", peer, why_not)
             return
-        target = (_host(plan.endpoint), self.config.probe.listen_port)
+        address, why = await resolve(plan.endpoint)
+        if address is None:
+            log.warning("PMTU towards %s skipped: %s", peer, why)
+            return
+        target = (address[0], self.config.probe.listen_port)
         await self._measure(peer, target, "forward")
         if self.config.endpoint is None and self.responder is not None:
             self.responder.send_hello(target)  # "probe me back": b → this node

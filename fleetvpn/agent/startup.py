@@ -9,7 +9,9 @@ Contract:
   spending the enrollment token once (``POST /v1/enroll``); retried with backoff while the
   controller is unreachable, :class:`FatalError` when it refuses.
 - :func:`load_last_good` → the desired state last applied without error (None if absent or
-  unreadable: the agent then waits for the controller).
+  unreadable: the agent then waits for the controller). It is parsed as strictly as a fresh
+  document: against the config's ``tunnel_networks``, else its own addresses' networks (it was
+  checked against the trusted ones when it was saved).
 - :func:`load_measurements` / :func:`save_measurements`: the latest path MTU per peer and NAT
   measurement (``measurements.json``), so a restarted agent reports what it knew instead of
   nothing — the controller would otherwise fall back to safe defaults and change a working
@@ -35,7 +37,7 @@ from typing import Any, Final
 
 from fleetvpn.agent import client as api
 from fleetvpn.agent.config import AgentConfig
-from fleetvpn.agent.desired import Desired, DesiredError, parse_desired
+from fleetvpn.agent.desired import Acceptance, Desired, DesiredError, parse_desired
 from fleetvpn.agent.report import PathMtu
 from fleetvpn.model import NatMeasurement, ReportError
 from fleetvpn.net.keys import KeyFileError, load_key
@@ -128,8 +130,9 @@ async def enroll(
                 config.endpoint,
             )
         except api.Unreachable as e:
-            log.warning("enrollment: controller unreachable (%s); retry in %.0f s", e, delay)
-            await asyncio.sleep(delay)
+            wait_s = max(delay, e.retry_after_s) if isinstance(e, api.Throttled) else delay
+            log.warning("enrollment: controller unreachable (%s); retry in %.0f s", e, wait_s)
+            await asyncio.sleep(wait_s)
             delay = min(delay * 2, ENROLL_RETRY_S[1])
             continue
         except api.Refused as e:
@@ -146,8 +149,19 @@ async def enroll(
     return None
 
 
-def parse(config: AgentConfig, doc: Any) -> Desired:
-    return parse_desired(doc, interface=config.interface, listen_port=config.listen_port)
+def acceptance(config: AgentConfig, trusted_networks: tuple[Any, ...] = ()) -> Acceptance:
+    """What the agent accepts: the config's tunnel networks, else ``trusted_networks`` (those
+    of the last good state; empty: trust on first use), and the config's routed subnets."""
+    return Acceptance(config.tunnel_networks or trusted_networks, config.routed_subnets)
+
+
+def parse(config: AgentConfig, doc: Any, accept: Acceptance | None = None) -> Desired:
+    return parse_desired(
+        doc,
+        interface=config.interface,
+        listen_port=config.listen_port,
+        accept=accept or acceptance(config),
+    )
 
 
 def load_last_good(config: AgentConfig) -> Desired | None:

@@ -8,7 +8,7 @@ import pytest
 
 from fleetvpn.agent.config import ConfigError, load, parse, reloaded
 
-MINIMAL = "controller: http://198.19.1.10:8080\n"
+MINIMAL = "controller: http://198.19.1.10:8080\ninsecure_http: true\n"
 
 
 def test_minimal_config_gets_the_documented_defaults() -> None:
@@ -24,6 +24,7 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
     i = c.intervals
     assert (i.report_s, i.desired_s, i.pmtu_s, i.nat_s) == (30, 30, 600, 3600)
     assert (c.on_stop, c.log_level, c.endpoint, c.ca_file) == ("keep", "info", None, None)
+    assert (c.tunnel_networks, c.routed_subnets) == ((), ())
 
 
 def test_full_config_from_the_contract() -> None:
@@ -99,6 +100,18 @@ log_level: debug
         ),
         (MINIMAL + "ca_file: /etc/ca.pem\n", "agent.yml: ca_file: is only used with an https://"),
         ("controller: [\n", "agent.yml: not valid YAML"),
+        # plain HTTP only where the path is trusted: said so in the config, or loopback
+        ("controller: http://198.19.1.10:8080\n", "agent.yml: controller: 'http://198.19.1.10"),
+        (
+            "controller: http://[2001:db8::1]:8080\ninsecure_http: false\n",
+            "agent.yml: controller: 'http://[2001:db8::1]:8080' is plain HTTP",
+        ),
+        (MINIMAL + "insecure_http: 'yes'\n", "agent.yml: insecure_http: must be true or false"),
+        (MINIMAL + "tunnel_networks: 10.99.0.0/16\n", "agent.yml: tunnel_networks: must be a"),
+        (MINIMAL + "tunnel_networks: [10.99.0.1/16]\n", "agent.yml: tunnel_networks[0]:"),
+        (MINIMAL + "routed_subnets: [0.0.0.0/0]\n", "agent.yml: routed_subnets[0]: 0.0.0.0/0"),
+        (MINIMAL + "routed_subnets: ['::/0']\n", "agent.yml: routed_subnets[0]: ::/0"),
+        (MINIMAL + "routed_subnets: ['10.1.0.0/16\\n']\n", "agent.yml: routed_subnets[0]:"),
         ("- a\n", "agent.yml: must be a mapping"),
     ],
 )
@@ -128,3 +141,20 @@ def test_sighup_applies_intervals_but_not_the_identity() -> None:
     assert changed == ["node", "interface"]
     assert (applied.node, applied.interface) == ("branch1", "wg0")
     assert applied.intervals.rtt_s == 3600 and applied.on_stop == "down"
+
+
+def test_plain_http_to_a_loopback_controller_needs_no_flag() -> None:
+    for url in ("http://127.0.0.1:8080", "http://[::1]:8080", "http://localhost:8080"):
+        assert parse(f"controller: {url}\n", "agent.yml", hostname="n1").controller == url
+    assert parse("controller: https://ctl.example\n", "a", hostname="n1").insecure_http is False
+
+
+def test_tunnel_networks_and_routed_subnets_are_parsed() -> None:
+    c = parse(
+        MINIMAL + "tunnel_networks: [10.99.0.0/16, 'fd99:f1ee:7::/64']\n"
+        "routed_subnets: [192.168.10.0/24]\n",
+        "agent.yml",
+        hostname="n1",
+    )
+    assert [str(n) for n in c.tunnel_networks] == ["10.99.0.0/16", "fd99:f1ee:7::/64"]
+    assert [str(n) for n in c.routed_subnets] == ["192.168.10.0/24"]

@@ -23,7 +23,7 @@ from fleetvpn.model import Report
 
 from .apiutil import Server, enroll
 
-KEY2 = "y" * 43 + "="
+KEY2 = "y" * 42 + "w="  # base64 of 32 bytes
 START = datetime(2026, 1, 1, tzinfo=UTC)
 
 
