@@ -563,6 +563,9 @@ def write_inventory(plan: Plan, topo: Topology, paths: LabPaths, path: Path) -> 
                 "ansible_python_interpreter": sys.executable,
                 "fleetvpn_lab": plan.lab,
                 "fleetvpn_controller_address": plan.hosts[controller].public_ipv4,
+                # The lab's controller answers plain HTTP on the lab's own networks; an agent
+                # refuses an http:// controller unless told (fleetvpn/agent/config.py).
+                "fleetvpn_agent_settings": {"insecure_http": True},
                 "fleetvpn_install_method": "none",
                 "fleetvpn_bin": str(Path(sys.executable).parent / "fleetvpn"),
                 "fleetvpn_python": sys.executable,

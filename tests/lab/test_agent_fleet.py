@@ -177,6 +177,7 @@ class Fleet:
         hp = self.plan.hosts[host]
         lines = [
             f"controller: http://{self.controller_ip}:{API_PORT}",
+            "insecure_http: true",  # the lab's own networks: plain HTTP, said so
             f"node: {host}",
             "probe:",
             f"  nat_responder: {self.controller_ip}:{NAT_PORT}",
