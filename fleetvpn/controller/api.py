@@ -9,9 +9,10 @@ only a one-time enrollment token in the body. Every error is JSON ``{"error": ".
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
+import hmac
 import json
+import logging
+import math
 import re
 import sys
 import time
@@ -25,7 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fleetvpn import __version__
+from fleetvpn import __version__, grammar
 from fleetvpn.controller.config import TunnelConfig
 from fleetvpn.controller.store import (
     Conflict,
@@ -40,28 +41,36 @@ from fleetvpn.controller.store import (
     utcnow,
 )
 from fleetvpn.controller.views import Published, ViewError, Views
-from fleetvpn.model import NAME_PATTERN, Override, ReportError, parse_endpoint, parse_report
+from fleetvpn.grammar import GrammarError, shown
+from fleetvpn.model import Override, ReportError, format_time, parse_report
 from fleetvpn.net.wire import KeyLike
 
-_NAME_RE = re.compile(NAME_PATTERN)
+OVERRIDE_SCOPES = ("site", "node", "link")
+OVERRIDE_SETTINGS = ("tunnel_mtu", "keepalive_s")
+OVERRIDE_NOTE_MAX = 200  # the store's column
+MAX_ENROLLMENT_VALID_S = 365 * 86400
 _STORE_STATUS = {Conflict: 409, Forbidden: 403, NotFound: 404, Unstorable: 422}
 
 
+log = logging.getLogger(__name__)
+
+
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body; 413 past ``limit`` bytes (checked while reading)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and _DIGITS.fullmatch(declared) and int(declared) > limit:
         raise ApiError(413, f"body of {declared} bytes is over the limit of {limit}")
     body = bytearray()
     async for chunk in request.stream():
@@ -71,23 +80,145 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+def check_content_type(value: str | None) -> None:
+    """A body is JSON: no Content-Type (curl, old clients) or a JSON one; 415 otherwise."""
+    if value is None:
+        return
+    media = value.partition(";")[0].strip().lower()
+    if media != "application/json" and not (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        raise ApiError(415, f"content-type: {shown(value)} is not application/json")
+
+
+MAX_JSON_DEPTH = 32  # a report nests 4 deep; nothing the API takes needs more
+
+
 def decode_json(body: bytes) -> Any:
-    """``body`` as JSON; 400 if it is not. orjson first (a third of the time on a report);
-    whatever it refuses goes to the standard library, which decides and words the errors (and
-    takes what orjson does not: UTF-16/32, NaN, lone surrogates). A body with 19 digits in a
-    row goes there at once: orjson reads integers beyond 64 bits as floats, not as errors."""
+    """``body`` as JSON (RFC 8259: UTF-8, no byte order mark); 400 naming the problem if it is
+    not, or if it holds what no stored row may: a lone surrogate, NaN or an infinite number, a
+    key twice in one object, nesting deeper than MAX_JSON_DEPTH. What is accepted here reads
+    back the same from the store (orjson and the standard library agree on it).
+
+    orjson first (a third of the time on a report); it refuses lone surrogates, NaN, numbers
+    beyond a double and invalid UTF-8 itself. Whatever it refuses, and a body with 19 digits
+    in a row (orjson reads integers beyond 64 bits as floats, not as errors), goes to the
+    standard library, strictly, which decides and words the errors. Duplicate keys: a body
+    with as many ``"…":`` as the decoded objects have keys has none (every key is followed by
+    one); only one with more is decoded again to find the duplicate."""
+    if body[:3] == b"\xef\xbb\xbf":
+        raise ApiError(400, "body: starts with a UTF-8 byte order mark (send JSON without one)")
     if _fast_loads is not None and _LONG_INTEGER.search(body) is None:
         try:
-            return _fast_loads(body)
+            doc = _fast_loads(body)
         except ValueError:
             pass
+        else:
+            keys = _keys_within_depth(doc)
+            if len(_KEY_END.findall(body)) > keys:
+                _decode_strictly(body)  # finds the duplicate (or a string holding '":')
+            return doc
+    doc = _decode_strictly(body)
+    _keys_within_depth(doc)
+    _no_lone_surrogates(doc)
+    return doc
+
+
+class _Refused(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Refused(f"key {shown(key)} appears twice in one object")
+            seen.add(key)
+    return doc
+
+
+def _no_constant(name: str) -> Any:
+    raise _Refused(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise _Refused(f"number {shown(text)} is beyond a double's range")
+    return value
+
+
+def _decode_strictly(body: bytes) -> Any:
     try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(
+            400, f"body: not UTF-8 (byte {e.start}: {e.reason}); JSON is sent in UTF-8"
+        ) from None
+    try:
+        return json.loads(
+            text,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constant,
+            parse_float=_finite_float,
+        )
+    except json.JSONDecodeError as e:
         raise ApiError(400, f"body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, f"body: nested more than {MAX_JSON_DEPTH} deep") from None
+    except ValueError as e:  # _Refused, and integers of more than 4,300 digits
+        raise ApiError(400, f"body: {e}") from None
 
 
-_LONG_INTEGER = re.compile(rb"\d{19}")
+def _keys_within_depth(doc: Any) -> int:
+    """How many keys the objects in ``doc`` hold; 400 if it nests deeper than MAX_JSON_DEPTH.
+    (Iterative: later code that recurses, ``repr`` among it, never meets a deep value.)"""
+    keys = 0
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"body: nested more than {MAX_JSON_DEPTH} deep")
+        if type(value) is dict:
+            keys += len(value)
+            stack += [(v, depth + 1) for v in value.values() if type(v) in _CONTAINERS]
+        elif type(value) is list:
+            stack += [(v, depth + 1) for v in value if type(v) in _CONTAINERS]
+    return keys
+
+
+def _no_lone_surrogates(doc: Any) -> None:
+    """400 naming the first string (key or value) that is not Unicode text: a lone surrogate
+    (``"\\ud800"``) cannot be stored as UTF-8, nor read back by the view."""
+    stack: list[tuple[Any, str]] = [(doc, "body")]
+    while stack:
+        value, path = stack.pop()
+        if type(value) is str:
+            if not _encodable(value):
+                raise ApiError(400, f"{path}: has a lone surrogate (not Unicode text)")
+        elif type(value) is dict:
+            for key, item in value.items():
+                if not _encodable(key):
+                    raise ApiError(400, f"{path}: a key has a lone surrogate (not Unicode text)")
+                stack.append((item, key if path == "body" else f"{path}.{key}"))
+        elif type(value) is list:
+            stack += [(item, f"{path}[{i}]") for i, item in enumerate(value)]
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_CONTAINERS = (dict, list)
+_DIGITS = re.compile(r"[0-9]{1,20}", re.ASCII)
+_KEY_END = re.compile(rb'"[ \t\n\r]*:')
+_LONG_INTEGER = re.compile(rb"[0-9]{19}")
 _fast_loads: Callable[[bytes], Any] | None
 try:
     from orjson import loads as _fast_loads
@@ -96,8 +227,9 @@ except ImportError:  # the controller extra installs orjson; the standard librar
 
 
 async def read_json(request: Request, limit: int) -> Any:
-    """The request body as JSON; 413 past ``limit`` bytes (checked while reading), 400 if not
-    JSON."""
+    """The request body as JSON; 415 if it says it is something else, 413 past ``limit`` bytes
+    (checked while reading), 400 if not JSON (see :func:`decode_json`)."""
+    check_content_type(request.headers.get("content-type"))
     return decode_json(await read_body(request, limit))
 
 
@@ -110,6 +242,55 @@ EXTRA_WAIT_S = 120.0  # how long a request waits for a rendering made on demand 
 # alike). 2^63 bytes is 9.2 EB: only a broken or hostile agent gets there.
 STORED_COUNTER_MAX = 2**63 - 1
 NODE_WAIT_S = 30.0  # how long a node's first desired-state request waits for a view with it
+# A report's created_at is the agent's clock: this far ahead of the controller's is a broken
+# or lying clock (a report from the future would stay the node's latest until then).
+CLOCK_SKEW_S = 300.0
+
+
+class RateLimiter:
+    """Report requests per node: a token bucket each, in memory (per API process). ``rate_per_s``
+    tokens a second up to ``burst``; a request takes one. ``take`` → 0 when allowed, else the
+    seconds until a token is there (the 429's Retry-After)."""
+
+    def __init__(self, rate_per_s: float, burst: int) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = float(burst)
+        self._buckets: dict[str, tuple[float, float]] = {}  # node → (tokens, at)
+
+    def take(self, node: str, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        tokens, at = self._buckets.get(node, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate_per_s)
+        if tokens >= 1.0:
+            self._buckets[node] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[node] = (tokens, now)
+        return (1.0 - tokens) / self.rate_per_s
+
+
+class QuotaKeeper:
+    """Each node's stored reports kept to ``max_reports`` (the oldest by arrival go:
+    ``Store.trim_reports``). A node is trimmed on its first stored report after the API
+    started and then after every ``every`` more, so it holds at most ``max_reports + every``
+    between trims (``every`` is 5 % of the quota)."""
+
+    def __init__(self, store: Store, max_reports: int) -> None:
+        self.store = store
+        self.max_reports = max_reports
+        self.every = max(1, max_reports // 20)
+        self._since_trim: dict[int, int] = {}  # node id → reports stored since its last trim
+
+    def due(self, node_id: int, stored: int) -> bool:
+        count = self._since_trim.get(node_id)
+        if count is None or count + stored >= self.every:
+            self._since_trim[node_id] = 0
+            return True
+        self._since_trim[node_id] = count + stored
+        return False
+
+    async def stored(self, node_id: int, stored: int) -> None:
+        if stored and self.due(node_id, stored):
+            await run_in_threadpool(self.store.trim_reports, node_id, self.max_reports)
 
 
 class TokenCache:
@@ -240,8 +421,10 @@ class _NoStore:
 
 
 Ingest = Callable[[Principal, bytes], Awaitable[tuple[int, dict[str, Any]]]]
+# (authorization, content type, read the body, handler) → (status, answer, extra headers)
 Answer = Callable[
-    [str, Callable[[], Awaitable[bytes]], Ingest], Awaitable[tuple[int, dict[str, Any]]]
+    [str, str | None, Callable[[], Awaitable[bytes]], Ingest],
+    Awaitable[tuple[int, dict[str, Any], dict[str, str]]],
 ]
 
 
@@ -267,18 +450,20 @@ class _ReportRoutes:
             await self.app(scope, receive, send)
             return
         handler, limit = route
-        authorization, declared = "", None
+        authorization, declared, content_type = "", None, None
         for key, value in scope["headers"]:
             if key == b"authorization":
                 authorization = value.decode("latin-1")
             elif key == b"content-length":
                 declared = value
+            elif key == b"content-type":
+                content_type = value.decode("latin-1")
         gone = False
 
         async def read() -> bytes:
             nonlocal gone
             if declared is not None and declared.isdigit() and int(declared) > limit:
-                text = declared.decode()
+                text = declared.decode()  # bytes.isdigit: ASCII digits only
                 raise ApiError(413, f"body of {text} bytes is over the limit of {limit}")
             chunks: list[bytes] = []
             size = 0
@@ -295,14 +480,18 @@ class _ReportRoutes:
                 if not message.get("more_body", False):
                     return b"".join(chunks)
 
-        status, doc = await self.answer(authorization, read, handler)
+        status, doc, extra = await self.answer(authorization, content_type, read, handler)
         if gone:
             return
-        content = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+        try:
+            content = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+        except UnicodeEncodeError:  # a lone surrogate in a message: escaped, never a 500
+            content = json.dumps(doc, separators=(",", ":")).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(content)).encode()),
             (b"cache-control", b"no-store"),
+            *[(k.encode(), v.encode()) for k, v in extra.items()],
         ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
@@ -330,13 +519,45 @@ class _Parts(Response):
             await send({"type": "http.response.body", "body": b""})
 
 
-def _public_key(value: Any) -> str:
-    try:
-        if isinstance(value, str) and len(base64.b64decode(value, validate=True)) == 32:
-            return value
-    except (binascii.Error, ValueError):
-        pass
-    raise ApiError(422, "public_key: not a WireGuard public key (32 bytes, base64)")
+def _token_text(value: str, what: str) -> str:
+    """A token as presented: printable ASCII of a sane length (it is only hashed and compared;
+    a lone surrogate or a megabyte must not reach the hash or a log)."""
+    if not 0 < len(value) <= 200 or not value.isascii() or not value.isprintable():
+        raise ApiError(422, f"{what}: not a token (printable ASCII, at most 200 characters)")
+    return value
+
+
+def _override_key(scope: str, target: str, setting: str) -> None:
+    """An override's (scope, target, setting) from a URL path; 422 naming the part if not one."""
+    if scope not in OVERRIDE_SCOPES:
+        raise ApiError(422, f"scope: {shown(scope)} is not one of {', '.join(OVERRIDE_SCOPES)}")
+    if setting not in OVERRIDE_SETTINGS:
+        raise ApiError(
+            422, f"setting: {shown(setting)} is not one of {', '.join(OVERRIDE_SETTINGS)}"
+        )
+    names = target.split(">") if scope == "link" else [target]
+    if len(names) != (2 if scope == "link" else 1) or not all(map(grammar.is_name, names)):
+        raise ApiError(422, f"target: {shown(target)} is not a {scope} target")
+
+
+def _encode_report(doc: Any) -> bytes:
+    """A report of a batch as the store keeps it (compact JSON, UTF-8); its size is what the
+    per-report limit applies to."""
+    if _fast_dumps is not None:
+        try:
+            return _fast_dumps(doc)
+        except TypeError:  # an integer beyond 64 bits: parse_report refuses it anyway
+            pass
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode(
+        errors="backslashreplace"
+    )
+
+
+_fast_dumps: Callable[[Any], bytes] | None
+try:
+    from orjson import dumps as _fast_dumps
+except ImportError:  # pragma: no cover - the controller extra installs orjson
+    _fast_dumps = None
 
 
 def _field(doc: Any, key: str, kind: type) -> Any:
@@ -365,9 +586,19 @@ def create_app(
     view_process: bool = False,
     auth_cache_s: float = AUTH_CACHE_S,
     max_batch_bytes: int | None = None,
+    report_rate_per_min: float | None = None,
+    report_burst: int = 30,
+    max_reports_per_node: int | None = None,
+    metrics_token: str | None = None,
 ) -> FastAPI:
-    """The API over ``store``. With ``retention``, history older than that is pruned hourly;
-    with ``responder`` (listen address, probe key), the probe responder runs beside the API.
+    """The API over ``store``. With ``retention``, history older than that is pruned hourly
+    (by arrival) and reports created before it are refused; with ``responder`` (listen
+    address, probe key), the probe responder runs beside the API.
+
+    Limits on every door of the report routes: ``max_body_bytes`` per report (inside a batch
+    too; a batch's body may be ``max_batch_bytes``), ``report_rate_per_min`` requests per node
+    (a token bucket of ``report_burst``; 429 with Retry-After), ``max_reports_per_node`` stored
+    (the oldest by arrival pruned). ``metrics_token``: ``/metrics`` wants it as its bearer.
 
     Fleet queries share one view of the fleet, computed and rendered by a worker — a process
     of its own with ``view_process`` (``controller serve`` does that: its seconds of Python
@@ -421,6 +652,12 @@ def create_app(
     app.state.views = cache
     tokens = TokenCache(store, auth_cache_s)
     writer = ReportWriter(store)
+    rates = (
+        None
+        if report_rate_per_min is None
+        else RateLimiter(report_rate_per_min / 60.0, report_burst)
+    )
+    quota = None if max_reports_per_node is None else QuotaKeeper(store, max_reports_per_node)
 
     def view() -> Published:
         return cache.get()
@@ -452,7 +689,15 @@ def create_app(
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message)
+        return _error(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(GrammarError)
+    async def grammar_error(_request: Request, exc: GrammarError) -> JSONResponse:
+        return _error(422, str(exc))  # the grammar's message starts with the field's name
+
+    @app.exception_handler(RecursionError)
+    async def too_deep(_request: Request, _exc: RecursionError) -> JSONResponse:
+        return _error(400, f"body: nested more than {MAX_JSON_DEPTH} deep")
 
     @app.exception_handler(StoreError)
     async def store_error(_request: Request, exc: StoreError) -> JSONResponse:
@@ -485,34 +730,29 @@ def create_app(
     async def enrollment_token(request: Request) -> dict[str, Any]:
         admin(request)
         doc = await read_json(request, max_body_bytes)
-        site = _field(doc, "site", str)
-        if not _NAME_RE.fullmatch(site):
-            raise ApiError(422, f"site: {site!r} is not a valid site name")
+        site = grammar.name(_field(doc, "site", str), "site")
         valid_for_s = doc.get("valid_for_s", 86400)
-        if isinstance(valid_for_s, bool) or not isinstance(valid_for_s, int) or valid_for_s < 60:
-            raise ApiError(422, "valid_for_s: must be an integer ≥ 60")
+        if (
+            isinstance(valid_for_s, bool)
+            or not isinstance(valid_for_s, int)
+            or not 60 <= valid_for_s <= MAX_ENROLLMENT_VALID_S
+        ):
+            raise ApiError(422, f"valid_for_s: must be an integer in 60..{MAX_ENROLLMENT_VALID_S}")
         token = store.create_enrollment_token(site, timedelta(seconds=valid_for_s))
         return {"enrollment_token": token, "site": site, "valid_for_s": valid_for_s}
 
     @app.post("/v1/enroll", status_code=201)
     async def enroll(request: Request) -> dict[str, Any]:
         doc = await read_json(request, max_body_bytes)
-        token = _field(doc, "enrollment_token", str)
-        name = _field(doc, "name", str)
-        if not _NAME_RE.fullmatch(name):
-            raise ApiError(422, f"name: {name!r} is not a valid node name ({NAME_PATTERN})")
-        public_key = _public_key(_field(doc, "public_key", str))
-        listen_port = doc.get("listen_port", 51820)
-        if isinstance(listen_port, bool) or not isinstance(listen_port, int):
-            raise ApiError(422, "listen_port: must be an integer")
-        if not 0 < listen_port < 65536:
-            raise ApiError(422, f"listen_port: {listen_port} is out of range (1..65535)")
+        # Every value through its grammar (GrammarError: a 422 naming the field); the endpoint
+        # is stored as its canonical text, never as sent.
+        token = _token_text(_field(doc, "enrollment_token", str), "enrollment_token")
+        name = grammar.name(_field(doc, "name", str), "name")
+        public_key = grammar.wg_key(_field(doc, "public_key", str), "public_key")
+        listen_port = grammar.port(doc.get("listen_port", 51820), "listen_port")
         endpoint = doc.get("endpoint")
         if endpoint is not None:
-            try:
-                parse_endpoint(str(endpoint))
-            except ValueError as e:
-                raise ApiError(422, f"endpoint: {e}") from None
+            endpoint = str(grammar.endpoint(endpoint, "endpoint"))
         node_token, site = store.enroll(
             token, name, public_key, listen_port=listen_port, endpoint=endpoint
         )
@@ -533,6 +773,20 @@ def create_app(
         if report.site != who.site:
             raise ApiError(
                 422, f"site: {report.node} enrolled in site {who.site}, not {report.site}"
+            )
+        now = utcnow()
+        ahead_s = (report.created_at - now).total_seconds()
+        if ahead_s > CLOCK_SKEW_S:
+            raise ApiError(
+                422,
+                f"created_at: {format_time(report.created_at)} is {ahead_s:.0f} s ahead of the"
+                f" controller's clock (at most {CLOCK_SKEW_S:.0f} s; is the node's clock right?)",
+            )
+        if retention is not None and report.created_at < now - retention:
+            raise ApiError(
+                422,
+                f"created_at: {format_time(report.created_at)} is older than the retention"
+                f" ({retention.total_seconds() / 86400:g} days)",
             )
         for i, m in enumerate(report.measurements):
             for name, value in (("rx_bytes", m.rx_bytes), ("tx_bytes", m.tx_bytes)):
@@ -567,14 +821,14 @@ def create_app(
     async def ingest(who: Principal, raw: bytes) -> tuple[int, dict[str, Any]]:
         """``POST /v1/reports``: (status, answer); ApiError or StoreError when refused."""
         doc = decode_json(raw)
-        try:  # stored as sent (it is valid: parse_report accepted it), not encoded again
-            body: str | dict[str, Any] = raw.decode()
-        except UnicodeDecodeError:  # JSON in UTF-16/32: json.loads takes it, store UTF-8
-            body = doc
-        report_id, item = judge(who, doc, body)
+        # Stored as sent, not encoded again: it is UTF-8 JSON that orjson and the standard
+        # library read alike (decode_json), and parse_report accepted it.
+        report_id, item = judge(who, doc, raw.decode())
         stored = await writer.put(item)
         if stored:
             cache.invalidate()
+            if quota is not None and who.node_id is not None:
+                await quota.stored(who.node_id, 1)
         return (201 if stored else 200), {"report_id": report_id, "stored": stored}
 
     async def ingest_batch(who: Principal, raw: bytes) -> tuple[int, dict[str, Any]]:
@@ -595,7 +849,12 @@ def create_app(
             }  # fmt: skip
             results.append(entry)
             try:
-                entry["report_id"], item = judge(who, doc, doc)
+                text = _encode_report(doc)
+                if len(text) > max_body_bytes:  # the door of one report, inside the batch
+                    raise ApiError(
+                        413, f"report of {len(text)} bytes is over the limit of {max_body_bytes}"
+                    )
+                entry["report_id"], item = judge(who, doc, text.decode())
             except ApiError as e:
                 entry |= {"status": e.status, "stored": False, "error": f"[{i}] {e.message}"}
                 continue
@@ -607,8 +866,11 @@ def create_app(
                 results[i] |= {"status": status, "stored": False, "error": f"[{i}] {outcome}"}
             else:
                 results[i] |= {"status": 201 if outcome else 200, "stored": outcome}
-        if any(r["stored"] for r in results):
+        stored_now = sum(1 for r in results if r["stored"])
+        if stored_now:
             cache.invalidate()
+            if quota is not None and who.node_id is not None:
+                await quota.stored(who.node_id, stored_now)
         counts = {
             "stored": sum(1 for r in results if r["status"] == 201),
             "replayed": sum(1 for r in results if r["status"] == 200),
@@ -617,27 +879,51 @@ def create_app(
         return 200, {"schema_version": 1, **counts, "results": results}
 
     async def answer(
-        authorization: str, read: Callable[[], Awaitable[bytes]], handler: Ingest
-    ) -> tuple[int, dict[str, Any]]:
-        """Status and answer of a report route: the token checked, the body read, handled."""
+        authorization: str,
+        content_type: str | None,
+        read: Callable[[], Awaitable[bytes]],
+        handler: Ingest,
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """Status, answer and extra headers of a report route: the token checked, the node's
+        rate, the content type, the body read, handled. Never raises: a failure that is not
+        the request's (the database's) is a 503 and logged."""
         try:
             who = reporter(authorization)
-            return await handler(who, await read())
+            if rates is not None:
+                wait_s = rates.take(who.name)
+                if wait_s > 0:
+                    retry = str(max(1, math.ceil(wait_s)))
+                    raise ApiError(
+                        429,
+                        f"{who.name}: more than {rates.rate_per_s * 60:g} report requests a"
+                        f" minute (burst {rates.burst:g}); retry after {retry} s",
+                        {"retry-after": retry},
+                    )
+            check_content_type(content_type)
+            status, doc = await handler(who, await read())
+            return status, doc, {}
         except ApiError as e:
-            return e.status, {"error": e.message}
+            return e.status, {"error": e.message}, e.headers
         except StoreError as e:
-            return _STORE_STATUS.get(type(e), 400), {"error": str(e)}
+            return _STORE_STATUS.get(type(e), 400), {"error": str(e)}, {}
+        except RecursionError:
+            return 400, {"error": f"body: nested more than {MAX_JSON_DEPTH} deep"}, {}
+        except Exception as e:  # the database (or a bug): not the request's fault
+            log.exception("report request failed")
+            return 503, {"error": f"the controller could not store it: {type(e).__name__}"}, {}
 
     @app.post("/v1/reports", status_code=201)
     async def put_report(request: Request) -> JSONResponse:
         """One report from the node whose token is the bearer: 201 stored, 200 a replay (its
         ``report_id`` was stored before; nothing changes), 4xx naming the field otherwise.
         (Served by a plain ASGI route in front of FastAPI: see :class:`_ReportRoutes`.)"""
-        authorization = request.headers.get("authorization", "")
-        status, doc = await answer(
-            authorization, lambda: read_body(request, max_body_bytes), ingest
+        status, doc, extra = await answer(
+            request.headers.get("authorization", ""),
+            request.headers.get("content-type"),
+            lambda: read_body(request, max_body_bytes),
+            ingest,
         )
-        return JSONResponse(doc, status_code=status)
+        return JSONResponse(doc, status_code=status, headers=extra)
 
     @app.post("/v1/reports/batch")
     async def put_reports(request: Request) -> JSONResponse:
@@ -646,10 +932,13 @@ def create_app(
         results ``[{index, report_id, status, stored, error?}]`` in order and the counts
         ``stored``, ``replayed``, ``rejected``; 4xx only when the batch as a whole is refused
         (token, not JSON, not an array, too large)."""
-        authorization = request.headers.get("authorization", "")
-        read = lambda: read_body(request, max_batch_bytes)  # noqa: E731
-        status, doc = await answer(authorization, read, ingest_batch)
-        return JSONResponse(doc, status_code=status)
+        status, doc, extra = await answer(
+            request.headers.get("authorization", ""),
+            request.headers.get("content-type"),
+            lambda: read_body(request, max_batch_bytes),
+            ingest_batch,
+        )
+        return JSONResponse(doc, status_code=status, headers=extra)
 
     app.add_middleware(
         _ReportRoutes,
@@ -680,6 +969,7 @@ def create_app(
             override = Override.from_json(doc)
         except ReportError as e:
             raise ApiError(422, str(e)) from None
+        grammar.note(override.note, "note", limit=OVERRIDE_NOTE_MAX)  # one line, fits the column
         store.set_override(
             override.scope, override.target, override.setting, override.value, override.note
         )
@@ -689,6 +979,7 @@ def create_app(
     @app.delete("/v1/overrides/{scope}/{target}/{setting}")
     def delete_override(request: Request, scope: str, target: str, setting: str) -> dict[str, Any]:
         admin(request)
+        _override_key(scope, target, setting)
         if not store.clear_override(scope, target, setting):
             raise ApiError(404, f"no override {scope} {target} {setting}")
         cache.invalidate()
@@ -750,6 +1041,7 @@ def create_app(
     @app.get("/v1/links/{a}/{b}/history")
     def link_history(request: Request, a: str, b: str, hours: float = 24.0) -> dict[str, Any]:
         admin(request)
+        grammar.name(a, "a"), grammar.name(b, "b")
         since = utcnow() - timedelta(hours=max(0.0, min(hours, 24.0 * 3650)))
         keep = ("node", "peer", "family", "measured_at", "path_mtu", "icmp_seen", "rtt_s",
                 "loss_ratio", "handshake_age_s", "rx_bytes", "tx_bytes")  # fmt: skip
@@ -771,7 +1063,16 @@ def create_app(
         return {"schema_version": 1, "site": site, "nat_measurements": _jsonable(rows)}
 
     @app.get("/metrics")
-    def metrics() -> Response:
+    def metrics(request: Request) -> Response:
+        """Prometheus' text format; with ``metrics_token``, only for that bearer."""
+        if metrics_token is not None:
+            scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                presented.strip().encode("latin-1", "replace"), metrics_token.encode()
+            ):
+                raise ApiError(
+                    401, "/metrics needs its bearer token", {"www-authenticate": "Bearer"}
+                )
         fleet, content = cache.extra("metrics", EXTRA_WAIT_S)
         view = (
             "# HELP fleetvpn_view_age_seconds Age of the fleet view these figures come from\n"

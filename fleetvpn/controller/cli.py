@@ -43,6 +43,17 @@ def _open_store(config: ControllerConfig) -> Store:
         raise click.ClickException(f"cannot open the database {config.database}: {e}") from None
 
 
+def _metrics_token(config: ControllerConfig) -> str | None:
+    from fleetvpn.controller.config import read_token_file
+
+    if config.metrics_token_file is None:
+        return None
+    try:
+        return read_token_file(config.metrics_token_file)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+
+
 @click.group()
 def controller() -> None:
     """The controller: stores reports, decides MTU and keepalive, answers `health`."""
@@ -83,6 +94,10 @@ def serve(config_path: Path) -> None:
         view_min_interval_s=float(config.view_interval_s),
         view_process=config.view_process,
         auth_cache_s=float(config.auth_cache_s),
+        report_rate_per_min=float(config.report_rate_per_min),
+        report_burst=config.report_burst,
+        max_reports_per_node=config.max_reports_per_node,
+        metrics_token=_metrics_token(config),
     )
     host, port = config.listen
     uvicorn.run(

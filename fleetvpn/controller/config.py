@@ -6,7 +6,15 @@ Example (every key optional)::
     database: sqlite:////var/lib/fleetvpn/controller.db   # or postgresql://user:pw@host/db
     tls: {cert: /etc/fleetvpn/api.crt, key: /etc/fleetvpn/api.key}   # HTTPS when given
     retention_days: 30                            # history kept per link and site
-    max_body_bytes: 1048576                       # larger requests get 413
+    max_body_bytes: 1048576                       # larger requests (and reports inside a
+                                                  # batch) get 413
+    max_reports_per_node: 50000                   # stored per node; the oldest (by arrival)
+                                                  # are pruned beyond it (about 5 % slack)
+    report_rate_per_min: 12                       # report requests per node and minute, in
+    report_burst: 30                              # bursts of up to this many; then 429 with
+                                                  # Retry-After (agents wait and retry)
+    metrics_token_file: /etc/fleetvpn/metrics.token   # /metrics wants this bearer token
+                                                  # (without the key, /metrics is open)
     view_interval_s: 0                            # recompute the fleet view at most this often
                                                   # (and never busier than 1/3 of a core)
     view_process: true                            # compute it in a worker process (false: a
@@ -71,6 +79,10 @@ class ControllerConfig:
     view_process: bool = True
     auth_cache_s: int = 5
     access_log: bool = False
+    max_reports_per_node: int = 50000
+    report_rate_per_min: int = 12
+    report_burst: int = 30
+    metrics_token_file: Path | None = None
     responder_listen: tuple[str, int] | None = None
     responder_key_file: Path | None = None
     tunnel: TunnelConfig = field(default_factory=TunnelConfig)
@@ -86,6 +98,10 @@ _KEYS = {
     "view_process",
     "auth_cache_s",
     "access_log",
+    "max_reports_per_node",
+    "report_rate_per_min",
+    "report_burst",
+    "metrics_token_file",
     "probe_responder",
     "tunnel",
 }
@@ -150,6 +166,14 @@ def parse(text: str, source: str = "<config>") -> ControllerConfig:
             raise fail("probe_responder", "must have exactly `listen` and `key_file`")
         responder_listen = endpoint(pr["listen"], "probe_responder.listen")
         responder_key = Path(pr["key_file"])
+    metrics_token_file = None
+    if "metrics_token_file" in doc:
+        value = doc["metrics_token_file"]
+        if not isinstance(value, str) or not value:
+            raise fail("metrics_token_file", "must be a file path")
+        metrics_token_file = Path(value)
+        if not metrics_token_file.is_file():
+            raise fail("metrics_token_file", f"{metrics_token_file} does not exist")
     tunnel = TunnelConfig()
     if "tunnel" in doc:
         raw = doc["tunnel"]
@@ -178,7 +202,23 @@ def parse(text: str, source: str = "<config>") -> ControllerConfig:
         view_interval_s=integer("view_interval_s", 0, 0, 3600),
         auth_cache_s=integer("auth_cache_s", 5, 0, 3600),
         view_process=boolean("view_process", True),
+        max_reports_per_node=integer("max_reports_per_node", 50000, 100, 100_000_000),
+        report_rate_per_min=integer("report_rate_per_min", 12, 1, 600_000),
+        report_burst=integer("report_burst", 30, 1, 100_000),
+        metrics_token_file=metrics_token_file,
         access_log=boolean("access_log", False),
         responder_listen=responder_listen,
         responder_key_file=responder_key,
     )
+
+
+def read_token_file(path: Path, key: str = "metrics_token_file") -> str:
+    """The token a file holds (one line; surrounding whitespace dropped); ConfigError if the
+    file cannot be read or holds no printable ASCII token."""
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{key}: cannot read {path}: {e}") from None
+    if not token or not token.isascii() or not token.isprintable() or " " in token:
+        raise ConfigError(f"{key}: {path} must hold one token (printable ASCII, no spaces)")
+    return token

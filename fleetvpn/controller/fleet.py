@@ -11,6 +11,7 @@ all read a FleetView.
 from __future__ import annotations
 
 import bisect
+import functools
 import gc
 import json
 import logging
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from fleetvpn import grammar
 from fleetvpn.controller import policy
 from fleetvpn.controller.config import TunnelConfig
 from fleetvpn.controller.health import NodeHealth, link_verdict
@@ -131,8 +133,16 @@ class Sources:
     # transaction that was still open then (PostgreSQL commits out of id order) is seen too.
     NAT_REREAD_S = 60.0
 
+    UNREADABLE_LOGGED_MAX = 10_000  # report ids remembered as logged (then forgotten, logged again)
+
     def __init__(self) -> None:
         self._reports: dict[str, Report] = {}  # report_id → parsed, only the newest two per node
+        # Stored bodies that cannot be read (a row an older version stored, a hand-edited
+        # database): report_id → why. Skipped, each logged once; their nodes count as having
+        # no readable report, and ``unreadable`` (node → reason) tells health why.
+        self._unreadable: dict[str, str] = {}
+        self._logged: set[str] = set()
+        self.unreadable: dict[str, str] = {}
         self._nat: dict[int, tuple[str, NatMeasurement]] = {}  # row id → (node, measurement)
         self._nat_read_at: datetime | None = None
         self.mtus = policy.MtuMemo()  # the MTU decisions of nodes whose measurements are the same
@@ -150,20 +160,39 @@ class Sources:
             if report_id is not None
         }
         known = {k: v for k, v in self._reports.items() if k in wanted}
-        missing = sorted(wanted - known.keys())
+        unreadable = {k: v for k, v in self._unreadable.items() if k in wanted}
+        missing = sorted(wanted - known.keys() - unreadable.keys())
         for report_id, (_, body) in store.report_bodies(missing).items():
-            known[report_id] = stored_report(body)
-        self._reports = known
+            try:
+                known[report_id] = stored_report(body)
+            except Exception as e:  # one row never stops the view: skipped, logged once
+                unreadable[report_id] = _unreadable_reason(e)
+                self._log_unreadable(report_id, unreadable[report_id])
+        self._reports, self._unreadable = known, unreadable
         latest: dict[str, StoredReport] = {}
         previous: dict[str, Report] = {}
+        self.unreadable = {}
         for node, (latest_id, received_at, previous_id) in heads.items():
             if node not in node_sites:
                 continue
+            if latest_id in unreadable:
+                why = unreadable[latest_id]
+                self.unreadable[node] = (
+                    f"down: {node}'s latest report {latest_id} is unreadable ({why})"
+                )
             if latest_id in known and received_at is not None:
                 latest[node] = StoredReport(received_at, known[latest_id])
             if previous_id in known:
                 previous[node] = known[previous_id]
         return latest, previous
+
+    def _log_unreadable(self, report_id: str, why: str) -> None:
+        if report_id in self._logged:
+            return
+        if len(self._logged) >= self.UNREADABLE_LOGGED_MAX:
+            self._logged.clear()
+        self._logged.add(report_id)
+        log.error("stored report %s is unreadable, skipped: %s", report_id, why)
 
     def nat(
         self, store: Store, node_sites: dict[str, str], now: datetime
@@ -258,13 +287,51 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _unreadable_reason(e: Exception) -> str:
+    return grammar.shown(f"{type(e).__name__}: {e}", 200)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _node_info(
+    node_id: int, name: Any, site: Any, public_key: Any, listen_port: Any, endpoint: Any
+) -> NodeInfo | None:
+    """A node row as the view uses it, each value through its grammar again: a row stored by
+    an older version (an endpoint with a scope id and a newline in it) never reaches a
+    desired state. A bad endpoint is dropped (the node dials out); a bad name, site, key or
+    port leaves the node out of the view. Logged once per distinct row (cached)."""
+    try:
+        info = NodeInfo(
+            node_id,
+            grammar.name(name, "name"),
+            grammar.name(site, "site"),
+            grammar.wg_key(public_key, "public_key"),
+            grammar.port(listen_port, "listen_port"),
+            None,
+        )
+    except grammar.GrammarError as e:
+        log.error("node %d is left out of the fleet view: stored %s", node_id, e)
+        return None
+    if endpoint is None:
+        return info
+    try:
+        canonical = str(grammar.endpoint(endpoint, "endpoint"))
+    except grammar.GrammarError as e:
+        log.error("node %s: its stored endpoint is ignored: %s", info.name, e)
+        return info
+    return NodeInfo(node_id, info.name, info.site, info.public_key, info.listen_port, canonical)
+
+
 def _compute(store: Store, now: datetime, sources: Sources) -> FleetView:
     infos = {
-        n["name"]: NodeInfo(
-            n["id"], n["name"], n["site"], n["public_key"], n["listen_port"], n["endpoint"]
-        )
+        info.name: info
         for n in store.nodes()
         if n["revoked_at"] is None
+        and (
+            info := _node_info(
+                n["id"], n["name"], n["site"], n["public_key"], n["listen_port"], n["endpoint"]
+            )
+        )
+        is not None
     }
     node_sites = {name: info.site for name, info in infos.items()}
     latest, previous_reports = sources.reports(store, node_sites)
@@ -321,6 +388,7 @@ def _compute(store: Store, now: datetime, sources: Sources) -> FleetView:
             keepalives.peers,
             lifetimes.get(site),
             now,
+            sources.unreadable.get(node),
         )
         for node, site in node_sites.items()
     }
@@ -365,10 +433,12 @@ def _towards(
     peer_keepalives: dict[tuple[str, str], PeerKeepalive],
     mapping_lifetime_s: float | None,
     now: datetime,
+    unreadable: str | None = None,
 ) -> Callable[[str], Direction]:
     """What ``node`` does towards a peer, as a function of the peer. What depends on the node
     alone (its report indexed by peer, its plan, its report's age for link health, its site's
-    lifetime) is worked out here, once, not once per direction (200,000 of them)."""
+    lifetime) is worked out here, once, not once per direction (200,000 of them).
+    ``unreadable``: why node's latest stored report cannot be read (its directions say so)."""
     index = _index(stored, plan)
     measurements, routes, configured = index.measurements, index.routes, index.configured
     interface_mtu = index.interface_mtu
@@ -400,6 +470,8 @@ def _towards(
         health = classify(
             peer, m, peer_config, recommended_mtu, recommended_keepalive, mapping_lifetime_s
         )
+        if unreadable is not None:
+            health = LinkHealth(node, peer, "down", unreadable)
         return Direction(
             node,
             peer,

@@ -496,7 +496,7 @@ class Store:
         if first:
             try:
                 owners = self._write_reports(list(first.values()))
-            except sa.exc.DBAPIError:
+            except Exception:  # whatever it was (a driver's own error too), each alone decides
                 owners, refused = self._write_each(list(first.values()))
         results: list[bool | StoreError] = []
         written: set[str] = set()
@@ -519,7 +519,9 @@ class Store:
         self, accepted: list[tuple[int, str, datetime, str, list[dict[str, Any]], Any]]
     ) -> tuple[dict[str, tuple[int, bool]], dict[str, StoreError]]:
         """Each report in its own transaction: (owners, report id → Unstorable for the
-        reports the database refused). Any other error is raised once all were tried."""
+        reports the database refused: a data or integrity error, or any error that is not the
+        database's, such as a value the driver cannot encode). A database error of another
+        kind (the connection, the server) is raised once all were tried."""
         owners: dict[str, tuple[int, bool]] = {}
         refused: dict[str, StoreError] = {}
         failed: sa.exc.DBAPIError | None = None
@@ -531,6 +533,10 @@ class Store:
                 refused[one[1]] = Unstorable(f"report {one[1]} could not be stored: {first_line}")
             except sa.exc.DBAPIError as e:
                 failed = failed or e
+            except Exception as e:  # not the database's error: this report's own
+                refused[one[1]] = Unstorable(
+                    f"report {one[1]} could not be stored: {type(e).__name__}"
+                )
         if failed is not None:
             raise failed
         return owners, refused
@@ -770,13 +776,41 @@ class Store:
             return [_row(r) for r in conn.execute(query)]
 
     def prune(self, older_than: timedelta) -> int:
-        """Drop reports (and their measurements) older than the retention; returns how many."""
+        """Drop reports (and their measurements) that arrived longer ago than the retention;
+        returns how many. By arrival (``received_at``, the controller's clock), not by
+        ``created_at``: a node's clock decides nothing about how long its rows stay."""
         cutoff = utcnow() - older_than
         with self.tx() as conn:
-            old = sa.select(reports.c.report_id).where(reports.c.created_at < cutoff)
+            old = sa.select(reports.c.report_id).where(reports.c.received_at < cutoff)
             conn.execute(link_measurements.delete().where(link_measurements.c.report_id.in_(old)))
             conn.execute(nat_measurements.delete().where(nat_measurements.c.report_id.in_(old)))
-            return int(conn.execute(reports.delete().where(reports.c.created_at < cutoff)).rowcount)
+            done = conn.execute(reports.delete().where(reports.c.received_at < cutoff))
+            return int(done.rowcount)
+
+    def trim_reports(self, node_id: int, keep: int) -> int:
+        """Keep node ``node_id``'s ``keep`` newest reports by arrival (and the two the view
+        reads, its newest by ``created_at``, whenever they arrived); drop the rest and their
+        measurements. Returns how many went. The per-node quota (issue 11)."""
+        with self.tx() as conn:
+            heads = conn.execute(
+                sa.select(nodes.c.latest_report_id, nodes.c.previous_report_id).where(
+                    nodes.c.id == node_id
+                )
+            ).first()
+            kept = [h for h in (heads or ()) if h is not None]
+            old = (
+                sa.select(reports.c.report_id)
+                .where(reports.c.node_id == node_id, reports.c.report_id.not_in(kept))
+                .order_by(reports.c.received_at.desc(), reports.c.report_id.desc())
+                .offset(keep)
+            )
+            ids = list(conn.scalars(old))
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                for table in (link_measurements, nat_measurements):
+                    conn.execute(table.delete().where(table.c.report_id.in_(chunk)))
+                conn.execute(reports.delete().where(reports.c.report_id.in_(chunk)))
+            return len(ids)
 
     # --- overrides and policy state -----------------------------------------------------------
 

@@ -15,7 +15,7 @@ import uvicorn
 from fleetvpn.controller.api import create_app
 from fleetvpn.controller.store import Store
 
-PUBLIC_KEY = "x" * 43 + "="
+PUBLIC_KEY = "x" * 42 + "A="
 AUTH_CACHE_TEST_S = 0.2  # how long the test servers remember a token
 
 

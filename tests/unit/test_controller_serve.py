@@ -218,7 +218,7 @@ def test_the_view_worker_process_serves_restarts_and_dies_with_the_api(tmp_path:
         assert _gone(worker, 10)
         from .apiutil import enroll
 
-        enroll(api, token, "b2", "branch", "2" * 43 + "=")  # a write after the kill
+        enroll(api, token, "b2", "branch", "2" * 42 + "A=")  # a write after the kill
         assert [row[:2] for row in links()] == [("b2", "hub"), ("branch1", "hub")]
         (restarted,) = _children(server.pid)
         assert restarted != worker

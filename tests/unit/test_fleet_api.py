@@ -38,8 +38,8 @@ def send(api: httpx.Client, token: str, node: str, site: str, **doc: Any) -> Non
 def fleet(api: httpx.Client, store: Store) -> dict[str, str]:
     admin = store.create_admin_token()
     tokens = {
-        "hub": enroll(api, admin, "hub", "hub", "h" * 43 + "=", endpoint="198.19.1.11:51820"),
-        "branch1": enroll(api, admin, "branch1", "branch", "b" * 43 + "="),
+        "hub": enroll(api, admin, "hub", "hub", "h" * 42 + "A=", endpoint="198.19.1.11:51820"),
+        "branch1": enroll(api, admin, "branch1", "branch", "b" * 42 + "A="),
     }
     send(
         api, tokens["branch1"], "branch1", "branch",
@@ -96,7 +96,7 @@ def test_a_node_reads_only_its_own_desired_state(api: httpx.Client, store: Store
     assert doc["addresses"] == ["10.99.0.2/16"] and doc["listen_port"] == 51820
     (peer,) = doc["peers"]
     assert (peer["peer"], peer["keepalive_s"], peer["route_mtu"]) == ("hub", 8, 1340)
-    assert peer["public_key"] == "h" * 43 + "=" and peer["endpoint"] == "198.19.1.11:51820"
+    assert peer["public_key"] == "h" * 42 + "A=" and peer["endpoint"] == "198.19.1.11:51820"
     assert peer["allowed_ips"] == ["10.99.0.1/32"]
     assert "private" not in mine.text
     hub = api.get("/v1/nodes/hub/desired", headers=bearer(t["hub"])).json()
@@ -109,9 +109,9 @@ def test_a_node_reads_only_its_own_desired_state(api: httpx.Client, store: Store
 
 def test_two_nated_nodes_get_no_direct_tunnel(api: httpx.Client, store: Store) -> None:
     admin = store.create_admin_token()
-    enroll(api, admin, "hub", "hub", "h" * 43 + "=", endpoint="198.19.1.11:51820")
-    enroll(api, admin, "a", "branch", "a" * 43 + "=")
-    enroll(api, admin, "b", "home", "b" * 43 + "=")
+    enroll(api, admin, "hub", "hub", "h" * 42 + "A=", endpoint="198.19.1.11:51820")
+    enroll(api, admin, "a", "branch", "a" * 42 + "A=")
+    enroll(api, admin, "b", "home", "b" * 42 + "A=")
     doc = api.get("/v1/health", headers=bearer(admin)).json()
     assert sorted((r["a"], r["b"]) for r in doc["links"]) == [("a", "hub"), ("b", "hub")]
     assert {r["state"] for r in doc["links"]} == {"down"}  # planned, never reported
@@ -202,9 +202,9 @@ def test_history_per_link_and_site(api: httpx.Client, store: Store) -> None:
 def _star(api: httpx.Client, store: Store, branches: int) -> str:
     """A hub and ``branches`` NATed branches that never reported: one planned link each."""
     admin = store.create_admin_token()
-    enroll(api, admin, "hub", "hub", "h" * 43 + "=", endpoint="198.19.1.11:51820")
+    enroll(api, admin, "hub", "hub", "h" * 42 + "A=", endpoint="198.19.1.11:51820")
     for i in range(branches):
-        enroll(api, admin, f"b{i}", "branch", f"{i}" * 43 + "=")
+        enroll(api, admin, f"b{i}", "branch", f"{i}" * 42 + "A=")
     return admin
 
 
@@ -250,7 +250,7 @@ def test_requests_are_served_from_the_last_view_while_a_recompute_runs(
         before = api.get("/v1/health", headers=bearer(admin)).json()
         assert [(r["a"], r["b"]) for r in before["links"]] == [("b0", "hub")]
         gate.clear()
-        enroll(api, admin, "b1", "branch", "1" * 43 + "=")  # a write: the view is dirty now
+        enroll(api, admin, "b1", "branch", "1" * 42 + "A=")  # a write: the view is dirty now
         assert blocked.wait(30), "no recompute started after the write"
         during = api.get("/v1/health", headers=bearer(admin))  # answered, not waiting
         assert during.status_code == 200
@@ -269,7 +269,7 @@ def api_cache(api: httpx.Client) -> Any:
 def test_a_node_that_just_enrolled_gets_its_desired_state(store: Store) -> None:
     with Server(store, view_fresh_wait_s=0.0) as api:
         admin = _star(api, store, 1)
-        token = enroll(api, admin, "b1", "branch", "1" * 43 + "=")
+        token = enroll(api, admin, "b1", "branch", "1" * 42 + "A=")
         r = api.get("/v1/nodes/b1/desired", headers=bearer(token))
         assert r.status_code == 200 and [p["peer"] for p in r.json()["peers"]] == ["hub"]
         assert api.get("/v1/nodes/nosuch/desired", headers=bearer(admin)).status_code == 404
@@ -280,10 +280,10 @@ def test_token_cache_refuses_a_revoked_token_within_its_bound(store: Store) -> N
 
     bound_s = 0.2
     tokens = TokenCache(store, bound_s)
-    token, _ = store.enroll(store.create_enrollment_token("s"), "a", "a" * 43 + "=")
+    token, _ = store.enroll(store.create_enrollment_token("s"), "a", "a" * 42 + "A=")
     who = tokens.authenticate(token)
     assert who is not None and who.name == "a"
-    later, _ = store.enroll(store.create_enrollment_token("s"), "b", "b" * 43 + "=")
+    later, _ = store.enroll(store.create_enrollment_token("s"), "b", "b" * 42 + "A=")
     assert tokens.authenticate(later) is not None  # enrolled after the cache filled: known
     store.revoke_node("a")
     time.sleep(bound_s * 1.5)
@@ -299,7 +299,7 @@ def test_health_of_a_large_fleet_shows_its_summary_and_problems(
 
     t = fleet(api, store)  # branch1↔hub: a black hole
     for i in range(3):
-        enroll(api, t["admin"], f"ok{i}", "branch", f"{i}" * 43 + "=")
+        enroll(api, t["admin"], f"ok{i}", "branch", f"{i}" * 42 + "A=")
     monkeypatch.setattr(fleetvpn.health_cli, "TABLE_ROWS", 2)  # "large": more than 2 links
     env = {"FLEETVPN_CONTROLLER": str(api.base_url), "FLEETVPN_TOKEN": t["admin"]}
     table = _cli("health", env=env)
@@ -337,8 +337,8 @@ def test_served_health_documents_are_the_health_json(
     monkeypatch.setattr(fleet_module, "compute", keep)
     with Server(store) as api:
         t = fleet(api, store)
-        enroll(api, t["admin"], "b9", "branch", "9" * 43 + "=")  # a down link beside the black hole
-        enroll(api, t["admin"], "h2", "hub", "2" * 43 + "=", endpoint="198.19.1.12:51820")
+        enroll(api, t["admin"], "b9", "branch", "9" * 42 + "A=")  # a down link beside the black hole
+        enroll(api, t["admin"], "h2", "hub", "2" * 42 + "A=", endpoint="198.19.1.12:51820")
         published = api_cache(api).get_fresh(timeout=30)
         view = computed[-1]
         assert len(view.links) == 5

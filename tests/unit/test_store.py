@@ -16,8 +16,8 @@ from fleetvpn.model import ReportError
 
 from .test_model import _report as _report_strategy
 
-KEY_A = "A" * 43 + "="
-KEY_B = "B" * 43 + "="
+KEY_A = "A" * 42 + "A="
+KEY_B = "B" * 42 + "A="
 
 
 def _link(peer: str, mtu: int | None) -> dict[str, object]:
@@ -93,8 +93,47 @@ def test_retention_prunes_old_reports(store: Store) -> None:
            "measured_at": old, "resolution_s": 1.0, "stateful_filter": True}  # fmt: skip
     store.put_report(node, "2b6f2c1e-3d1a-4c55-9a43-3a9f1d2b7c10", old, {}, [_link("b", 1400)], nat)
     store.put_report(node, "3b6f2c1e-3d1a-4c55-9a43-3a9f1d2b7c10", datetime.now(UTC), {}, [], None)
+    # By arrival, not by the node's clock: both arrived now, so neither goes.
+    assert store.prune(timedelta(days=30)) == 0 and store.report_count() == 2
+    _arrived(store, "2b6f2c1e-3d1a-4c55-9a43-3a9f1d2b7c10", old)
     assert store.prune(timedelta(days=30)) == 1
     assert store.report_count() == 1 and store.latest_links() == [] and store.latest_nat() == []
+
+
+def test_a_report_from_the_future_is_pruned_by_its_arrival(store: Store) -> None:
+    node = store.authenticate(store.enroll(store.create_enrollment_token("s"), "a", KEY_A)[0])
+    assert node is not None
+    future = datetime(9999, 12, 31, tzinfo=UTC)
+    store.put_report(node, "4b6f2c1e-3d1a-4c55-9a43-3a9f1d2b7c10", future, {}, [], None)
+    _arrived(store, "4b6f2c1e-3d1a-4c55-9a43-3a9f1d2b7c10", datetime.now(UTC) - timedelta(days=31))
+    assert store.prune(timedelta(days=30)) == 1 and store.report_count() == 0
+
+
+def test_trim_keeps_a_nodes_newest_reports_by_arrival_and_its_heads(store: Store) -> None:
+    node = store.authenticate(store.enroll(store.create_enrollment_token("s"), "a", KEY_A)[0])
+    assert node is not None and node.node_id is not None
+    now = datetime.now(UTC)
+    ids = [f"{i:08x}-3d1a-4c55-9a43-3a9f1d2b7c10" for i in range(10)]
+    for i, report_id in enumerate(ids):  # ids[0] is the newest by created_at, oldest to arrive
+        store.put_report(node, report_id, now - timedelta(minutes=i), {}, [_link("b", 1400)], None)
+        _arrived(store, report_id, now - timedelta(minutes=10 - i))
+    assert store.trim_reports(node.node_id, 3) == 5  # 3 newest arrivals + the 2 heads stay
+    with store.engine.connect() as conn:
+        left = {r for (r,) in conn.exec_driver_sql("SELECT report_id FROM reports")}
+        links = conn.exec_driver_sql("SELECT count(*) FROM link_measurements").scalar()
+    assert left == {ids[0], ids[1], ids[7], ids[8], ids[9]} and links == 5
+    assert store.trim_reports(node.node_id, 3) == 0
+
+
+def _arrived(store: Store, report_id: str, at: datetime) -> None:
+    """Backdate a stored report's arrival (what the controller's clock said)."""
+
+    from fleetvpn.controller.store import reports
+
+    with store.tx() as conn:
+        conn.execute(
+            reports.update().where(reports.c.report_id == report_id).values(received_at=at)
+        )
 
 
 def test_overrides_replace_and_clear(store: Store) -> None:
@@ -173,7 +212,7 @@ def test_migration_2_records_the_newest_reports_of_an_older_database(store_url: 
     again = Store.open(store_url)
     assert again.report_heads()["a"][::2] == (_rid(2), _rid(1))
     with again.tx() as conn:
-        assert conn.scalar(sa.select(sa.func.max(schema_migrations.c.version))) == 2
+        assert conn.scalar(sa.select(sa.func.max(schema_migrations.c.version))) == SCHEMA_VERSION
     again.close()
 
 
@@ -294,7 +333,7 @@ def test_measurement_ids_follow_arrival_order(store: Store) -> None:
     from fleetvpn.controller.store import Principal
 
     who: list[Principal] = []
-    for i, key in enumerate((KEY_A, KEY_B, "C" * 43 + "=")):
+    for i, key in enumerate((KEY_A, KEY_B, "C" * 42 + "A=")):
         token, _ = store.enroll(store.create_enrollment_token("s"), f"n{i}", key)
         principal = store.authenticate(token)
         assert principal is not None
