@@ -22,7 +22,8 @@ The grammars (ASCII only everywhere: ``str.isdigit`` and ``int()`` take ``"٥١�
   interface  an address with its prefix (a tunnel address: ``10.99.0.1/24``).
   note       one line of printable text (no control, format, line or paragraph separator
              characters, no lone surrogates), at most :data:`NOTE_MAX` characters.
-  ifname     a Linux interface name as wg-quick accepts it: ``[a-zA-Z0-9_=+.-]{1,15}``.
+  ifname     a Linux interface name as wg-quick accepts it: ``[a-zA-Z0-9_=+.-]{1,15}``, not
+             starting with ``-`` (an argv of ``ip``/``wg`` would take it for an option).
   tunnel mtu an int (not a bool) in 1280..9000 where the tunnel carries IPv6 (RFC 8200 §5; Linux
              drops IPv6 from a device below 1280), else 576..9000 (RFC 791: every IPv4 host
              accepts 576; 9000: jumbo frames, the largest underlay the MTU policy plans for).
@@ -146,7 +147,8 @@ def tunnel_mtu(value: object, what: str = "mtu", *, ipv6: bool) -> int:
 
 def ifname(value: object, what: str = "interface") -> str:
     text = _text(value, what, 15)
-    if not _IFNAME_RE.fullmatch(text) or text in (".", ".."):
+    # A leading "-" would be read as an option by ``ip`` and ``wg`` (``ip link add -h …``).
+    if not _IFNAME_RE.fullmatch(text) or text in (".", "..") or text.startswith("-"):
         raise GrammarError(
             f"{what}: {shown(text)} is not an interface name ([a-zA-Z0-9_=+.-]{{1,15}})"
         )

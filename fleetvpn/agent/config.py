@@ -257,6 +257,10 @@ def parse(text: str, source: str = "<config>", *, hostname: str | None = None) -
     interface = doc.get("interface", "wg0")
     if not isinstance(interface, str) or not _IFNAME_RE.fullmatch(interface):
         raise fail("interface", f"{interface!r} is not an interface name (1-15 characters)")
+    try:
+        grammar.ifname(interface)
+    except grammar.GrammarError as e:
+        raise fail("interface", str(e).split(": ", 1)[-1]) from None
     apply = doc.get("apply", True)
     if not isinstance(apply, bool):
         raise fail("apply", f"must be true or false, not {apply!r}")

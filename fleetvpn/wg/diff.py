@@ -21,6 +21,19 @@ with ``endpoint=None`` keeps whatever endpoint WireGuard learned from it.
 
 Preshared keys are not managed (never read, never set).
 
+Refuse, never escape (issue 11). Every value that reaches an argv is parsed again by
+:mod:`fleetvpn.grammar` here, whoever built the spec (the agent, the Ansible module, a test),
+and the argv carries the parsed value's canonical text: the interface name
+(:func:`~fleetvpn.grammar.ifname`), the listen port, addresses and allowed IPs
+(``ADDRESS/PREFIX``, ASCII, no scope id), keys (base64 of 32 bytes: never a ``--flag``),
+endpoints (:class:`~fleetvpn.grammar.Endpoint`), MTUs (:func:`~fleetvpn.grammar.tunnel_mtu`,
+with the IPv6 floor when the spec carries IPv6), keepalive (0..65535, wg(8)'s range), the
+private key file (an absolute path on one printable line) and peer names (one printable line:
+they reach logs). A value that does not parse is :class:`SpecError` (a ValueError naming the
+field) before any command is planned. Values read back from the interface (used to roll back)
+go through the same grammars; a learned endpoint that does not parse (a link-local address
+with a scope id) is left alone rather than written back.
+
 Reasons. Every change carries a one-line ``reason``, taken from the caller's ``reasons`` mapping
 when it has the key, else a plain default that says no reason was given. Keys:
 
@@ -47,6 +60,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .. import grammar
 from .iproute import canonical_cidr, canonical_network
 from .state import TunnelSpec, TunnelState
 
@@ -95,6 +109,64 @@ class Change:
         return f"{self.summary} ({self.reason})"
 
 
+class SpecError(ValueError):
+    """A value of a spec (or of the state read back) that must not reach ``wg``/``ip``."""
+
+
+KEEPALIVE_MAX_S = 65535  # wg(8): persistent-keepalive 1..65535, or off
+
+
+def _checked(parse: object, value: object, what: str) -> object:
+    try:
+        return parse(value, what)  # type: ignore[operator]
+    except grammar.GrammarError as e:
+        text = str(e)
+        raise SpecError(text if text.startswith(what) else f"{what}: {text}") from None
+
+
+def check_spec(spec: TunnelSpec) -> None:
+    """Refuse a spec any value of which does not fit its grammar (module docstring)."""
+    _checked(grammar.ifname, spec.interface, "interface")
+    _checked(grammar.port, spec.listen_port, "listen_port")
+    ipv6 = False
+    for i, address in enumerate(spec.addresses):
+        ipv6 |= _interface_of(address, f"addresses[{i}]").version == 6
+    for i, p in enumerate(spec.peers):
+        where = f"peers[{i}]"
+        _checked(grammar.wg_key, p.public_key, f"{where}.public_key")
+        if p.name:
+            _checked(lambda v, w: grammar.note(v, w, 100), p.name, f"{where}.name")
+        if p.endpoint is not None:
+            _checked(grammar.endpoint, p.endpoint, f"{where}.endpoint")
+        if isinstance(p.allowed_ips, str):
+            raise SpecError(f"{where}.allowed_ips: a tuple of CIDRs, not a string")
+        for j, cidr in enumerate(p.allowed_ips):
+            ipv6 |= _interface_of(cidr, f"{where}.allowed_ips[{j}]").version == 6
+        keepalive = p.keepalive_s
+        if isinstance(keepalive, bool) or not isinstance(keepalive, int):
+            raise SpecError(f"{where}.keepalive_s: not an integer")
+        if not 0 <= keepalive <= KEEPALIVE_MAX_S:
+            raise SpecError(f"{where}.keepalive_s: {keepalive} out of range (0..65535)")
+    mtu_of = lambda v, w: grammar.tunnel_mtu(v, w, ipv6=ipv6)  # noqa: E731
+    _checked(mtu_of, spec.mtu, "mtu")
+    for i, p in enumerate(spec.peers):
+        if p.route_mtu is not None:
+            _checked(mtu_of, p.route_mtu, f"peers[{i}].route_mtu")
+
+
+def _interface_of(text: object, what: str) -> grammar.IPInterface:
+    """An address or allowed IP: ``ADDRESS/PREFIX`` by the grammar (host bits allowed, as wg
+    and ip take them; the argv gets the canonical form)."""
+    return _checked(grammar.interface, text, what)  # type: ignore[return-value]
+
+
+def _private_key_file(path: str) -> str:
+    _checked(grammar.note, path, "private_key_file")
+    if not path.startswith("/"):
+        raise SpecError(f"private_key_file: {grammar.shown(path)} is not an absolute path")
+    return path
+
+
 # The shape both sides are compared in: canonical CIDRs, routes as (mtu, locked).
 RouteValue = tuple[int | None, bool]
 
@@ -140,6 +212,9 @@ def plan(
     ``implementation`` decides how an absent interface is created.
     """
     reasons = reasons or {}
+    check_spec(desired)
+    if private_key_file is not None:
+        _private_key_file(private_key_file)
     target = _shape_of_spec(desired)
     changes: list[Change] = []
     if actual is None:
@@ -236,10 +311,11 @@ def _shape_of_spec(spec: TunnelSpec) -> _Shape:
 
 
 def _shape_of_state(state: TunnelState) -> _Shape:
+    _checked(grammar.ifname, state.interface, "interface (read back)")
     peers = {
-        p.public_key: _Peer(
-            p.endpoint,
-            tuple(canonical_network(c) for c in p.allowed_ips),
+        str(_checked(grammar.wg_key, p.public_key, "peer key (read back)")): _Peer(
+            _learned_endpoint(p.endpoint),
+            tuple(_state_network(c, "allowed IP (read back)") for c in p.allowed_ips),
             p.keepalive_s,
             label(p.public_key),
         )
@@ -247,11 +323,11 @@ def _shape_of_state(state: TunnelState) -> _Shape:
     }
     routes: dict[str, RouteValue] = {}
     for cidr, mtu in state.route_mtus.items():
-        key = canonical_network(cidr)
+        key = _state_network(cidr, "route (read back)")
         unlocked = state.unlocked_route_mtus.get(cidr)
         routes[key] = (mtu, True) if mtu is not None else (unlocked, False)
     owner = {c: key for key, p in peers.items() for c in p.allowed_ips}
-    addresses = tuple(canonical_cidr(a) for a in state.addresses)
+    addresses = tuple(str(_interface_of(a, "address (read back)")) for a in state.addresses)
     return _Shape(
         state.listen_port,
         state.mtu,
@@ -262,6 +338,21 @@ def _shape_of_state(state: TunnelState) -> _Shape:
         routes,
         owner,
     )
+
+
+def _learned_endpoint(endpoint: str | None) -> str | None:
+    """An endpoint read back: its canonical text, or None (left alone, never written back)
+    when the grammar refuses it (a link-local address with a scope id)."""
+    if endpoint is None:
+        return None
+    try:
+        return str(grammar.endpoint(endpoint, allow_dns=False))
+    except grammar.GrammarError:
+        return None
+
+
+def _state_network(cidr: str, what: str) -> str:
+    return str(_interface_of(cidr, what).network)
 
 
 def _network(interface: str, cidr: str) -> str:

@@ -20,8 +20,11 @@ Contract of :class:`WgTunnel`:
 - ``down()``: deletes the interface (wireguard-go exits with its TUN device); no-op if absent.
 
 The private key reaches WireGuard only as ``wg set IF private-key FILE``: a path in argv, never
-the key. With ``ns`` every command runs in that namespace (``nsenter``), and ``private_key_file``
-is a path as seen inside it.
+the key. Every value in an argv was parsed by :mod:`fleetvpn.grammar` when the change was planned
+(:func:`fleetvpn.wg.diff.check_spec`); the interface name is checked when the tunnel is made,
+and :meth:`WgTunnel._run` refuses, as a last guard, any argv with an empty or unprintable
+element (a newline can reach no command). With ``ns`` every command runs in that namespace
+(``nsenter``), and ``private_key_file`` is a path as seen inside it.
 
 Limits: preshared keys are not managed; a rollback cannot bring back an earlier private key
 (only the file is known, and it holds the new one) nor a foreign link deleted for being of the
@@ -37,6 +40,7 @@ from pathlib import Path
 from subprocess import CompletedProcess
 from typing import Literal
 
+from .. import grammar
 from ..runner import CommandError, NsPath, Runner
 from .diff import Change, create_argvs, delete_change, plan, plan_restore
 from .dump import parse_dump
@@ -105,7 +109,7 @@ class WgTunnel:
         ns: NsPath | None = None,
         log_change: Callable[[Change], None] | None = None,
     ) -> None:
-        self.interface = interface
+        self.interface = grammar.ifname(interface, "interface")
         self.private_key_file = Path(private_key_file)
         self.runner = runner or Runner()
         self.implementation = implementation
@@ -220,7 +224,7 @@ class WgTunnel:
                 self.log_change(change)
             try:
                 self._run_change(change)
-            except (CommandError, TimeoutError, OSError) as cause:
+            except (CommandError, TimeoutError, OSError, ValueError) as cause:
                 errors = self._rollback(before)
                 raise ApplyError(
                     self.interface, change, index, len(changes), cause, changes[: index - 1], errors
@@ -240,7 +244,7 @@ class WgTunnel:
             log.warning("%s: rollback: %s", self.interface, step.summary)
             try:
                 self._run_change(step)
-            except (CommandError, TimeoutError, OSError) as e:
+            except (CommandError, TimeoutError, OSError, ValueError) as e:
                 errors.append(f"{step.summary}: {e}")
         return errors
 
@@ -289,6 +293,9 @@ class WgTunnel:
     # -- the runner ---------------------------------------------------------------------------
 
     def _run(self, argv: Sequence[str]) -> None:
+        for arg in argv:
+            if not isinstance(arg, str) or not arg or not arg.isprintable():
+                raise ValueError(f"refusing to run {argv[0]}: argument {grammar.shown(arg)}")
         self.runner.run(list(argv), ns=self.ns)
 
     def _read(self, argv: Sequence[str]) -> CompletedProcess[str]:

@@ -88,6 +88,7 @@ log_level: debug
         (MINIMAL + "node: Branch_1\n", "agent.yml: node: 'Branch_1' is not a node name"),
         (MINIMAL + "endpoint: 1.2.3.4\n", "agent.yml: endpoint:"),
         (MINIMAL + "interface: a-very-long-interface-name\n", "agent.yml: interface:"),
+        (MINIMAL + "interface: -h\n", "agent.yml: interface: '-h' is not an interface name"),
         (
             MINIMAL + "wireguard: maybe\n",
             "agent.yml: wireguard: must be one of auto, kernel, userspace",

@@ -132,6 +132,14 @@ def test_ports_and_interface_names() -> None:
         with pytest.raises(grammar.GrammarError):
             grammar.port(bad)
     assert grammar.ifname("wg0") == "wg0"
-    for bad in ["", "wg0\n", "a" * 16, "wg 0", "..", "wg/0"]:
+    for bad in ["", "wg0\n", "a" * 16, "wg 0", "..", "wg/0", "-h", "--help"]:
         with pytest.raises(grammar.GrammarError):
             grammar.ifname(bad)
+
+
+def test_tunnel_mtu_has_the_ipv6_floor_where_the_tunnel_carries_ipv6() -> None:
+    assert grammar.tunnel_mtu(576, ipv6=False) == 576
+    assert grammar.tunnel_mtu(1280, ipv6=True) == 1280
+    for bad, ipv6 in [(575, False), (1279, True), (9001, False), (True, False), ("1420", True)]:
+        with pytest.raises(grammar.GrammarError):
+            grammar.tunnel_mtu(bad, ipv6=ipv6)

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleetvpn.wg.diff import USERSPACE_ENV, Change, plan, plan_restore
+from fleetvpn.wg.diff import USERSPACE_ENV, Change, SpecError, plan, plan_restore
 from fleetvpn.wg.state import PeerSpec, PeerStatus, TunnelSpec, TunnelState
 
 
@@ -266,7 +266,7 @@ def test_an_absent_interface_is_created_then_configured(
 
 
 def test_bad_desired_input_is_named() -> None:
-    with pytest.raises(ValueError, match="allowed IP 'nope' is not a CIDR"):
+    with pytest.raises(SpecError, match=r"peers\[0\]\.allowed_ips\[0\]: 'nope' is not ADDRESS"):
         plan(with_peer(SPEC, HUB, allowed_ips=("nope",)), None)
     twice = dataclasses.replace(SPEC, peers=(SPEC.peers[0], SPEC.peers[0]))
     with pytest.raises(ValueError, match="peer hub listed twice"):
@@ -388,3 +388,59 @@ def test_any_plan_reaches_the_desired_state_live_and_minimally(
     end = apply_to_model(start, changes)
     assert plan(b, end) == []
     assert plan(a, apply_to_model(end, plan_restore(start, end))) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"interface": "wg0 up"}, "interface: 'wg0 up' is not an interface name"),
+        ({"interface": "-h"}, "interface: '-h' is not an interface name"),
+        ({"listen_port": 0}, "listen_port: 0 is out of range"),
+        ({"mtu": 68}, "mtu: 68 out of range (1280..9000: the tunnel carries IPv6)"),
+        ({"mtu": 9001}, "mtu: 9001 out of range"),
+        ({"mtu": "1420"}, "mtu: expected an integer MTU"),
+        ({"addresses": ("10.99.0.2/24\n",)}, "addresses[0]:"),
+        ({"addresses": ("fe80::1%eth0/64",)}, "addresses[0]:"),
+        ({"peer": {"public_key": "--help"}}, "peers[0].public_key: not a WireGuard key"),
+        ({"peer": {"endpoint": "1.2.3.4:51820\nPostUp"}}, "peers[0].endpoint:"),
+        ({"peer": {"endpoint": "[fe80::1%1]:51820"}}, "peers[0].endpoint:"),
+        ({"peer": {"endpoint": "-h:51820"}}, "peers[0].endpoint:"),
+        ({"peer": {"allowed_ips": ("10.99.0.1/32,0.0.0.0/0",)}}, "peers[0].allowed_ips[0]:"),
+        ({"peer": {"allowed_ips": "10.99.0.1/32"}}, "peers[0].allowed_ips: a tuple of CIDRs"),
+        ({"peer": {"keepalive_s": 65536}}, "peers[0].keepalive_s: 65536 out of range"),
+        ({"peer": {"keepalive_s": True}}, "peers[0].keepalive_s: not an integer"),
+        ({"peer": {"route_mtu": 1279}}, "peers[0].route_mtu: 1279 out of range"),
+        ({"peer": {"name": "hub\n[Peer]"}}, "peers[0].name: has an unprintable character"),
+    ],
+)
+def test_hostile_values_never_reach_an_argv(change: dict[str, object], message: str) -> None:
+    peer_change = change.pop("peer", None)
+    spec = dataclasses.replace(SPEC, **change)  # type: ignore[arg-type]
+    if isinstance(peer_change, dict):
+        hub = dataclasses.replace(spec.peers[0], **peer_change)  # type: ignore[arg-type]
+        spec = dataclasses.replace(spec, peers=(hub, *spec.peers[1:]))
+    for actual in (None, state_of(SPEC)):
+        with pytest.raises(SpecError) as refused:
+            plan(spec, actual, private_key_file="/etc/wireguard/wg.key")
+        assert str(refused.value).startswith(message), str(refused.value)
+
+
+def test_an_ipv4_only_tunnel_goes_down_to_576_and_the_key_file_is_checked() -> None:
+    v4 = dataclasses.replace(SPEC, mtu=576, peers=SPEC.peers[:1])
+    assert [c.kind for c in plan(v4, state_of(SPEC))][:1] == ["interface_mtu"]
+    with pytest.raises(SpecError, match=r"private_key_file: 'wg\.key' is not an absolute path"):
+        plan(SPEC, None, private_key_file="wg.key")
+    with pytest.raises(SpecError, match="private_key_file: has an unprintable"):
+        plan(SPEC, None, private_key_file="/etc/wg.key\n")
+
+
+def test_a_learned_endpoint_the_grammar_refuses_is_never_written_back() -> None:
+    before = state_of(SPEC)
+    scoped = PeerStatus(SHOP, "[fe80::1%eth0]:51820", ("10.99.0.3/32", "fd00:99::3/128"),
+                        0, 0, 0, 0)  # fmt: skip
+    before = dataclasses.replace(before, peers=(before.peers[0], scoped))
+    now = dataclasses.replace(before, mtu=1360)
+    flat = [" ".join(a) for a in argvs(plan_restore(before, now))]
+    assert flat == ["ip link set dev wg0 mtu 1420"]
+    with pytest.raises(SpecError, match="peer key"):
+        plan(SPEC, dataclasses.replace(before, peers=(PeerStatus("--help", None, (), 0, 0, 0, 0),)))
