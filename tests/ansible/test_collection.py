@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -29,8 +30,16 @@ def load(relative: str) -> ModuleType:
 
 
 tunnel = load("plugins/filter/tunnel.py")
+grammar_filters = load("plugins/filter/grammar.py")
 fleet = load("plugins/filter/fleet.py")
 inventory = load("plugins/inventory/controller.py")
+
+KEYS = [  # wg genkey | wg pubkey
+    "KqkHARKrDpxfjZq7B99cU1K18vq6Socu+kYOUocRZRc=",
+    "hxWIM5/0EXTH6xrfdGFycohv0MYKJoJbY8JEA5r3v30=",
+    "+KT4j05vB0bxPHQeK92OrapJkq+d3QxV3fBDyNnbLlM=",
+    "XtWGBQV4aSlRiS3VfcG00Pimms6VkCo+skbf/qwYYGc=",
+]
 
 DESIRED = {
     "interface": "wg0",
@@ -39,7 +48,7 @@ DESIRED = {
     "interface_mtu": 1340,
     "interface_mtu_reason": "measured",
     "peers": [
-        {"peer": "hub", "public_key": "K" * 43 + "=", "endpoint": "198.19.1.11:51820",
+        {"peer": "hub", "public_key": KEYS[0], "endpoint": "198.19.1.11:51820",
          "allowed_ips": ["10.99.0.1/32"], "keepalive_s": 8, "keepalive_reason": "NAT 20 s",
          "route_mtu": 1340, "route_mtu_reason": "path MTU 1400"},
     ],
@@ -61,9 +70,9 @@ def test_inventory_peers_follow_the_controllers_rule() -> None:
     key = "fleetvpn__wireguard_self"
     hostvars: dict[str, dict[str, Any]] = {
         "hub": {key: {"endpoint": "198.51.100.1:51820", "addresses": ["10.9.0.1/24"],
-                      "public_key": "H" * 43 + "="}},
-        "b1": {key: {"endpoint": "", "addresses": ["10.9.0.2/24"], "public_key": "A" * 43 + "="}},
-        "b2": {key: {"endpoint": "", "addresses": ["10.9.0.3/24"], "public_key": "B" * 43 + "="}},
+                      "public_key": KEYS[0]}},
+        "b1": {key: {"endpoint": "", "addresses": ["10.9.0.2/24"], "public_key": KEYS[1]}},
+        "b2": {key: {"endpoint": "", "addresses": ["10.9.0.3/24"], "public_key": KEYS[2]}},
     }  # fmt: skip
     hosts = list(hostvars)
     b1 = tunnel.inventory_peers(hostvars, hosts, "b1", 13)
@@ -122,7 +131,7 @@ def test_inventory_reads_health_page_by_page(tmp_path: Path) -> None:
             admin = store.create_admin_token()
             nodes = [("hub", "core"), ("b1", "branch"), ("b2", "branch"), ("b3", "edge")]
             for i, (node, site) in enumerate(nodes):
-                key = chr(ord("a") + i) * 43 + "="
+                key = KEYS[i]
                 enroll(api, admin, node, site, key=key, endpoint=f"198.19.1.{i + 1}:51820")
             asked: list[str] = []
 
@@ -206,3 +215,94 @@ def test_the_wheel_alone_makes_the_collection_available(tmp_path: Path) -> None:
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert doc.returncode == 0 and str(site) in doc.stdout, doc.stderr
+
+
+# --- hostile values fail the task, naming the field (issue 11) ---------------------------------
+
+ISSUE_ENDPOINT = "[fe80::1%1]:51820\n[Interface]\nPostUp = touch /tmp/owned\n#]:51820"
+
+
+def _with_peer(**changes: Any) -> dict[str, Any]:
+    return {**DESIRED, "peers": [{**DESIRED["peers"][0], **changes}]}
+
+
+@pytest.mark.parametrize(
+    ("desired", "field"),
+    [
+        (_with_peer(endpoint=ISSUE_ENDPOINT), "desired.peers[0].endpoint"),
+        (_with_peer(public_key="--help"), "desired.peers[0].public_key"),
+        (_with_peer(keepalive_reason="x\nPostUp = y"), "desired.peers[0].keepalive_reason"),
+        (_with_peer(peer="hub\n[Peer]"), "desired.peers[0].peer"),
+        (_with_peer(allowed_ips=["0.0.0.0/1", "128.0.0.1/1"]), "desired.peers[0].allowed_ips[1]"),
+        (_with_peer(keepalive_s=65535), "desired.peers[0].keepalive_s"),
+        (_with_peer(route_mtu=68), "desired.peers[0].route_mtu"),
+        ({**DESIRED, "interface": "wg0\nx"}, "desired.interface"),
+        ({**DESIRED, "interface_mtu": 68}, "desired.interface_mtu"),
+        ({**DESIRED, "addresses": ["10.99.0.2/16 "]}, "desired.addresses[0]"),
+    ],
+)
+def test_fixed_settings_refuse_a_hostile_desired_tunnel(
+    desired: dict[str, Any], field: str
+) -> None:
+    from ansible.errors import AnsibleFilterError
+
+    with pytest.raises(AnsibleFilterError, match=f"^{re.escape(field)}: ") as raised:
+        tunnel.fixed_settings(desired, None, None)
+    assert "\n" not in str(raised.value)
+
+
+def test_fixed_settings_refuse_an_mtu_or_keepalive_out_of_range() -> None:
+    with pytest.raises(Exception, match=r"^fixed settings\.interface_mtu: 68 is out of range"):
+        tunnel.fixed_settings(DESIRED, 68, None)
+    with pytest.raises(Exception, match=r"keepalive_s: 65535 is out of range"):
+        tunnel.fixed_settings(DESIRED, None, 65535)
+
+
+def test_inventory_peers_refuse_a_hostile_endpoint() -> None:
+    key = "fleetvpn__wireguard_self"
+    hostvars = {
+        "hub": {key: {"endpoint": ISSUE_ENDPOINT, "addresses": ["10.9.0.1/24"],
+                      "public_key": KEYS[0]}},
+        "b1": {key: {"endpoint": "", "addresses": ["10.9.0.2/24"], "public_key": KEYS[1]}},
+    }  # fmt: skip
+    with pytest.raises(Exception, match=r"^hub: fleetvpn_endpoint: "):
+        tunnel.inventory_peers(hostvars, ["hub", "b1"], "b1", 13)
+
+
+def test_line_and_checked_filters() -> None:
+    assert grammar_filters.line("MTU 1340 — hub ⇄ branch", "reason") == "MTU 1340 — hub ⇄ branch"
+    for bad in ("a\nb", "a\rb", "x\u2028y", "x\x00", None, {"a": 1}):
+        with pytest.raises(Exception, match=r"^fleetvpn_bin: "):
+            grammar_filters.line(bad, "fleetvpn_bin")
+    checked = grammar_filters.checked
+    assert checked("[2001:db8::1]:51820", "endpoint", "e") == "[2001:db8::1]:51820"
+    assert checked("51820", "port", "p") == 51820
+    assert checked("10.99.0.0/16", "cidr", "c") == "10.99.0.0/16"
+    hostile = [(ISSUE_ENDPOINT, "endpoint"), ("--help", "wg_key"), ("a\nb", "name"),
+               ("10.99.0.1/16", "cidr"), ("٥١٨٢٠", "port"), ("wg0/..", "ifname")]  # fmt: skip
+    for value, kind in hostile:
+        with pytest.raises(Exception, match=r"^fleetvpn_x: "):
+            checked(value, kind, "fleetvpn_x")
+    with pytest.raises(Exception, match="unknown kind"):
+        checked("x", "shell", "fleetvpn_x")
+
+
+def test_inventory_leaves_out_a_node_with_a_hostile_value_and_keeps_the_others() -> None:
+    good = {"name": "hub", "site": "core", "endpoint": "198.19.1.1:51820", "listen_port": 51820,
+            "public_key": KEYS[0]}  # fmt: skip
+    inventory.check_node(good, {}, {}, None)
+    cases = [
+        ({**good, "endpoint": ISSUE_ENDPOINT}, "hub: endpoint"),
+        ({**good, "name": "hub\n[all:vars]"}, "name"),
+        ({**good, "site": "core\nx"}, "hub: site"),
+        ({**good, "public_key": "--help"}, "hub: public_key"),
+        ({**good, "listen_port": 0}, "hub: listen_port"),
+    ]
+    for node, field in cases:
+        with pytest.raises(Exception, match=f"^{re.escape(field)}: "):
+            inventory.check_node(node, {}, {}, None)
+    links = {"hub": {"b1": {"state": "ok", "reason": "fine\nPostUp = x"}}}
+    with pytest.raises(Exception, match=r"^hub: links: b1: reason: "):
+        inventory.check_node(good, links, {}, None)
+    with pytest.raises(Exception, match=r"^hub: desired interface_mtu: "):
+        inventory.check_node(good, {}, {}, {"interface_mtu": 65535})

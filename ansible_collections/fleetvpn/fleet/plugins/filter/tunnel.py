@@ -1,14 +1,90 @@
 # Copyright: fleetvpn developers
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Filters that shape a node's desired tunnel (Python, so the roles' templates stay dumb)."""
+"""Filters that shape a node's desired tunnel (Python, so the roles' templates stay dumb).
+
+Every value they take or make is parsed by fleetvpn.grammar first (issue 11): a hostile value
+from the controller or the inventory fails the task, naming the field, before anything reaches
+the wireguard module or a file."""
 
 from __future__ import annotations
 
 # Documentation: one <filter>.yml beside this file per filter.
 from ansible.errors import AnsibleFilterError
 
+try:
+    from fleetvpn import grammar
+except ImportError as e:  # the collection ships inside the fleetvpn wheel
+    raise ImportError(f"fleetvpn.fleet filters need the fleetvpn package: {e}") from None
+
+# The ranges the controller's policy decides within (fleetvpn/controller/policy_mtu.py,
+# policy_keepalive.py) and the agent accepts.
+MTU_MIN = {4: 576, 6: 1280}
+MTU_MAX = 9000
+KEEPALIVE_MAX_S = 120
+
+
+def _fail(field, problem):
+    raise AnsibleFilterError(f"{field}: {problem}")
+
+
+def _parse(parse, value, field, **kwargs):
+    try:
+        return parse(value, field, **kwargs)
+    except grammar.GrammarError as e:
+        raise AnsibleFilterError(str(e)) from None
+
+
+def _int(value, field, low, high, *, optional=False):
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(field, f"expected an integer, got {type(value).__name__}")
+    if not low <= value <= high:
+        _fail(field, f"{value} is out of range ({low}..{high})")
+    return value
+
+
+def check_tunnel(desired, where="desired"):
+    """Raise AnsibleFilterError naming the first field of a desired tunnel (the controller's
+    shape, or the inventory's) that does not fit fleetvpn.grammar; return it unchanged."""
+    if not isinstance(desired, dict):
+        _fail(where, "not a mapping")
+    _parse(grammar.ifname, desired.get("interface"), f"{where}.interface")
+    _int(desired.get("listen_port"), f"{where}.listen_port", 1, 65535)
+    addresses = desired.get("addresses")
+    if not isinstance(addresses, list) or not addresses:
+        _fail(f"{where}.addresses", "expected a non-empty list")
+    families = {_parse(grammar.interface, a, f"{where}.addresses[{i}]").version
+                for i, a in enumerate(addresses)}  # fmt: skip
+    low = MTU_MIN[6 if 6 in families else 4]
+    _int(desired.get("interface_mtu"), f"{where}.interface_mtu", low, MTU_MAX)
+    _parse(grammar.note, desired.get("interface_mtu_reason", ""), f"{where}.interface_mtu_reason")
+    peers = desired.get("peers")
+    if not isinstance(peers, list):
+        _fail(f"{where}.peers", "expected a list")
+    for i, peer in enumerate(peers):
+        at = f"{where}.peers[{i}]"
+        if not isinstance(peer, dict):
+            _fail(at, "not a mapping")
+        _parse(grammar.note, peer.get("peer") or peer.get("name") or "", f"{at}.peer")
+        _parse(grammar.wg_key, peer.get("public_key"), f"{at}.public_key")
+        if peer.get("endpoint") is not None:
+            _parse(grammar.canonical_endpoint, peer["endpoint"], f"{at}.endpoint")
+        allowed = peer.get("allowed_ips")
+        if not isinstance(allowed, list) or not allowed:
+            _fail(f"{at}.allowed_ips", "expected a non-empty list")
+        peer_families = {_parse(grammar.cidr, a, f"{at}.allowed_ips[{j}]").version
+                         for j, a in enumerate(allowed)}  # fmt: skip
+        _int(peer.get("keepalive_s"), f"{at}.keepalive_s", 0, KEEPALIVE_MAX_S)
+        low = MTU_MIN[6 if 6 in peer_families else 4]
+        _int(peer.get("route_mtu"), f"{at}.route_mtu", low, MTU_MAX, optional=True)
+        for reason in ("keepalive_reason", "route_mtu_reason"):
+            _parse(grammar.note, peer.get(reason, ""), f"{at}.{reason}")
+    return desired
+
 
 def fixed_settings(desired, mtu=None, keepalive_s=None):
+    check_tunnel(desired)
     out = dict(desired)
     peers = [dict(peer) for peer in desired.get("peers", [])]
     if mtu is not None:
@@ -24,7 +100,7 @@ def fixed_settings(desired, mtu=None, keepalive_s=None):
             peer["keepalive_s"] = keepalive_s
             peer["keepalive_reason"] = f"fixed at {keepalive_s} s by fleetvpn_wireguard_keepalive_s"
     out["peers"] = peers
-    return out
+    return check_tunnel(out, "fixed settings")
 
 
 def _host_route(cidr):
@@ -48,7 +124,15 @@ def inventory_peers(hostvars, hosts, me, keepalive_s=25):
                 f"inventory_peers: {host} has no public key yet (run the wireguard role on it in "
                 "the same play, or give fleetvpn_peers)"
             )
+        _parse(grammar.note, host, "inventory_peers: host")
+        _parse(grammar.wg_key, info["public_key"], f"inventory_peers: {host}: public key")
+        if info.get("endpoint"):
+            _parse(grammar.canonical_endpoint, info["endpoint"], f"{host}: fleetvpn_endpoint")
+        for i, address in enumerate(info.get("addresses") or []):
+            _parse(grammar.interface, address, f"{host}: fleetvpn_addresses[{i}]")
         return info
+
+    _int(keepalive_s, "inventory_peers: keepalive_s", 0, KEEPALIVE_MAX_S)
 
     mine = self_of(me)
     my_endpoint = mine.get("endpoint") or None
@@ -107,6 +191,7 @@ class FilterModule:
     def filters(self):
         return {
             "fixed_settings": fixed_settings,
+            "check_tunnel": check_tunnel,
             "inventory_peers": inventory_peers,
             "change_lines": change_lines,
             "applied_lines": applied_lines,

@@ -23,6 +23,10 @@ description:
     RTT, loss, handshake age); C(fleetvpn_nat_mapping_lifetime_s) (the site's smallest recent one).
   - The file must be named C(*.fleetvpn.yml) or C(*.fleetvpn.yaml) (or C(fleetvpn.yml)).
   - Needs an admin token. Supports constructed groups and variables, and caching.
+  - Every value that becomes a host, a group or a host variable is parsed by fleetvpn.grammar
+    first (names, sites, endpoints, keys, ports, addresses, MTUs, reasons as one printable line).
+    A node with a value that does not fit is left out with a warning naming the field; the other
+    nodes are not affected.
 extends_documentation_fragment:
   - constructed
   - inventory_cache
@@ -100,6 +104,16 @@ import urllib.request
 
 from ansible.errors import AnsibleParserError
 from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructable
+from ansible.utils.display import Display
+
+try:
+    from fleetvpn import grammar
+except ImportError as e:  # the collection ships inside the fleetvpn wheel
+    raise ImportError(
+        f"fleetvpn.fleet.controller inventory needs the fleetvpn package: {e}"
+    ) from None
+
+display = Display()
 
 # Worst first: a node's state is the worst of its links' states.
 STATES = ("blackhole", "down", "stale", "degraded", "unmeasured", "ok")
@@ -161,6 +175,38 @@ def node_links(links):
                 "keepalive_reason": direction["keepalive_reason"],
             }
     return out
+
+
+def _mtu(value, field):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or not 576 <= value <= 9000):  # fmt: skip
+        raise grammar.GrammarError(f"{field}: {grammar.shown(value)} is not an MTU (576..9000)")
+
+
+def check_node(node, links, problems, desired):
+    """Raise grammar.GrammarError naming the first value of ``node`` (and what the inventory
+    would make of it) that does not fit fleetvpn.grammar."""
+    name = grammar.name(node.get("name"), "name")
+    grammar.name(node.get("site"), f"{name}: site")
+    if node.get("endpoint"):
+        grammar.canonical_endpoint(node["endpoint"], f"{name}: endpoint")
+    if node.get("listen_port") is not None:
+        grammar.port(node["listen_port"], f"{name}: listen_port")
+    if node.get("public_key") is not None:
+        grammar.wg_key(node["public_key"], f"{name}: public_key")
+    for peer, link in (links.get(name) or {}).items():
+        grammar.name(peer, f"{name}: links: peer")
+        for key in ("state", "reason", "mtu_reason", "keepalive_reason"):
+            grammar.note(link.get(key) or "", f"{name}: links: {peer}: {key}")
+        for key in ("path_mtu", "configured_mtu", "recommended_mtu"):
+            _mtu(link.get(key), f"{name}: links: {peer}: {key}")
+    for i, problem in enumerate(problems.get(name, [])):
+        grammar.note(problem, f"{name}: health problems[{i}]")
+    if desired is not None:
+        _mtu(desired.get("interface_mtu"), f"{name}: desired interface_mtu")
+        grammar.note(desired.get("interface_mtu_reason", ""), f"{name}: desired mtu reason")
+        for i, address in enumerate(desired.get("addresses") or []):
+            grammar.interface(address, f"{name}: desired addresses[{i}]")
 
 
 def host_vars(node, sites, states, links, problems, desired):
@@ -281,6 +327,11 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
         strict = self.get_option("strict")
         for node in data["nodes"]:
             if node.get("revoked_at"):
+                continue
+            try:
+                check_node(node, per_node, problems, data["desired"].get(node.get("name")))
+            except (grammar.GrammarError, KeyError, TypeError, AttributeError) as e:
+                display.warning(f"fleetvpn inventory: node left out: {e}")
                 continue
             name = node["name"]
             self.inventory.add_host(name)

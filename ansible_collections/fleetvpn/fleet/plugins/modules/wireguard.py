@@ -142,6 +142,7 @@ import sys
 from ansible.module_utils.basic import AnsibleModule
 
 try:
+    from fleetvpn import grammar
     from fleetvpn.wg import diff as wg_diff
     from fleetvpn.wg.keys import generate_private_key, public_key_of
     from fleetvpn.wg.state import PeerSpec, TunnelSpec
@@ -154,6 +155,30 @@ except ImportError as e:  # reported by main(), with what to do about it
 
 def peer_name(peer):
     return peer.get("name") or peer.get("peer") or peer["public_key"][:8] + "…"
+
+
+def grammar_problem(p):
+    """The first value that does not fit fleetvpn.grammar, as ``FIELD: PROBLEM``; None when all
+    fit. Checked on the node before anything reaches ``wg`` or ``ip`` (issue 11)."""
+    try:
+        grammar.ifname(p["interface"], "interface")
+        for i, address in enumerate(p["addresses"] or []):
+            grammar.interface(address, f"addresses[{i}]")
+        grammar.note(p["mtu_reason"] or "", "mtu_reason")
+        for key, reason in (p["reasons"] or {}).items():
+            grammar.note(str(reason), f"reasons.{key}")
+        for i, peer in enumerate(p["peers"]):
+            grammar.note(str(peer.get("name") or peer.get("peer") or ""), f"peers[{i}].peer")
+            grammar.wg_key(peer.get("public_key"), f"peers[{i}].public_key")
+            if peer.get("endpoint"):
+                grammar.canonical_endpoint(peer["endpoint"], f"peers[{i}].endpoint")
+            for j, cidr in enumerate(peer.get("allowed_ips") or []):
+                grammar.cidr(cidr, f"peers[{i}].allowed_ips[{j}]")
+            for reason in ("keepalive_reason", "route_mtu_reason"):
+                grammar.note(str(peer.get(reason) or ""), f"peers[{i}].{reason}")
+    except grammar.GrammarError as e:
+        return str(e)
+    return None
 
 
 def desired_spec(p):
@@ -367,6 +392,9 @@ def main():
             if not peer.get(field):
                 who = peer_name(peer) if peer.get("public_key") else "?"
                 module.fail_json(msg=f"peers[{i}] ({who}): {field} is required")
+    problem = grammar_problem(p)
+    if problem is not None:
+        module.fail_json(msg=f"refused before touching {grammar.shown(p['interface'])}: {problem}")
     desired = desired_spec(p)
     reasons = reasons_of(p)
     try:
