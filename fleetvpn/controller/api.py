@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleetvpn import __version__, grammar
+from fleetvpn.controller import tokens as tokens_store
 from fleetvpn.controller.config import TunnelConfig
 from fleetvpn.controller.store import (
     Conflict,
@@ -620,6 +621,8 @@ def create_app(
 
             handle = await serve(*responder)
         pruning = asyncio.create_task(_prune_forever(store, retention)) if retention else None
+        # A node revoked by any process (the CLI, another controller) leaves the view soon.
+        revocations = asyncio.create_task(tokens_store.watch_revocations(store, cache.invalidate))
         # The recompute thread runs Python for seconds at a time; the event loop and the
         # database threads need the GIL back after each of their (many, short) I/O waits. At
         # CPython's default 5 ms hand-over they queued behind it (reports arrived at 155/s of
@@ -632,6 +635,7 @@ def create_app(
         finally:
             sys.setswitchinterval(switch_interval)
             await asyncio.to_thread(cache.stop)
+            revocations.cancel()
             if pruning is not None:
                 pruning.cancel()
             if handle is not None:
@@ -742,7 +746,9 @@ def create_app(
         return {"enrollment_token": token, "site": site, "valid_for_s": valid_for_s}
 
     @app.post("/v1/enroll", status_code=201)
-    async def enroll(request: Request) -> dict[str, Any]:
+    async def enroll(request: Request, response: Response) -> dict[str, Any]:
+        """Spend an enrollment token (201); the same enrollment retried after a lost answer
+        gets the same node and a new node token (200, ``reissued``): see controller.tokens."""
         doc = await read_json(request, max_body_bytes)
         # Every value through its grammar (GrammarError: a 422 naming the field); the endpoint
         # is stored as its canonical text, never as sent.
@@ -753,11 +759,15 @@ def create_app(
         endpoint = doc.get("endpoint")
         if endpoint is not None:
             endpoint = str(grammar.endpoint(endpoint, "endpoint"))
-        node_token, site = store.enroll(
-            token, name, public_key, listen_port=listen_port, endpoint=endpoint
+        done = tokens_store.enroll(
+            store, token, name, public_key, listen_port=listen_port, endpoint=endpoint
         )
         cache.invalidate()  # after the write: a recompute racing it must not miss it
-        return {"node": name, "site": site, "node_token": node_token}
+        if done.reissued:  # a retry after a lost answer: the same node, its token replaced
+            response.status_code = 200
+            return {"node": name, "site": done.site, "node_token": done.node_token,
+                    "reissued": True}  # fmt: skip
+        return {"node": name, "site": done.site, "node_token": done.node_token}
 
     def judge(who: Principal, doc: Any, body: str | dict[str, Any]) -> tuple[str, ReportWrite]:
         """A decoded report from ``who`` → (its id, what to write); ApiError if it is refused.
@@ -954,6 +964,15 @@ def create_app(
         admin(request)
         rows = [{k: v for k, v in n.items() if k != "id"} for n in store.nodes()]
         return {"schema_version": 1, "nodes": _jsonable(rows)}
+
+    @app.delete("/v1/nodes/{name}")
+    def revoke_node(request: Request, name: str) -> dict[str, Any]:
+        """Revoke a node (admin): its token is refused, and it leaves every peer's desired
+        state with the next view. 404 for an unknown node; revoking twice is harmless."""
+        admin(request)
+        done = tokens_store.revoke_node(store, name)
+        cache.invalidate()
+        return done.to_json()
 
     @app.get("/v1/overrides")
     def list_overrides(request: Request) -> dict[str, Any]:

@@ -5,6 +5,8 @@ Example (every key optional)::
     listen: 0.0.0.0:8080                          # ADDR:PORT of the HTTP API
     database: sqlite:////var/lib/fleetvpn/controller.db   # or postgresql://user:pw@host/db
     tls: {cert: /etc/fleetvpn/api.crt, key: /etc/fleetvpn/api.key}   # HTTPS when given
+    insecure_http: false                          # plain HTTP on a non-loopback listen
+                                                  # address: refused unless true (a lab)
     retention_days: 30                            # history kept per link and site
     max_body_bytes: 1048576                       # larger requests (and reports inside a
                                                   # batch) get 413
@@ -83,6 +85,7 @@ class ControllerConfig:
     report_rate_per_min: int = 12
     report_burst: int = 30
     metrics_token_file: Path | None = None
+    insecure_http: bool = False
     responder_listen: tuple[str, int] | None = None
     responder_key_file: Path | None = None
     tunnel: TunnelConfig = field(default_factory=TunnelConfig)
@@ -102,6 +105,7 @@ _KEYS = {
     "report_rate_per_min",
     "report_burst",
     "metrics_token_file",
+    "insecure_http",
     "probe_responder",
     "tunnel",
 }
@@ -207,8 +211,26 @@ def parse(text: str, source: str = "<config>") -> ControllerConfig:
         report_burst=integer("report_burst", 30, 1, 100_000),
         metrics_token_file=metrics_token_file,
         access_log=boolean("access_log", False),
+        insecure_http=boolean("insecure_http", False),
         responder_listen=responder_listen,
         responder_key_file=responder_key,
+    )
+
+
+def plain_http_refusal(config: ControllerConfig, source: str = "<config>") -> str | None:
+    """Why ``controller serve`` must not start with this config, or None. Plain HTTP is
+    refused on any listen address but loopback (tokens and every node's desired state would
+    cross the network in clear, and anyone on the path could redirect the fleet) unless the
+    config says ``insecure_http: true`` (a lab, or TLS ended by a proxy on the same host)."""
+    host, port = config.listen
+    if config.tls_cert is not None or config.insecure_http:
+        return None
+    if ipaddress.ip_address(host).is_loopback:
+        return None
+    return (
+        f"{source}: insecure_http: refusing plain HTTP on {host}:{port}, which is not a "
+        "loopback address: give `tls: {cert: FILE, key: FILE}`, or set `insecure_http: true` "
+        "to serve tokens and desired state unencrypted (a lab)"
     )
 
 

@@ -63,6 +63,17 @@ enrollment_tokens = sa.Table(
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("used_at", sa.DateTime(timezone=True)),
     sa.Column("used_by", sa.String(63)),
+    sa.Column("revoked_at", sa.DateTime(timezone=True)),  # migration 3
+)
+# Node tokens replaced by a new one (an enrollment retried after a lost answer): refused like a
+# revoked token, and listed by ``revoked_token_hashes`` so that every API process forgets them
+# (migration 3; see fleetvpn/controller/tokens.py).
+retired_tokens = sa.Table(
+    "retired_tokens",
+    metadata,
+    sa.Column("token_hash", sa.String(64), primary_key=True),
+    sa.Column("node_id", sa.ForeignKey("nodes.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("retired_at", sa.DateTime(timezone=True), nullable=False, index=True),
 )
 nodes = sa.Table(
     "nodes",
@@ -188,8 +199,18 @@ def _v2(conn: Connection) -> None:
         conn.execute(nodes.update().where(nodes.c.id == node_id).values(**values))
 
 
+def _v3(conn: Connection) -> None:
+    """Enrollment tokens can be revoked; node tokens replaced by a retried enrollment are kept
+    (hashed) as retired. (``_v1`` of this version already creates both.)"""
+    inspector = sa.inspect(conn)
+    if "revoked_at" not in {c["name"] for c in inspector.get_columns("enrollment_tokens")}:
+        kind = enrollment_tokens.c.revoked_at.type.compile(dialect=conn.dialect)
+        conn.exec_driver_sql(f"ALTER TABLE enrollment_tokens ADD COLUMN revoked_at {kind}")
+    retired_tokens.create(conn, checkfirst=True)
+
+
 # Append-only: a released migration is never edited; a new schema change is a new function.
-MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1), (2, _v2)]
+MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1), (2, _v2), (3, _v3)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
@@ -340,49 +361,19 @@ class Store:
         listen_port: int = 51820,
         endpoint: str | None = None,
     ) -> tuple[str, str]:
-        """Spend an enrollment token on a new node; returns (node token, site).
+        """Spend an enrollment token on a new node; returns (node token, site). A retry of
+        the same enrollment (same token, name and public key) after a lost answer gets a fresh
+        token for the same node. See :func:`fleetvpn.controller.tokens.enroll`.
 
         ``endpoint`` is where other nodes reach this one ("host:port"); a node without one
         (behind a NAT) dials out to the nodes that have one.
         """
-        now = utcnow()
-        with self.tx() as conn:
-            row = conn.execute(
-                sa.select(enrollment_tokens).where(
-                    enrollment_tokens.c.token_hash == hash_token(enrollment_token)
-                )
-            ).first()
-            if row is None:
-                raise Forbidden("unknown enrollment token")
-            if row.used_at is not None:
-                raise Forbidden(f"enrollment token already used by {row.used_by}")
-            expires = _aware(row.expires_at)
-            if expires is not None and expires < now:
-                raise Forbidden("enrollment token expired")
-            for column, value, what in (
-                (nodes.c.name, name, "node name"),
-                (nodes.c.public_key, public_key, "public key"),
-            ):
-                if conn.scalar(sa.select(nodes.c.id).where(column == value)) is not None:
-                    raise Conflict(f"{what} {value!r} is already enrolled")
-            token = new_token("fvn")
-            conn.execute(
-                nodes.insert().values(
-                    name=name,
-                    site=row.site,
-                    public_key=public_key,
-                    listen_port=listen_port,
-                    endpoint=endpoint,
-                    token_hash=hash_token(token),
-                    enrolled_at=now,
-                )
-            )
-            conn.execute(
-                enrollment_tokens.update()
-                .where(enrollment_tokens.c.id == row.id)
-                .values(used_at=now, used_by=name)
-            )
-        return token, str(row.site)
+        from fleetvpn.controller import tokens  # it builds on this module
+
+        done = tokens.enroll(
+            self, enrollment_token, name, public_key, listen_port=listen_port, endpoint=endpoint
+        )
+        return done.node_token, done.site
 
     def authenticate(self, token: str) -> Principal | None:
         digest = hash_token(token)
@@ -420,15 +411,15 @@ class Store:
         return out
 
     def revoked_token_hashes(self, since: datetime) -> set[str]:
-        """Hashes of the admin and node tokens revoked at or after ``since``."""
+        """Hashes of the admin and node tokens revoked (or retired) at or after ``since``."""
         with self.tx() as conn:
-            return {
-                str(digest)
-                for table in (admin_tokens, nodes)
-                for digest in conn.scalars(
-                    sa.select(table.c.token_hash).where(table.c.revoked_at >= since)
-                )
-            }
+            queries = [
+                sa.select(t.c.token_hash).where(t.c.revoked_at >= since)
+                for t in (admin_tokens, nodes)
+            ]
+            rt = retired_tokens
+            queries.append(sa.select(rt.c.token_hash).where(rt.c.retired_at >= since))
+            return {str(digest) for query in queries for digest in conn.scalars(query)}
 
     def revoke_node(self, name: str) -> None:
         with self.tx() as conn:

@@ -563,9 +563,15 @@ def write_inventory(plan: Plan, topo: Topology, paths: LabPaths, path: Path) -> 
                 "ansible_python_interpreter": sys.executable,
                 "fleetvpn_lab": plan.lab,
                 "fleetvpn_controller_address": plan.hosts[controller].public_ipv4,
+                # The lab's one exception to TLS by default (issue 11), said out loud: the
+                # roles render `insecure_http: true` in controller.yml and agent.yml.
+                "fleetvpn_controller_insecure_http": True,
                 # The lab's controller answers plain HTTP on the lab's own networks; an agent
                 # refuses an http:// controller unless told (fleetvpn/agent/config.py).
                 "fleetvpn_agent_settings": {"insecure_http": True},
+                # ... and the controller serves it so, on an address that is not loopback:
+                # `controller serve` refuses that unless told (fleetvpn/controller/config.py).
+                "fleetvpn_controller_settings": {"insecure_http": True},
                 "fleetvpn_install_method": "none",
                 "fleetvpn_bin": str(Path(sys.executable).parent / "fleetvpn"),
                 "fleetvpn_python": sys.executable,

@@ -153,6 +153,7 @@ class Fleet:
             target.chmod(0o600)
         self.host_file("controller", "/etc/fleetvpn/controller.yml").write_text(
             f"listen: {self.controller_ip}:{API_PORT}\n"
+            "insecure_http: true\n"  # the lab's own networks: plain HTTP, said so
             "database: sqlite:////var/lib/fleetvpn/controller.db\n"
             f"probe_responder: {{listen: '{self.controller_ip}:{NAT_PORT}', "
             "key_file: /etc/fleetvpn/probe.key}\n"
