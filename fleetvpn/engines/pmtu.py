@@ -276,6 +276,22 @@ class PmtuSearch:
         self._hints.clear()
         self._begin_search(now, None, (), "path changed")
 
+    def search_below(self, now: float, too_big: int, reason: str) -> None:
+        """Search again below ``too_big``, a size another watcher (the path watch) found lost
+        with controls acked: the search starts with it as the suspect upper bound (an ack of
+        it or above still wins) and keeps everything else (RTT, ceiling). ``reason`` goes into
+        the :class:`PmtuChanged` this search emits. Starts the engine if it was idle."""
+        self._book.drop_queued()
+        self._round = None
+        self._begin_search(now, None, (too_big,) if too_big > self._floor else (), reason)
+
+    def search_above(self, now: float, known_good: int, reason: str) -> None:
+        """Search again above ``known_good`` (acked by another watcher: proof it passes)."""
+        self._book.drop_queued()
+        self._round = None
+        lo = min(known_good, self._ceiling) if known_good >= self._floor else None
+        self._begin_search(now, lo, (), reason)
+
     def on_ack(self, probe_id: int, now: float, rtt: float | None = None) -> None:
         """The peer acknowledged ``probe_id``. ``rtt`` overrides the engine's own measurement."""
         sent = self._book.get(probe_id)
