@@ -5,6 +5,9 @@ nodes are listed and revoked from the command line, a revoked node leaves the fl
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -30,6 +33,7 @@ from fleetvpn.controller.store import (
 )
 
 from .apiutil import SERVERS, bearer
+from .test_controller_serve import _port, fleetvpn
 
 KEY_A = "A" * 42 + "A="
 KEY_B = "B" * 42 + "A="
@@ -322,3 +326,69 @@ def test_cli_tokens_and_nodes(tmp_path: Path, store_url: str) -> None:
     assert "b1" in pretty_nodes.output and "revoked" in pretty_nodes.output
     unknown = run(cli, ["controller", "nodes", "revoke", "zz", "--config", config])
     assert unknown.exit_code == 1 and "no node 'zz'" in unknown.output
+
+
+def test_cli_revocation_reaches_a_running_controller(tmp_path: Path) -> None:
+    """End to end, as an operator does it: `controller serve` (its view in a worker process),
+    `controller nodes revoke` in another process; the node's token is refused and the node
+    leaves its peers' desired state, each within seconds (measured, printed)."""
+    port = _port(socket.SOCK_STREAM)
+    config = tmp_path / "controller.yml"
+    config.write_text(f"listen: 127.0.0.1:{port}\ndatabase: sqlite:///{tmp_path / 'c.db'}\n")
+    admin = fleetvpn("controller", "admin-token", "--config", str(config)).stdout.strip()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "fleetvpn", "controller", "serve", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if api.get("/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        node_tokens = {}
+        for name, site, key in (("hub", "hub", KEY_A), ("b1", "branch", KEY_B),
+                                ("b2", "branch", KEY_C)):  # fmt: skip
+            r = api.post("/v1/enrollment-tokens", json={"site": site}, headers=bearer(admin))
+            body = {"enrollment_token": r.json()["enrollment_token"], "name": name,
+                    "public_key": key}  # fmt: skip
+            if name == "hub":
+                body["endpoint"] = "198.51.100.1:51820"
+            r = api.post("/v1/enroll", json=body)
+            assert r.status_code == 201, r.text
+            node_tokens[name] = r.json()["node_token"]
+
+        def peers() -> list[str] | None:
+            r = api.get("/v1/nodes/hub/desired", headers=bearer(node_tokens["hub"]))
+            return [p["peer"] for p in r.json()["peers"]] if r.status_code == 200 else None
+
+        while peers() != ["b1", "b2"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert api.get("/v1/nodes/b1/desired", headers=bearer(node_tokens["b1"])).status_code != 401
+        revoke = fleetvpn("controller", "nodes", "revoke", "b1", "--config", str(config))
+        started = time.monotonic()
+        assert revoke.returncode == 0 and revoke.stdout.strip() == "revoked node b1"
+        refused_after = left_after = None
+        while refused_after is None or left_after is None:
+            elapsed = time.monotonic() - started
+            assert elapsed < 30, f"refused after {refused_after}, left after {left_after}"
+            r = api.get("/v1/nodes/b1/desired", headers=bearer(node_tokens["b1"]))
+            if refused_after is None and r.status_code == 401:
+                refused_after = elapsed
+            if left_after is None and peers() == ["b2"]:
+                left_after = elapsed
+            time.sleep(0.1)
+        print(f"b1's token refused after {refused_after:.1f} s; left hub's peers after "
+              f"{left_after:.1f} s")  # fmt: skip
+        assert refused_after <= 5 + 1 and left_after <= tokens.REVOCATION_POLL_S + 2
+    finally:
+        server.terminate()
+        server.wait(10)
