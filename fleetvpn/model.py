@@ -58,7 +58,8 @@ MAX_TEXT: Final = 2000  # reasons, notes, evidence
 _NAME_RE: Final = re.compile(NAME_PATTERN, re.ASCII)
 _UUID_RE: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _RFC3339_RE: Final = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})"
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})",
+    re.ASCII,  # \d and int() take "٢٠٢٤" too: a timestamp is ASCII digits only
 )
 
 

@@ -104,6 +104,7 @@ reports = sa.Table(
     sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("body", sa.Text, nullable=False),
     sa.Index("ix_reports_received_at", "received_at"),  # migration 2
+    sa.Index("ix_reports_node_received", "node_id", "received_at"),  # migration 4: the quota
 )
 link_measurements = sa.Table(
     "link_measurements",
@@ -209,8 +210,18 @@ def _v3(conn: Connection) -> None:
     retired_tokens.create(conn, checkfirst=True)
 
 
+def _v4(conn: Connection) -> None:
+    """Reports indexed by node and arrival: the per-node quota finds a node's oldest at once.
+    (``_v1`` of this version already creates the index.)"""
+    have = {i["name"] for i in sa.inspect(conn).get_indexes("reports")}
+    if "ix_reports_node_received" not in have:
+        sa.Index("ix_reports_node_received", reports.c.node_id, reports.c.received_at).create(conn)
+
+
 # Append-only: a released migration is never edited; a new schema change is a new function.
-MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1), (2, _v2), (3, _v3)]
+MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
+    (1, _v1), (2, _v2), (3, _v3), (4, _v4)
+]  # fmt: skip
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 

@@ -30,7 +30,7 @@ def _link(peer: str, mtu: int | None) -> dict[str, object]:
 
 def test_migrations_are_recorded_and_idempotent(store_url: str) -> None:
     first = Store.open(store_url)
-    assert first.schema_version() == SCHEMA_VERSION == 3
+    assert first.schema_version() == SCHEMA_VERSION == 4
     assert first.migrate() == []
     first.close()
     again = Store.open(store_url)
