@@ -142,8 +142,10 @@ def _retry(
         if row.revoked_at is not None:
             raise Forbidden("enrollment token revoked")
         expires = _aware(row.expires_at)
-        if row.used_at is None or (expires is not None and expires < now):
+        if expires is not None and expires < now:
             raise Forbidden("enrollment token expired")
+        if row.used_at is None:  # not expected (the UPDATE would have matched): say so
+            raise Forbidden("enrollment token was not spent (a concurrent change?); try again")
         spent = Forbidden(f"enrollment token already used by {row.used_by}")
         if row.used_by != name:
             raise spent
@@ -348,7 +350,7 @@ async def watch_revocations(
     while True:
         try:
             now_mark = await asyncio.to_thread(revocation_mark, store)
-        except sa.exc.SQLAlchemyError:
+        except Exception:  # never die silently: the view would keep revoked nodes for longer
             log.exception("looking for revoked nodes failed; trying again in %.0f s", every_s)
         else:
             if mark is not None and now_mark != mark:
