@@ -653,3 +653,22 @@ def test_metrics_want_their_bearer_token_when_configured(limited: Controller, fl
 def test_the_suite_runs_a_real_serve_process(fleet: Fleet) -> None:
     assert fleet.c.process.poll() is None
     assert os.path.exists(fleet.c.db)
+
+
+def test_the_limits_are_config_keys(tmp_path: Path) -> None:
+    from fleetvpn.controller.config import ConfigError, parse, read_token_file
+
+    default = parse("")
+    assert (default.report_rate_per_min, default.report_burst) == (12, 30)
+    assert (default.max_reports_per_node, default.metrics_token_file) == (50000, None)
+    token = tmp_path / "metrics.token"
+    token.write_text("abc123\n")
+    config = parse(f"metrics_token_file: {token}\nmax_reports_per_node: 100\n")
+    assert config.metrics_token_file == token and read_token_file(token) == "abc123"
+    with pytest.raises(ConfigError, match=r"metrics_token_file: .* does not exist"):
+        parse(f"metrics_token_file: {tmp_path}/none\n")
+    with pytest.raises(ConfigError, match="report_rate_per_min: must be an integer in 1"):
+        parse("report_rate_per_min: 0\n")
+    token.write_text("two words\n")
+    with pytest.raises(ConfigError, match="must hold one token"):
+        read_token_file(token)
