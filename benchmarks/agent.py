@@ -45,6 +45,11 @@ from fleetvpn.net import keys, wire  # noqa: E402
 from fleetvpn.net.responder import Responder  # noqa: E402
 
 PEER_IP = "127.0.0.2"
+# Without a tunnel, this address on lo makes the whole tunnel network local (a loopback
+# device's prefix is a local route): each peer keeps its own tunnel address, as the agent
+# requires, and a stand-in bound to that address answers its RTT probes.
+LOCAL_TUNNEL_ADDR = "10.99.0.254/16"
+IP_FREEBIND = 15  # linux/in.h; not in Python's socket module
 PROBE_PORT = 51821
 TICKS = os.sysconf("SC_CLK_TCK")
 INTERVALS = {"report_s": 30, "desired_s": 30, "pmtu_s": 600, "nat_s": 3600, "rtt_s": 30}
@@ -53,7 +58,7 @@ INTERVALS = {"report_s": 30, "desired_s": 30, "pmtu_s": 600, "nat_s": 3600, "rtt
 class CountingResponder(Responder):
     """The real responder, counting IP bytes (payload + 28) per message kind, both ways."""
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: wire.KeyLike) -> None:
         super().__init__(key)
         self.bytes: dict[str, int] = {}
         self.pmtu_sources: set[tuple[str, int]] = set()
@@ -73,9 +78,9 @@ class CountingResponder(Responder):
         self._count(kind, len(data))
         super().datagram_received(data, addr)
 
-    def _send(self, transport: Any, body: wire.Body, addr: tuple[str, int]) -> None:
+    def _send(self, transport: Any, body: wire.Body, addr: tuple[str, int], key: bytes) -> None:
         if transport is not None and not transport.is_closing():
-            packet = self.sealer.seal(body, time.time())
+            packet = self.sealer.seal(body, time.time(), key=key)
             self._count("reply:" + type(body).__name__, len(packet))
             transport.sendto(packet, addr)
 
@@ -93,7 +98,7 @@ def fake_controller(peers: int, tunnel: bool) -> ThreadingHTTPServer:
         "peers": [
             {"peer": f"peer{i}", "site": "lab", "public_key": keys_[i],
              "endpoint": f"{PEER_IP}:{52000 + i}",
-             "allowed_ips": [tunnel_ip(i) if tunnel else f"{PEER_IP}/32"],
+             "allowed_ips": [tunnel_ip(i)],
              "keepalive_s": 0, "keepalive_reason": "benchmark", "route_mtu": 1420,
              "route_mtu_reason": "benchmark"}
             for i in range(peers)
@@ -116,10 +121,19 @@ def fake_controller(peers: int, tunnel: bool) -> ThreadingHTTPServer:
             self._answer(200, body)
 
         def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            sent = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             if self.path == "/v1/enroll":
                 doc = {"node": "bench", "site": "lab", "node_token": "fvn_bench"}
                 self._answer(201, json.dumps(doc).encode())
+            elif self.path == "/v1/reports/batch":  # the agent replays its spool here
+                reports = json.loads(sent)
+                results = [
+                    {"index": i, "report_id": r.get("report_id"), "status": 201, "stored": True}
+                    for i, r in enumerate(reports)
+                ]
+                doc = {"schema_version": 1, "stored": len(results), "replayed": 0,
+                       "rejected": 0, "results": results}  # fmt: skip
+                self._answer(200, json.dumps(doc).encode())
             else:
                 self._answer(201, b'{"stored": true}')
 
@@ -159,9 +173,12 @@ def run_agent(peers: int, work: Path, responder: CountingResponder, window_s: fl
         f"probe: {{listen_port: {PROBE_PORT}, key_file: {work}/probe.key, "
         f"nat_responder: '{PEER_IP}:{PROBE_PORT}'}}\n"
         f"intervals: {json.dumps(INTERVALS)}\n"
+        "tunnel_networks: [10.99.0.0/16]\n"
     )
     start_bytes = dict(responder.bytes)
     runs_before = len(responder.pmtu_sources)
+    if not tunnel:  # every peer's tunnel address is local: the stand-in answers its RTT probes
+        subprocess.run(["ip", "addr", "add", LOCAL_TUNNEL_ADDR, "dev", "lo"], check=True)
     proc = subprocess.Popen(
         [sys.executable, "-m", "fleetvpn", "agent", "run", "--config", str(config)],
         cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
@@ -198,6 +215,8 @@ def run_agent(peers: int, work: Path, responder: CountingResponder, window_s: fl
         server.shutdown()
         if tunnel:
             subprocess.run(["ip", "link", "del", "fvbench0"], capture_output=True)
+        else:
+            subprocess.run(["ip", "addr", "del", LOCAL_TUNNEL_ADDR, "dev", "lo"], check=True)
     pmtu_run = (startup_bytes.get("PmtuRun", 0) + startup_bytes.get("reply:PmtuAck", 0)) / peers
     rtt_probe_bytes = window_bytes.get("PmtuProbe", 0) + window_bytes.get("reply:PmtuAck", 0)
     rtt_rounds = elapsed / INTERVALS["rtt_s"]
@@ -279,6 +298,17 @@ def main() -> None:
             asyncio.DatagramProtocol, local_addr=(PEER_IP, 0)
         )
         responder.other = other
+        # Each peer's tunnel address gets a stand-in of its own (the same counters): bound to
+        # that address, so it wins over the agent's own responder on the wildcard address.
+        # IP_FREEBIND: the addresses are local only during the runs without a tunnel.
+        for i in range(max(int(n) for n in args.peers.split(","))):
+            side = CountingResponder(key)
+            side.bytes, side.pmtu_sources = responder.bytes, responder.pmtu_sources
+            bound = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            bound.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+            bound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # beside the agent's
+            bound.bind((tunnel_ip(i).split("/")[0], PROBE_PORT))
+            await loop.create_datagram_endpoint(lambda side=side: side, sock=bound)  # type: ignore[misc]
 
     loop.run_until_complete(serve())
     threading.Thread(target=loop.run_forever, daemon=True).start()
