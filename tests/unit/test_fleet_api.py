@@ -337,7 +337,9 @@ def test_served_health_documents_are_the_health_json(
     monkeypatch.setattr(fleet_module, "compute", keep)
     with Server(store) as api:
         t = fleet(api, store)
-        enroll(api, t["admin"], "b9", "branch", "9" * 42 + "A=")  # a down link beside the black hole
+        enroll(
+            api, t["admin"], "b9", "branch", "9" * 42 + "A="
+        )  # a down link beside the black hole
         enroll(api, t["admin"], "h2", "hub", "2" * 42 + "A=", endpoint="198.19.1.12:51820")
         published = api_cache(api).get_fresh(timeout=30)
         view = computed[-1]
