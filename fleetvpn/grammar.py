@@ -46,6 +46,9 @@ NAME_PATTERN: Final = "[a-z0-9][a-z0-9-]{0,62}"
 NOTE_MAX: Final = 2000
 TUNNEL_MTU_IPV4: Final = (576, 9000)
 TUNNEL_MTU_IPV6: Final = (1280, 9000)
+# A fleet keepalive: beyond 120 s a NAT mapping is long gone (RFC 4787 asks NATs for >= 120 s;
+# most keep less), so a larger value is a mistake, whoever sends it. wg(8) itself takes 65535.
+KEEPALIVE_MAX_S: Final = 120
 WG_KEY_BYTES: Final = 32
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -142,6 +145,15 @@ def tunnel_mtu(value: object, what: str = "mtu", *, ipv6: bool) -> int:
     if not low <= value <= high:
         carries = ": the tunnel carries IPv6" if ipv6 else ""
         raise GrammarError(f"{what}: {value} out of range ({low}..{high}{carries})")
+    return value
+
+
+def keepalive(value: object, what: str = "keepalive_s") -> int:
+    """A PersistentKeepalive the fleet sets: 0 (off) .. :data:`KEEPALIVE_MAX_S` seconds."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GrammarError(f"{what}: expected an integer number of seconds")
+    if not 0 <= value <= KEEPALIVE_MAX_S:
+        raise GrammarError(f"{what}: {value} out of range (0..{KEEPALIVE_MAX_S} s, 0 = off)")
     return value
 
 

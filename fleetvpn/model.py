@@ -762,7 +762,14 @@ class Override(Wire):
         if len(names) != (2 if self.scope == "link" else 1) or any(_name(n) for n in names):
             shape = "node>peer" if self.scope == "link" else f"a {self.scope} name"
             raise ReportError(_join(path, "target"), f"{_show(self.target)} is not {shape}")
-        lo, hi = MTU_RANGE if self.setting == "tunnel_mtu" else KEEPALIVE_RANGE
+        # What agents accept (fleetvpn.grammar): an override beyond it would be refused by every
+        # node it applies to. An IPv6 tunnel's floor of 1280 is the API's to check (it knows
+        # the tunnel).
+        lo, hi = (
+            grammar.TUNNEL_MTU_IPV4
+            if self.setting == "tunnel_mtu"
+            else (0, grammar.KEEPALIVE_MAX_S)
+        )
         if not lo <= self.value <= hi:
             raise ReportError(_join(path, "value"), f"{self.value} is out of range ({lo}..{hi})")
 

@@ -52,7 +52,7 @@ from fleetvpn import grammar
 from fleetvpn.grammar import GrammarError, IPInterface, IPNetwork
 from fleetvpn.wg.state import PeerSpec, TunnelSpec
 
-KEEPALIVE_RANGE_S: Final = (0, 120)
+KEEPALIVE_RANGE_S: Final = (0, grammar.KEEPALIVE_MAX_S)
 TOFU_MIN_PREFIX: Final = {4: 8, 6: 32}  # the widest tunnel network trusted on first use
 REASON_WITHHELD: Final = "(reason withheld: not one printable line)"
 

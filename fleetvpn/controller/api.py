@@ -1020,6 +1020,8 @@ def create_app(
         except ReportError as e:
             raise ApiError(422, str(e)) from None
         grammar.note(override.note, "note", limit=OVERRIDE_NOTE_MAX)  # one line, fits the column
+        if override.setting == "tunnel_mtu" and tunnel.ipv6 is not None:
+            grammar.tunnel_mtu(override.value, "value", ipv6=True)  # agents would refuse it
         store.set_override(
             override.scope, override.target, override.setting, override.value, override.note
         )
@@ -1074,7 +1076,7 @@ def create_app(
     @app.get("/v1/nodes/{name}/config/{kind}")
     def node_config(request: Request, name: str, kind: str) -> dict[str, Any]:
         """Rendered config files for ``name``: wg-quick, networkd or host_vars."""
-        from fleetvpn.controller.render import KINDS, render
+        from fleetvpn.controller.render import KINDS, RenderError, render
 
         who = principal(request)
         if who.kind != "admin" and who.name != name:
@@ -1082,11 +1084,11 @@ def create_app(
         if kind not in KINDS:
             raise ApiError(404, f"no config kind {kind!r} (known: {', '.join(KINDS)})")
         fleet = node_view(name, who)
-        return {
-            "schema_version": 1,
-            "node": name,
-            "files": render(json.loads(fleet.desired(name)), kind),
-        }
+        try:
+            files = render(json.loads(fleet.desired(name)), kind)
+        except RenderError as e:  # templates refuse what the grammar refuses: say so, not 500
+            raise ApiError(409, f"{name}'s desired state does not render as {kind}: {e}") from None
+        return {"schema_version": 1, "node": name, "files": files}
 
     @app.get("/v1/links/{a}/{b}/history")
     def link_history(request: Request, a: str, b: str, hours: float = 24.0) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Final
 
+from fleetvpn import grammar
 from fleetvpn.controller.policy_overrides import OverrideIndex, describe
 from fleetvpn.controller.trusted import fast_constructor
 from fleetvpn.engines.natlife import DEFAULT_KEEPALIVE_S, keepalive_for
@@ -57,7 +58,7 @@ KEEPALIVE_MIN_S: Final = 1  # wg(8)'s smallest; the rule itself decides how low 
 # A lost mapping (NAT reboot, eviction) is re-created by the next keepalive, so K bounds how long
 # a node stays unreachable from outside; 120 s (REKEY_AFTER_TIME) keeps that under the 180 s
 # after which WireGuard drops a session.  Also the top of keepalive_for's default range.
-KEEPALIVE_MAX_S: Final = 120
+KEEPALIVE_MAX_S: Final = grammar.KEEPALIVE_MAX_S
 LIFETIME_WINDOW_S: Final = 86400.0  # "recent": a day covers the busy hour's table pressure
 HYSTERESIS_MIN_S: Final = 2  # below the rule's own margin d >= 2 s, so a kept value stays safe
 HYSTERESIS_RATIO: Final = 0.10  # ≈ the rule's margin T/10, halved by the /2

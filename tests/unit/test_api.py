@@ -3,6 +3,7 @@ idempotent reports, and bad input that gets a clear 4xx and changes nothing."""
 
 from __future__ import annotations
 
+import ipaddress
 import time
 import uuid
 from datetime import UTC, datetime
@@ -13,9 +14,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fleetvpn.controller.config import TunnelConfig
 from fleetvpn.controller.store import Store
 
-from .apiutil import AUTH_CACHE_TEST_S, PUBLIC_KEY, bearer, enroll
+from .apiutil import AUTH_CACHE_TEST_S, PUBLIC_KEY, Server, bearer, enroll
 
 
 def report(node: str, site: str, **changes: Any) -> dict[str, Any]:
@@ -141,6 +143,28 @@ def test_overrides(api: httpx.Client, store: Store) -> None:
     r = api.delete("/v1/overrides/site/branch/keepalive_s", headers=bearer(admin))
     assert r.status_code == 200
     assert api.get("/v1/overrides", headers=bearer(admin)).json()["overrides"] == []
+
+
+def test_an_override_no_agent_would_accept_is_refused(store: Store) -> None:
+    """An override is what nodes apply: beyond what every agent accepts (keepalive 0..120 s, a
+    tunnel MTU of at least 1280 where the tunnel carries IPv6) it would be refused on every node
+    it reaches, and their tunnels would stay as they were without anyone being told."""
+    tunnel = TunnelConfig(ipv6=ipaddress.IPv6Network("fd99::/64"))
+    with Server(store, tunnel=tunnel) as api:
+        admin = store.create_admin_token()
+        site = {"scope": "site", "target": "branch"}
+        for setting, value in (("keepalive_s", 121), ("tunnel_mtu", 1279), ("tunnel_mtu", 9001)):
+            r = api.put(
+                "/v1/overrides", json={**site, "setting": setting, "value": value},
+                headers=bearer(admin),
+            )  # fmt: skip
+            assert r.status_code == 422 and "value" in r.json()["error"], (setting, value)
+        r = api.put(
+            "/v1/overrides", json={**site, "setting": "tunnel_mtu", "value": 1280},
+            headers=bearer(admin),
+        )  # fmt: skip
+        assert r.status_code == 200
+        assert [o["value"] for o in store.overrides()] == [1280]
 
 
 def test_a_batch_judges_each_report_on_its_own(api: httpx.Client, store: Store) -> None:

@@ -16,11 +16,10 @@ try:
 except ImportError as e:  # the collection ships inside the fleetvpn wheel
     raise ImportError(f"fleetvpn.fleet filters need the fleetvpn package: {e}") from None
 
-# The ranges the controller's policy decides within (fleetvpn/controller/policy_mtu.py,
-# policy_keepalive.py) and the agent accepts.
-MTU_MIN = {4: 576, 6: 1280}
-MTU_MAX = 9000
-KEEPALIVE_MAX_S = 120
+# The ranges the controller's policy decides within and the agent accepts: fleetvpn.grammar's.
+MTU_MIN = {4: grammar.TUNNEL_MTU_IPV4[0], 6: grammar.TUNNEL_MTU_IPV6[0]}
+MTU_MAX = grammar.TUNNEL_MTU_IPV4[1]
+KEEPALIVE_MAX_S = grammar.KEEPALIVE_MAX_S
 
 
 def _fail(field, problem):
