@@ -524,6 +524,23 @@ def _require_root_and_tools() -> None:
 # --- inventory -----------------------------------------------------------------------------------
 
 
+def _transport_vars(plan: Plan, topo: Topology) -> dict[str, object]:
+    """How agents reach the lab's controller. With ``controller_tls`` as outside the lab: the
+    controller role makes a fleet CA and a certificate for the controller's public address and
+    its management address (Ansible's inventory plugin reads the API from the management
+    network), and agents pin the CA. Without it, the lab's one exception to TLS by default
+    (issue 11), said out loud: the roles render ``insecure_http: true`` in controller.yml and
+    agent.yml (the controller refuses plain HTTP off loopback, and agents an http:// URL,
+    unless told)."""
+    if not topo.controller_tls:
+        return {"fleetvpn_controller_insecure_http": True}
+    controller = plan.hosts[topo.controller]
+    return {
+        "fleetvpn_controller_insecure_http": False,
+        "fleetvpn_controller_tls_names": [controller.public_ipv4, controller.mgmt_ip, "127.0.0.1"],
+    }
+
+
 def write_inventory(plan: Plan, topo: Topology, paths: LabPaths, path: Path) -> None:
     """An Ansible inventory of the lab's hosts, reachable with paramiko over the management net."""
     site_groups: dict[str, dict[str, object]] = {}
@@ -563,15 +580,7 @@ def write_inventory(plan: Plan, topo: Topology, paths: LabPaths, path: Path) -> 
                 "ansible_python_interpreter": sys.executable,
                 "fleetvpn_lab": plan.lab,
                 "fleetvpn_controller_address": plan.hosts[controller].public_ipv4,
-                # The lab's one exception to TLS by default (issue 11), said out loud: the
-                # roles render `insecure_http: true` in controller.yml and agent.yml.
-                "fleetvpn_controller_insecure_http": True,
-                # The lab's controller answers plain HTTP on the lab's own networks; an agent
-                # refuses an http:// controller unless told (fleetvpn/agent/config.py).
-                "fleetvpn_agent_settings": {"insecure_http": True},
-                # ... and the controller serves it so, on an address that is not loopback:
-                # `controller serve` refuses that unless told (fleetvpn/controller/config.py).
-                "fleetvpn_controller_settings": {"insecure_http": True},
+                **_transport_vars(plan, topo),
                 "fleetvpn_install_method": "none",
                 "fleetvpn_bin": str(Path(sys.executable).parent / "fleetvpn"),
                 "fleetvpn_python": sys.executable,

@@ -100,6 +100,7 @@ class Topology:
     controller: str
     source: str = "<topology>"
     management: ipaddress.IPv4Network = DEFAULT_MANAGEMENT
+    controller_tls: bool = False
     host_sites: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -118,7 +119,7 @@ class Topology:
 
 # --- loading -----------------------------------------------------------------------------------
 
-_TOP_KEYS = {"name", "controller", "management", "sites"}
+_TOP_KEYS = {"name", "controller", "controller_tls", "management", "sites"}
 _SITE_KEYS = {
     "kind",
     "hosts",
@@ -243,6 +244,9 @@ def parse(text: str, source: str = "<topology>") -> Topology:
     if len(host_sites) + 10 > management.num_addresses - 2:
         raise r.fail("management", f"{management} is too small for {len(host_sites)} hosts")
 
+    controller_tls = top.get("controller_tls", False)
+    if not isinstance(controller_tls, bool):
+        raise r.fail("controller_tls", f"must be true or false, not {controller_tls!r}")
     controller = top["controller"]
     if controller not in host_sites:
         raise r.fail("controller", f"{controller!r} is not a host of any site")
@@ -257,6 +261,7 @@ def parse(text: str, source: str = "<topology>") -> Topology:
         controller=controller,
         source=source,
         management=management,
+        controller_tls=controller_tls,
         host_sites=host_sites,
     )
     _check_overlaps(r, topo)

@@ -139,6 +139,37 @@ def test_first_run_deploys_controller_agents_and_conventional_tunnels(ansible_la
     assert set(wg_peers("hub")) == {keys["branch1"], keys["branch2"], keys["cloud1"]}
 
 
+TLS_PROBE = """
+import ssl, sys, urllib.request
+url, ca = sys.argv[1], sys.argv[2]
+def get(url, context=None):
+    try:
+        return urllib.request.urlopen(url + "/healthz", context=context, timeout=10).status
+    except Exception as e:
+        return type(e).__name__
+print(get(url, ssl.create_default_context(cafile=ca)), get(url), get(url.replace("https", "http")))
+"""
+
+
+def test_agents_reach_the_controller_over_tls_pinning_the_fleet_ca(ansible_lab: Ansible) -> None:
+    """The topology says controller_tls: the controller role made a fleet CA and a certificate,
+    the controller serves HTTPS only, and every agent's config pins that CA (issue 11)."""
+    ca = (HOSTS_DIR / "controller/etc/fleetvpn/tls/ca.pem").read_text()
+    assert "BEGIN CERTIFICATE" in ca
+    for host in NODES:
+        config = (HOSTS_DIR / host / "etc/fleetvpn/agent.yml").read_text()
+        url = re.search(r'^controller: "(https://[^"]+)"$', config, re.M)
+        ca_file = re.search(r'^ca_file: "([^"]+)"$', config, re.M)
+        assert url and ca_file and "insecure_http" not in config, config
+        assert (HOSTS_DIR / host / ca_file.group(1).lstrip("/")).read_text() == ca
+        # From the node itself: the pinned CA verifies; the system's store does not know the
+        # fleet CA; plain HTTP gets no answer from a TLS port.
+        answers = on(host, sys_python(), "-c", TLS_PROBE, url.group(1), ca_file.group(1))
+        verified, unpinned, plain = answers.split()
+        assert (verified, unpinned) == ("200", "URLError"), (host, answers)
+        assert plain != "200", (host, answers)
+
+
 def test_second_run_changes_nothing(ansible_lab: Ansible) -> None:
     run = ansible_lab.playbook("site.yml", "-e", CONVENTIONAL, "-e", FAST_AGENTS)
     assert run.returncode == 0, run.output[-5000:]
@@ -295,7 +326,8 @@ def test_inventory_plugin_reads_the_controller(ansible_lab: Ansible, tmp_path: A
     source = tmp_path / "fleet.fleetvpn.yml"
     source.write_text(
         "plugin: fleetvpn.fleet.controller\n"
-        "url: http://10.254.0.10:8080\n"
+        "url: https://10.254.0.10:8080\n"
+        f"ca_file: {HOSTS_DIR / 'controller/etc/fleetvpn/tls/ca.pem'}\n"
         f"token_file: {HOSTS_DIR / 'controller/etc/fleetvpn/admin.token'}\n"
     )
     proc = ansible_lab.inventory(source, "--list")
@@ -324,6 +356,10 @@ def test_no_secret_in_any_output(ansible_lab: Ansible) -> None:
     etc = HOSTS_DIR / "controller/etc/fleetvpn"
     secrets["probe key"] = (etc / "probe.key").read_text()
     secrets["admin token"] = (etc / "admin.token").read_text()
+    secrets["fleet CA key"] = (etc / "tls/ca.key").read_text().split("-----")[2].split()[0]
+    secrets["controller TLS key"] = (
+        (etc / "tls/controller.key").read_text().split("-----")[2].split()[0]
+    )
     secrets = {k: v.strip() for k, v in secrets.items()}
     assert all(len(v) >= 20 for v in secrets.values()), "not the secrets we meant to look for"
     assert len(ansible_lab.outputs) >= 6

@@ -94,6 +94,11 @@ def _error(text: str) -> TopologyError:
         (("kind: nat,", "kind: nat, lan: 10.254.0.0/24,"), "sites.br.lan", "overlaps"),
         (("kind: nat,", "kind: nat, lan: 10.0.0.0/33,"), "sites.br.lan", "not a valid"),
         (("icmp_blackhole: true", "icmp_blackhole: yes please"), "icmp_blackhole", "true or false"),
+        (
+            ("controller: c", "controller: c\ncontroller_tls: 'yes'"),
+            "controller_tls",
+            "true or false",
+        ),
     ],
 )
 def test_bad_topologies_name_file_key_and_problem(
@@ -133,3 +138,8 @@ def test_subnets_of_a_big_generated_topology_never_overlap() -> None:
     nets = [n for _, n in subnets(topo)]
     for a, b in itertools.combinations(nets, 2):
         assert not (a.version == b.version and a.overlaps(b)), (a, b)
+
+
+def test_a_lab_controller_serves_tls_only_when_the_topology_says_so() -> None:
+    assert topology.parse(GOOD, "lab.yml").controller_tls is False
+    assert topology.parse(GOOD + "controller_tls: true\n", "lab.yml").controller_tls is True
