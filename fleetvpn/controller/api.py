@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -599,6 +600,7 @@ def create_app(
     max_body_bytes: int = 1 << 20,
     retention: timedelta | None = None,
     responder: tuple[tuple[str, int], KeyLike] | None = None,
+    responder_key_file: Path | None = None,
     tunnel: TunnelConfig | None = None,
     view_max_age_s: float = 30.0,
     view_min_interval_s: float = 0.0,
@@ -613,7 +615,8 @@ def create_app(
 ) -> FastAPI:
     """The API over ``store``. With ``retention``, history older than that is pruned hourly
     (by arrival) and reports created before it are refused; with ``responder`` (listen
-    address, probe key), the probe responder runs beside the API.
+    address, probe key), the probe responder runs beside the API, and follows
+    ``responder_key_file`` when that changes (a probe key rotation: no restart).
 
     Limits on every door of the report routes: ``max_body_bytes`` per report (inside a batch
     too; a batch's body may be ``max_batch_bytes``), ``report_rate_per_min`` requests per node
@@ -639,6 +642,11 @@ def create_app(
             from fleetvpn.net.responder import serve
 
             handle = await serve(*responder)
+        following = None
+        if handle is not None and responder_key_file is not None:
+            from fleetvpn.net.responder import follow_key_file
+
+            following = asyncio.create_task(follow_key_file(responder_key_file, handle.protocol))
         pruning = asyncio.create_task(_prune_forever(store, retention)) if retention else None
         # A node revoked by any process (the CLI, another controller) leaves the view soon.
         revocations = asyncio.create_task(tokens_store.watch_revocations(store, cache.invalidate))
@@ -655,6 +663,8 @@ def create_app(
             sys.setswitchinterval(switch_interval)
             await asyncio.to_thread(cache.stop)
             revocations.cancel()
+            if following is not None:
+                following.cancel()
             if pruning is not None:
                 pruning.cancel()
             if handle is not None:

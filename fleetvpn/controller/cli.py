@@ -178,6 +178,7 @@ def serve(config_path: Path) -> None:
         max_body_bytes=config.max_body_bytes,
         retention=timedelta(days=config.retention_days),
         responder=responder,
+        responder_key_file=config.responder_key_file,
         tunnel=config.tunnel,
         view_min_interval_s=float(config.view_interval_s),
         view_process=config.view_process,

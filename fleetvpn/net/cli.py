@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import click
 
 from fleetvpn.net.endpoint import parse_endpoint
-from fleetvpn.net.keys import KeyFileError, generate_key, load_key
+from fleetvpn.net.keys import ROTATION_STEPS, KeyFileError, generate_key, load_key, rotate
 from fleetvpn.net.wire import KeyRing
 
 T = TypeVar("T")
@@ -83,6 +83,19 @@ def probe() -> None:
 def genkey() -> None:
     """Print a new fleet probe key (keep it in a file readable by root only)."""
     click.echo(generate_key())
+
+
+@probe.command("rotate-key")
+@click.argument("step", type=click.Choice(ROTATION_STEPS))
+@key_option
+def rotate_key(step: str, key_file: Path) -> None:
+    """One step of a fleet probe key rotation without a gap in probing: add (a new key,
+    accepted), promote (it seals), retire (the old one goes). Run each step on the controller
+    host and copy the file to every node before the next (playbooks/rotate-probe-key.yml)."""
+    try:
+        click.echo(rotate(key_file, step))
+    except KeyFileError as e:
+        raise click.ClickException(str(e)) from None
 
 
 @probe.command()

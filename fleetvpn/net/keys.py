@@ -65,3 +65,72 @@ def load_key(path: Path) -> KeyRing:
             raise KeyFileError(f"{where}: the same key twice")
         keys.append(key)
     return KeyRing(tuple(keys))
+
+
+# --- rotation -------------------------------------------------------------------------------
+
+ROTATION_STEPS = ("add", "promote", "retire")
+
+
+def rotate(path: Path, step: str) -> str:
+    """One step of a probe key rotation on the key file at ``path``; returns what it did (or
+    that it had nothing to do: every step may be run again). The new key waits in
+    ``PATH.next`` (mode 0600) from ``add`` to ``retire``:
+
+    - ``add``: a new key becomes the second line (accepted, not used);
+    - ``promote``: the new key becomes the first line (used; the others still accepted);
+    - ``retire``: the new key is the only line.
+
+    Each step must reach every node before the next starts (SECURITY.md). KeyFileError for a
+    file that is not a key ring, or a step out of order."""
+    if step not in ROTATION_STEPS:
+        raise ValueError(f"step must be one of {', '.join(ROTATION_STEPS)}, not {step!r}")
+    path = Path(path)
+    pending = path.with_name(path.name + ".next")
+    ring = load_key(path).keys
+    if step == "add":
+        if pending.exists():
+            new = load_key(pending).send
+            if ring[-1] == new or ring[0] == new:
+                return f"{path}: the new key is already in the ring ({len(ring)} keys)"
+        elif len(ring) != 1:
+            raise KeyFileError(
+                f"{path}: {len(ring)} keys and no {pending.name}: finish or undo the rotation "
+                "by hand first (one key per line, the sending key first)"
+            )
+        else:
+            new = base64.b64decode(generate_key())
+            _write_ring(pending, (new,))
+        if len(ring) >= MAX_KEYS:
+            raise KeyFileError(f"{path}: {len(ring)} keys already; at most {MAX_KEYS}")
+        _write_ring(path, (*ring, new))
+        return f"{path}: a new key added as line {len(ring) + 1} (accepted, not yet used)"
+    if not pending.exists():
+        if step == "retire" and len(ring) == 1:
+            return f"{path}: one key, no rotation under way"
+        raise KeyFileError(f"{path}: no {pending.name}: run the `add` step first")
+    new = load_key(pending).send
+    if new not in ring:
+        raise KeyFileError(f"{path}: the key in {pending.name} is not in the ring")
+    if step == "promote":
+        if ring[0] == new:
+            return f"{path}: the new key already seals ({len(ring)} keys accepted)"
+        _write_ring(path, (new, *(k for k in ring if k != new)))
+        return f"{path}: the new key now seals; the old one is still accepted"
+    _write_ring(path, (new,))
+    pending.unlink()
+    return f"{path}: the old key retired; the new key is the only one"
+
+
+def _write_ring(path: Path, keys: tuple[bytes, ...]) -> None:
+    """Atomically, mode 0600 whatever the umask."""
+    text = "".join(base64.b64encode(k).decode() + "\n" for k in keys)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)

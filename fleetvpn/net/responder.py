@@ -18,14 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
+import os
 import secrets
 import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import cast
 
 from fleetvpn.net import wire
+
+log = logging.getLogger("fleetvpn.responder")
 
 FIRE_SPACING_S = 0.033  # NatSearchConfig.copy_spacing_s must match
 RATE_PER_S = 400.0  # datagrams per second per source IP: a PMTU round is ~50 probes
@@ -125,6 +130,36 @@ class ResponderHandle:
 
 class _Sink(asyncio.DatagramProtocol):
     """The other-port socket only sends; whatever reaches it is dropped."""
+
+
+async def follow_key_file(path: Path, protocol: Responder, every_s: float = 5.0) -> None:
+    """Re-read the probe key file whenever it changes (a key rotation's step, written by
+    ``fleetvpn probe rotate-key`` or copied by Ansible) and answer with the new ring from then
+    on; a file that does not read as a key ring is logged and the last good ring kept. Runs
+    until cancelled."""
+    from fleetvpn.net.keys import KeyFileError, load_key
+
+    def signature() -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    seen = signature()
+    while True:
+        await asyncio.sleep(every_s)
+        now = signature()
+        if now == seen:
+            continue
+        seen = now
+        try:
+            ring = await asyncio.to_thread(load_key, path)
+        except KeyFileError as e:
+            log.warning("probe key not reloaded, the last good one kept: %s", e)
+            continue
+        protocol.key = ring
+        log.info("probe key reloaded from %s: %d key(s) accepted", path, len(ring.keys))
 
 
 async def serve(listen: Addr, key: wire.KeyLike) -> ResponderHandle:

@@ -17,8 +17,10 @@ import re
 import subprocess
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
+from fleetvpn.model import parse_time
 from tests.ansible.conftest import (
     BIN,
     FAST_AGENTS,
@@ -345,6 +347,43 @@ def test_inventory_plugin_reads_the_controller(ansible_lab: Ansible, tmp_path: A
     assert hv["hub"]["fleetvpn_endpoint"].endswith(":51820")
 
 
+def test_the_probe_key_rotates_without_a_gap_in_probing(ansible_lab: Ansible) -> None:
+    """playbooks/rotate-probe-key.yml: three steps, each on the controller host and then every
+    node; the controller's responder follows its key file and the agents reload theirs live,
+    so NAT measurements against the controller keep succeeding, with the new key after."""
+    etc = HOSTS_DIR / "controller/etc/fleetvpn"
+    (old,) = (etc / "probe.key").read_text().split()
+    logs = {h: HOSTS_DIR / h / "var/lib/fleetvpn/log/agent.log" for h in NODES}
+    sizes = {h: p.stat().st_size for h, p in logs.items()}
+    pids = {h: on(h, "cat", "/run/fleetvpn/agent.pid").strip() for h in NODES}
+    run = ansible_lab.playbook(
+        "rotate-probe-key.yml", "-e", CONVENTIONAL, "-e", FAST_AGENTS,
+        "-e", "fleetvpn_agent_log_level=debug",
+    )  # fmt: skip
+    assert run.returncode == 0, run.output[-5000:]
+    for said in ("a new key added as line 2", "the new key now seals", "the old key retired"):
+        assert said in run.output, run.output[-5000:]
+    finished = datetime.now(UTC)
+    (new,) = (etc / "probe.key").read_text().split()
+    assert new != old and not (etc / "probe.key.next").exists()
+    for host in NODES:
+        assert (HOSTS_DIR / host / "etc/fleetvpn/probe.key").read_text().split() == [new]
+    # Reloaded, not restarted.
+    assert {h: on(h, "cat", "/run/fleetvpn/agent.pid").strip() for h in NODES} == pids
+
+    def nat_measured_since() -> bool:
+        status = json.loads((HOSTS_DIR / "branch1/var/lib/fleetvpn/status.json").read_text())
+        nat = status.get("nat") or {}
+        return bool(nat.get("measured_at")) and parse_time(nat["measured_at"]) > finished
+
+    # The agents measure their NAT against the controller's responder every 30 s here.
+    wait_for("a NAT measurement with the new key", nat_measured_since, timeout_s=120)
+    for host, path in logs.items():
+        since = path.read_bytes()[sizes[host] :].decode(errors="replace")
+        assert "no authenticated reply" not in since, (host, since[-3000:])
+    STATE["old probe key"] = old
+
+
 def test_no_secret_in_any_output(ansible_lab: Ansible) -> None:
     secrets = {}
     for host in NODES:
@@ -356,6 +395,8 @@ def test_no_secret_in_any_output(ansible_lab: Ansible) -> None:
     etc = HOSTS_DIR / "controller/etc/fleetvpn"
     secrets["probe key"] = (etc / "probe.key").read_text()
     secrets["admin token"] = (etc / "admin.token").read_text()
+    if "old probe key" in STATE:
+        secrets["rotated-out probe key"] = STATE["old probe key"]
     secrets["fleet CA key"] = (etc / "tls/ca.key").read_text().split("-----")[2].split()[0]
     secrets["controller TLS key"] = (
         (etc / "tls/controller.key").read_text().split("-----")[2].split()[0]

@@ -128,3 +128,64 @@ def test_probing_never_stops_through_the_three_steps_of_a_key_rotation() -> None
     # two steps apart is where a rotation must not be: that pair cannot talk
     with pytest.raises(ProbeError, match="no authenticated reply"):
         asyncio.run(_pmtu_against_responder(old, KeyRing((new, b"x" * 32))))
+
+
+def test_a_rotation_s_steps_are_idempotent_and_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "probe.key"
+    keys.write_key(path)
+    (old,) = keys.load_key(path).keys
+    with pytest.raises(keys.KeyFileError, match="run the `add` step first"):
+        keys.rotate(path, "promote")
+    assert "added as line 2" in keys.rotate(path, "add")
+    new = keys.load_key(path).keys[1]
+    assert keys.load_key(path).keys == (old, new) and new != old
+    assert "already in the ring" in keys.rotate(path, "add")  # again: nothing more
+    assert keys.load_key(path).keys == (old, new)
+    assert "now seals" in keys.rotate(path, "promote")
+    assert "already seals" in keys.rotate(path, "promote")
+    assert keys.load_key(path).keys == (new, old)
+    assert "retired" in keys.rotate(path, "retire")
+    assert keys.load_key(path).keys == (new,)
+    assert "no rotation under way" in keys.rotate(path, "retire")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.key"]
+    assert path.stat().st_mode & 0o077 == 0
+    # a ring of several keys written by hand is not a rotation this command started
+    path.write_text(f"{keys.generate_key()}\n{keys.generate_key()}\n")
+    with pytest.raises(keys.KeyFileError, match="finish or undo the rotation"):
+        keys.rotate(path, "add")
+
+
+def test_a_running_responder_follows_its_key_file(tmp_path: Path) -> None:
+    """The controller's responder during a rotation: the key file changes under it, and it
+    answers with the new ring without a restart; a broken file keeps the last good ring."""
+    from fleetvpn.net.responder import follow_key_file
+
+    path = tmp_path / "probe.key"
+    old, new = keys.generate_key(), keys.generate_key()
+    path.write_text(old + "\n")
+
+    async def run() -> list[bool]:
+        handle = await serve(("127.0.0.1", 0), keys.load_key(path))
+        follow = asyncio.create_task(follow_key_file(path, handle.protocol, every_s=0.05))
+
+        async def answers(key: str) -> bool:
+            try:
+                await measure_pmtu(handle.address, base64.b64decode(key), timeout_s=3)
+            except ProbeError:
+                return False
+            return True
+
+        try:
+            seen = [await answers(new)]
+            path.write_text(f"{old}\n{new}\n")
+            await asyncio.sleep(0.3)
+            seen += [await answers(new), await answers(old)]
+            path.write_text("not a key\n")
+            await asyncio.sleep(0.3)
+            seen += [await answers(new)]
+            return seen
+        finally:
+            follow.cancel()
+            handle.close()
+
+    assert asyncio.run(run()) == [False, True, True, True]
