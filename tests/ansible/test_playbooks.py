@@ -61,6 +61,9 @@ def controller_json(*args: str) -> dict[str, Any]:
     proc = subprocess.run(
         [sys_python(), "-m", "fleetvpn", "lab", "exec", "-t", str(TOPOLOGY), "--name", LAB,
          "controller", "--", "env", "FLEETVPN_TOKEN_FILE=/etc/fleetvpn/admin.token",
+         # the lab's controller serves TLS (controller_tls): its certificate names 127.0.0.1
+         "FLEETVPN_CONTROLLER=https://127.0.0.1:8080",
+         "FLEETVPN_CA_FILE=/etc/fleetvpn/tls/ca.pem",
          FLEETVPN, *args, "--json"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
