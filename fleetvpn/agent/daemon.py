@@ -12,11 +12,12 @@ Life of an agent:
    half-applied one. Then the probe responder starts.
 2. The loop runs jittered jobs: ``desired`` (fetch, reconcile when ``apply``, save as last good
    after a clean apply; a failed apply was rolled back by the wg layer and is logged with the
-   step that failed), ``report`` (snapshot → spool → send in order), ``nat``, ``rtt`` (with a
-   full-size probe through the tunnel every ``FULL_SIZE_EVERY`` rounds: lost twice while the
-   small ones arrive, the peer is re-probed at once), one ``pmtu:PEER`` job per peer (see
-   probes.py for the directions), and a wg sample every ``SAMPLE_S`` that feeds the re-probe
-   triggers (endpoint changed, handshake stale).
+   step that failed), ``report`` (snapshot → spool → send in order), ``nat``, ``rtt``, a wg
+   sample every ``SAMPLE_S`` that feeds the re-probe triggers (endpoint changed, handshake
+   stale), and a light one (`wg show dump` only) every ``WATCH_SAMPLE_S`` for the path and NAT
+   watches of :mod:`~fleetvpn.agent.paths`: a standing PMTU search and black-hole watch per
+   peer with an endpoint (probes.py for the reverse direction), which lowers a route MTU at
+   once on a confirmed decrease (:mod:`~fleetvpn.agent.localmtu`) and reports it.
 3. Controller unreachable: nothing changes on the tunnel; reports queue in the spool (bounded)
    and leave in order when it answers again. A 429 (``client.Throttled``) holds every request
    to the controller (desired state, reports) until its Retry-After has passed; reports made
@@ -45,7 +46,6 @@ import logging
 import os
 import random
 import signal
-import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -57,15 +57,14 @@ from fleetvpn import grammar
 from fleetvpn.agent import client as api
 from fleetvpn.agent import startup
 from fleetvpn.agent.config import AgentConfig, ConfigError, load, reloaded
-from fleetvpn.agent.desired import Acceptance, Desired, DesiredError, PeerPlan
+from fleetvpn.agent.desired import Acceptance, Desired, DesiredError
+from fleetvpn.agent.paths import PathSupervisor
 from fleetvpn.agent.probes import (
     ResponderSet,
     hello_tag,
-    measure_forward,
-    measure_reverse,
-    measure_rtt,
     serve_responders,
 )
+from fleetvpn.agent.probing import ProbingJobs, _endpoint_text, resolve
 from fleetvpn.agent.replay import replay
 from fleetvpn.agent.report import (
     PathMtu,
@@ -74,10 +73,10 @@ from fleetvpn.agent.report import (
     configured_from,
     status_document,
 )
-from fleetvpn.agent.schedule import BlackHoleWatch, PeerWatch, ProbeBudget, Scheduler
+from fleetvpn.agent.schedule import PeerWatch, ProbeBudget, Scheduler
 from fleetvpn.agent.spool import Spool
 from fleetvpn.agent.startup import FatalError
-from fleetvpn.model import Family, NatMeasurement
+from fleetvpn.model import NatMeasurement
 from fleetvpn.net.keys import KeyFileError, load_key
 from fleetvpn.net.wire import KeyLike
 from fleetvpn.runner import Runner
@@ -86,37 +85,11 @@ from fleetvpn.wg.state import TunnelSpec, TunnelState
 log = logging.getLogger("fleetvpn.agent")
 
 SAMPLE_S: Final = 10.0  # wg show: handshakes, endpoints, counters (re-probe triggers)
-PMTU_TIMEOUT_S: Final = 30.0
+WATCH_SAMPLE_S: Final = 2.0  # wg show dump only: the path and NAT watches' evidence
 MAX_PMTU_RUNS: Final = 2  # at once, whatever the number of peers
-FULL_SIZE_EVERY: Final = 4  # a full-size tunnel probe every 4th RTT round (and after a loss)
-HELLO_REPEAT_S: Final = 60.0  # the first hello to a peer is sent again once, this much later
 
 
-async def resolve(endpoint: str) -> tuple[tuple[str, int] | None, str]:
-    """``endpoint`` (canonical, from the desired state) → ((address, port), "") or (None, why).
-    A DNS name is resolved by ``getaddrinfo`` in the loop's executor (never on the loop)."""
-    parsed = grammar.Endpoint.parse(endpoint)
-    if parsed.address is not None:
-        return (str(parsed.address), parsed.port), ""
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(str(parsed.host), parsed.port, type=socket.SOCK_DGRAM)
-    except (OSError, UnicodeError) as e:
-        return None, f"{parsed.host} does not resolve ({e})"
-    for _family, _type, _proto, _name, sockaddr in infos:
-        try:
-            address = grammar.ip_address(str(sockaddr[0]))
-        except grammar.GrammarError:
-            continue  # a scoped IPv6 address: not one the fleet can use
-        return (str(address), parsed.port), ""
-    return None, f"{parsed.host} resolves to no usable address"
-
-
-def _endpoint_text(address: str, port: int) -> str:
-    return str(grammar.Endpoint(grammar.ip_address(address), port))
-
-
-class Agent:
+class Agent(ProbingJobs):
     def __init__(self, config: AgentConfig, config_path: Path | None = None) -> None:
         self.config = config
         self.config_path = config_path
@@ -141,7 +114,8 @@ class Agent:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.pmtu_slots = asyncio.Semaphore(MAX_PMTU_RUNS)
         self.hellos_repeated: set[str] = set()
-        self.black_holes = BlackHoleWatch(every=FULL_SIZE_EVERY)
+        self.paths: PathSupervisor | None = None  # once the probe key is known (run)
+        self.apply_lock: asyncio.Lock | None = None
         self.wake = asyncio.Event()
         self.stopping = False
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -215,6 +189,11 @@ class Agent:
             self.config.probe.listen_port, self.probe_key, self._on_hello
         )
         self.responder.set_own_tag(hello_tag(self.public_key))
+        self.apply_lock = asyncio.Lock()
+        self.paths = PathSupervisor(self, key=self.probe_key,
+                                    probe_port=self.config.probe.listen_port,
+                                    upkeep_s=self.config.intervals.pmtu_s, budget=self.budget,
+                                    rng=self.rng, nated=self.config.endpoint is None)  # fmt: skip
         self.responder.set_on_unknown(self._on_unknown_hello)
         if self.desired is not None:
             self._adopt(self.desired)
@@ -241,6 +220,7 @@ class Agent:
         self.scheduler.add("desired", i.desired_s, now)
         self.scheduler.add("report", i.report_s, now, first_within_s=min(i.report_s, 5.0))
         self.scheduler.add("sample", SAMPLE_S, now, first_within_s=SAMPLE_S)
+        self.scheduler.add("watch", WATCH_SAMPLE_S, now, first_within_s=WATCH_SAMPLE_S)
         self.scheduler.add("rtt", i.rtt_s, now, first_within_s=min(i.rtt_s, 10.0))
         self.scheduler.add("status", 5.0, now, first_within_s=1.0)
         if self.config.probe.nat_responder is not None:
@@ -251,19 +231,10 @@ class Agent:
             self._schedule_peers(self.desired, now)
 
     def _schedule_peers(self, desired: Desired, now: float) -> None:
-        wanted = {f"pmtu:{p.name}" for p in desired.peers}
-        for name in [n for n in self.scheduler.jobs if n.startswith("pmtu:")]:
-            if name not in wanted:
-                self.scheduler.remove(name)
-        for peer in desired.peers:
-            name = f"pmtu:{peer.name}"
-            if name not in self.scheduler.jobs:
-                self.scheduler.add(
-                    name,
-                    self.config.intervals.pmtu_s,
-                    now,
-                    first_within_s=min(10.0, self.config.intervals.pmtu_s),
-                )
+        if self.paths is not None:
+            self.tasks["paths"] = asyncio.ensure_future(
+                self._guarded("paths", self.paths.sync(desired))
+            )
 
     def _start(self, job: str) -> None:
         if job in self.tasks and not self.tasks[job].done():
@@ -275,13 +246,10 @@ class Agent:
             "rtt": self._job_rtt,
             "nat": self._job_nat,
             "status": self._job_status,
+            "watch": self._job_watch,
+            "save": self._job_save,
         }
-        if job.startswith("pmtu:"):
-            peer = job.removeprefix("pmtu:")
-            coro: Awaitable[None] = self._job_pmtu(peer)
-        else:
-            coro = runs[job]()
-        self.tasks[job] = asyncio.ensure_future(self._guarded(job, coro))
+        self.tasks[job] = asyncio.ensure_future(self._guarded(job, runs[job]()))
 
     async def _guarded(self, job: str, coro: Awaitable[None]) -> None:
         try:
@@ -296,6 +264,7 @@ class Agent:
         if self._throttled("desired state"):
             return
         client = self._client()
+        fetched_at = time.monotonic()
         try:
             doc = await asyncio.to_thread(client.desired, self.node)
         except api.ControllerError as e:
@@ -309,6 +278,10 @@ class Agent:
             return
         self._adopt(desired)
         self._schedule_peers(desired, time.monotonic())
+        if self.paths is not None:
+            impl = self.state.implementation if self.state is not None else "userspace"
+            for line in self.paths.holds.review(desired.spec, desired.reasons, fetched_at, impl):
+                (log.warning if "corrected" in line else log.info)("%s", line)
         if self.config.apply:
             await self._apply(desired, save=True)
         else:
@@ -326,22 +299,32 @@ class Agent:
             self.responder.set_hello_tags({hello_tag(p.public_key): p.name for p in desired.peers})
 
     async def _apply(self, desired: Desired, *, save: bool) -> None:
+        started = datetime.now(UTC)
+        async with self.apply_lock or contextlib.nullcontext():
+            spec, reasons = desired.spec, desired.reasons
+            if self.paths is not None:  # a route lowered locally stays so (localmtu.py)
+                spec, reasons = self.paths.holds.capped(spec, reasons)
+            ok = await self._reconcile(await self._resolved(spec), reasons, started)
+        if save and ok:
+            await asyncio.to_thread(
+                startup.write_json, self.config.desired_file, dict(desired.document)
+            )
+
+    async def _reconcile(self, spec: TunnelSpec, reasons: Any, started: datetime) -> bool:
         from fleetvpn.wg.tunnel import ApplyError
 
-        started = datetime.now(UTC)
-        spec = await self._resolved(desired.spec)
         try:
-            changes = await asyncio.to_thread(self.tunnel.reconcile, spec, desired.reasons)
+            changes = await asyncio.to_thread(self.tunnel.reconcile, spec, reasons)
         except ApplyError as e:
             log.error("apply failed and was rolled back: %s", e)
             self.last_apply = {"at": started.isoformat(), "ok": False, "error": str(e),
                                "changes": []}  # fmt: skip
-            return
+            return False
         except Exception as e:
             log.error("apply failed: %s", e)
             self.last_apply = {"at": started.isoformat(), "ok": False, "error": str(e),
                                "changes": []}  # fmt: skip
-            return
+            return False
         # The wg layer logged each change with its reason as it applied it.
         if changes or self.last_apply is None:
             self.last_apply = {
@@ -350,10 +333,7 @@ class Agent:
                 "error": None,
                 "changes": [f"{c.summary} — {c.reason}" for c in changes],
             }
-        if save:
-            await asyncio.to_thread(
-                startup.write_json, self.config.desired_file, dict(desired.document)
-            )
+        return True
 
     async def _resolved(self, spec: TunnelSpec) -> TunnelSpec:
         """``spec`` with every DNS endpoint replaced by its address (module docstring, 3.)."""
@@ -415,17 +395,16 @@ class Agent:
 
     async def _job_sample(self) -> None:
         await self._sample()
-        now = time.monotonic()
         for obs in self._observations():
             age = time.time() - obs.latest_handshake if obs.latest_handshake else None
             why = self.watch.observe(obs.name, obs.endpoint, age)
-            if why is not None:
+            if why is not None and self.paths is not None:
                 log.info("re-probe %s: %s", obs.name, why)
-                self.scheduler.trigger(f"pmtu:{obs.name}", now, within_s=5.0)
-                self.wake.set()
+                self.paths.recheck(obs.name, why)
 
     async def _job_report(self) -> None:
         await self._sample()
+        built_at = time.monotonic()
         if self.site is None:
             return
         names = {p.public_key: p.name for p in self.desired.peers} if self.desired else {}
@@ -451,6 +430,8 @@ class Agent:
         )
         if sent:
             self._controller_ok()
+            if self.paths is not None and not len(self.spool):
+                self.paths.reported(built_at)
             if sent > 1:
                 log.info("replayed %d spooled reports in order", sent)
         await self._job_status()
@@ -476,141 +457,6 @@ class Agent:
         await asyncio.to_thread(
             startup.write_json, self.config.status_file, doc, 0o644, durable=False
         )
-
-    async def _job_nat(self) -> None:
-        from fleetvpn.net.natprobe import measure_nat
-        from fleetvpn.net.pmtuprobe import ProbeError
-
-        target = self.config.probe.nat_responder
-        if target is None:
-            return
-        try:
-            result = await measure_nat(
-                target, self.probe_key, max_lifetime_s=self.config.probe.nat_max_lifetime_s
-            )
-        except (ProbeError, OSError) as e:
-            log.warning("NAT measurement against %s:%d failed: %s", *target, e)
-            return
-        self.nat = NatMeasurement(
-            measured_at=datetime.now(UTC).replace(microsecond=0),
-            nat=result.nat,
-            stateful_filter=result.stateful_filter,
-            mapped_address=result.mapped_address,
-            mapping_lifetime_s=result.mapping_lifetime_s,
-            resolution_s=result.resolution_s,
-            max_lifetime_s=self.config.probe.nat_max_lifetime_s,
-        )
-        log.info("NAT: %s", result.reason)
-        await asyncio.to_thread(startup.save_measurements, self.config, dict(self.pmtu), self.nat)
-
-    async def _job_rtt(self) -> None:
-        if self.desired is None:
-            return
-        port = self.config.probe.listen_port
-        peers = [p for p in self.desired.peers if p.tunnel_ipv4]
-
-        async def one(plan: PeerPlan) -> None:
-            full = self._full_size(plan) if self.black_holes.want_full_size(plan.name) else None
-            try:
-                rtt = await measure_rtt((plan.tunnel_ipv4 or "", port), self.probe_key,
-                                        full_size=full)  # fmt: skip
-            except OSError:
-                return
-            self.rtt[plan.name] = rtt
-            if rtt.full_size is None or rtt.full_size_lost is None:
-                return
-            why = self.black_holes.observe(
-                plan.name, rtt.full_size, rtt.full_size_lost, rtt.rtt_s is not None
-            )
-            if why is not None:
-                log.warning("re-probe %s: %s", plan.name, why)
-                self.scheduler.trigger(f"pmtu:{plan.name}", time.monotonic(), within_s=2.0)
-                self.wake.set()
-
-        await asyncio.gather(*(one(p) for p in peers))
-
-    def _full_size(self, plan: PeerPlan) -> int | None:
-        """The route MTU towards ``plan``'s tunnel address as applied (None: no tunnel)."""
-        if self.state is None:
-            return None
-        status = self.state.peer(plan.public_key)
-        if status is None or not status.latest_handshake:
-            return None
-        for cidr in status.allowed_ips:
-            mtu = self.state.route_mtus.get(cidr)
-            if mtu is not None:
-                return mtu
-        return self.state.mtu
-
-    async def _job_pmtu(self, peer: str) -> None:
-        plan = (
-            next((p for p in self.desired.peers if p.name == peer), None) if self.desired else None
-        )
-        if plan is None or plan.endpoint is None:
-            return  # it dials us: it asks for a reverse run with a hello (probes.py)
-        why_not = self.budget.allow(peer, time.monotonic())
-        if why_not is not None:
-            log.info("PMTU towards %s postponed: %s", peer, why_not)
-            return
-        address, why = await resolve(plan.endpoint)
-        if address is None:
-            log.warning("PMTU towards %s skipped: %s", peer, why)
-            return
-        target = (address[0], self.config.probe.listen_port)
-        await self._measure(peer, target, "forward")
-        if self.config.endpoint is None and self.responder is not None:
-            self.responder.send_hello(target)  # "probe me back": b → this node
-            if peer not in self.hellos_repeated:  # a peer that learns of us later gets a 2nd
-                self.hellos_repeated.add(peer)
-                asyncio.get_running_loop().call_later(
-                    HELLO_REPEAT_S, self.responder.send_hello, target
-                )
-
-    def _on_unknown_hello(self) -> None:
-        """A hello from a node not in our desired state yet: fetch it now (probes.py)."""
-        self.scheduler.trigger("desired", time.monotonic())
-        self.wake.set()
-
-    def _on_hello(self, peer: str, addr: tuple[str, int]) -> None:
-        if self.stopping:
-            return
-        why_not = self.budget.allow(peer, time.monotonic())
-        if why_not is not None:
-            log.debug("hello from %s at %s:%d ignored: %s", peer, *addr, why_not)
-            return
-        key = f"reverse:{peer}"
-        if key in self.tasks and not self.tasks[key].done():
-            return
-        self.tasks[key] = asyncio.ensure_future(
-            self._guarded(key, self._measure(peer, addr, "reverse"))
-        )
-
-    async def _measure(self, peer: str, target: tuple[str, int], how: str) -> None:
-        from fleetvpn.net.pmtuprobe import ProbeError
-
-        self.budget.spend(peer, time.monotonic())
-        async with self.pmtu_slots:
-            try:
-                if how == "reverse":
-                    result = await measure_reverse(
-                        target, self.probe_key, self.config.probe.listen_port, PMTU_TIMEOUT_S
-                    )
-                else:
-                    result = await measure_forward(target, self.probe_key, PMTU_TIMEOUT_S)
-            except (ProbeError, OSError) as e:
-                log.warning("PMTU %s → %s (%s %s:%d) failed: %s", self.node, peer, how, *target, e)
-                return
-        family: Family = 6 if result.family == 6 else 4
-        before = self.pmtu.get(peer)
-        self.pmtu[peer] = PathMtu(family, result.path_mtu, result.icmp_seen, time.time(), how,
-                                  result.reason)  # fmt: skip
-        await asyncio.to_thread(startup.save_measurements, self.config, dict(self.pmtu), self.nat)
-        if before is None or before.path_mtu != result.path_mtu:
-            log.info("path MTU %s → %s: %d (%s, IPv%d, %d probes, %.2f s): %s", self.node, peer,
-                     result.path_mtu, how, family, result.probes_sent, result.elapsed_s,
-                     result.reason)  # fmt: skip
-        if before is not None and before.path_mtu != result.path_mtu:
-            self._start("report")  # a changed path: tell the controller now
 
     # --- signals ----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -640,8 +486,8 @@ class Agent:
         i = new.intervals
         for job, period in (("desired", i.desired_s), ("report", i.report_s), ("rtt", i.rtt_s)):
             self.scheduler.set_period(job, period, now)
-        for job in [n for n in self.scheduler.jobs if n.startswith("pmtu:")]:
-            self.scheduler.set_period(job, i.pmtu_s, now)
+        if self.paths is not None:
+            self.paths.set_key(self.probe_key)  # intervals.pmtu_s: at the next restart
         if new.probe.nat_responder is not None:
             if "nat" in self.scheduler.jobs:
                 self.scheduler.set_period("nat", new.intervals.nat_s, now)
@@ -661,6 +507,8 @@ class Agent:
                 await task
         for transport in self.transports:
             transport.close()
+        if self.paths is not None:
+            self.paths.close()
         if self.config.on_stop == "down" and self.tunnel is not None:
             log.info("on_stop: down: removing %s", self.config.interface)
             with contextlib.suppress(Exception):

@@ -8,7 +8,8 @@ responder — not when a is behind a NAT or a stateful firewall. The agents clos
 themselves, without the controller:
 
 1. Forward: every node probes each peer that has an endpoint (is dialable) on the peer's probe
-   port, from an ephemeral port; its NAT lets the acks back in.
+   port, from an ephemeral port; its NAT lets the acks back in. That search is long-lived and
+   watched between conclusions (:mod:`fleetvpn.agent.paths`).
 2. Reverse ("probe me back"): a node without an endpoint of its own, after probing a dialable
    peer b, sends b a *hello* from its responder's socket: an authenticated BINDING_REQUEST
    whose txn is :func:`hello_tag` of its WireGuard public key. That packet opens a mapping
@@ -195,12 +196,6 @@ async def serve_responders(
     except OSError:  # no IPv6 on this host: IPv4 only
         pass
     return ResponderSet(v4, v6), transports
-
-
-async def measure_forward(
-    target: tuple[str, int], key: wire.KeyLike, timeout_s: float
-) -> PmtuReport:
-    return await measure_pmtu(target, key, timeout_s=timeout_s)
 
 
 async def measure_reverse(

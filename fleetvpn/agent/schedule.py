@@ -10,13 +10,9 @@ sans-clock: every method takes ``now`` (seconds, any monotonic origin); randomne
   up: its WireGuard endpoint changed (NAT rebinding, roaming: a new path), or its handshake went
   stale (older than 180 s, REJECT_AFTER_TIME: the path may have broken). Each decision carries
   its reason.
-- :class:`BlackHoleWatch` — when an RTT round also carries a full-size probe through the tunnel
-  (the route MTU towards the peer): every ``every``-th round per peer, and every round after a
-  loss; ``confirm`` losses in a row while the small probes arrive mean the path no longer
-  carries the configured MTU (a black hole opened under it): re-probe now, with that reason.
-- :class:`ProbeBudget` — bounds PMTU runs per peer: at most ``max_per_hour`` in any sliding hour
-  and at least ``min_gap_s`` apart, whatever triggers them (schedule, re-probes, a peer asking
-  to be probed back).
+- :class:`ProbeBudget` — bounds PMTU searches per peer: at most ``max_per_hour`` in any sliding
+  hour and at least ``min_gap_s`` apart, whatever triggers them (the path watch, re-probes, a
+  peer asking to be probed back); ``next_allowed`` says when the next one may start.
 """
 
 from __future__ import annotations
@@ -125,32 +121,16 @@ class ProbeBudget:
             return f"{len(runs)} PMTU runs towards {peer} in the last hour (the bound)"
         return None
 
+    def next_allowed(self, peer: str, now: float) -> float:
+        """The earliest time at or after ``now`` when :meth:`allow` says yes (no new spending)."""
+        runs = self.runs.get(peer) or deque()
+        at = now
+        if runs:
+            at = max(at, runs[-1] + self.min_gap_s)
+        recent = [t for t in runs if t > now - 3600.0]
+        if len(recent) >= self.max_per_hour:
+            at = max(at, recent[len(recent) - self.max_per_hour] + 3600.0)
+        return at
+
     def spend(self, peer: str, now: float) -> None:
         self.runs.setdefault(peer, deque()).append(now)
-
-
-@dataclass
-class BlackHoleWatch:
-    every: int = 4
-    confirm: int = 2
-    rounds: dict[str, int] = field(default_factory=dict)
-    losses: dict[str, int] = field(default_factory=dict)
-
-    def want_full_size(self, peer: str) -> bool:
-        """Whether this round towards ``peer`` carries a full-size probe (counts the round)."""
-        n = self.rounds.get(peer, 0)
-        self.rounds[peer] = n + 1
-        return self.losses.get(peer, 0) > 0 or n % self.every == 0
-
-    def observe(self, peer: str, full_size: int, lost: bool, small_arrived: bool) -> str | None:
-        """Record a round with a full-size probe; return why to re-probe now, or None."""
-        if not lost or not small_arrived:  # fits, or the peer is not answering at all
-            self.losses[peer] = 0
-            return None
-        self.losses[peer] = self.losses.get(peer, 0) + 1
-        if self.losses[peer] != self.confirm:
-            return None
-        return (
-            f"a {full_size}-byte probe through the tunnel to {peer} was lost {self.confirm} times "
-            "in a row while small ones arrived: the path no longer carries the configured MTU"
-        )

@@ -6,7 +6,7 @@ import itertools
 import random
 import statistics
 
-from fleetvpn.agent.schedule import BlackHoleWatch, PeerWatch, ProbeBudget, Scheduler
+from fleetvpn.agent.schedule import PeerWatch, ProbeBudget, Scheduler
 
 
 def run_until(s: Scheduler, end: float, step: float = 0.5) -> dict[str, list[float]]:
@@ -98,20 +98,3 @@ def test_probe_budget_bounds_runs_per_peer() -> None:
     reason = b.allow("hub", 1.0 + started[-1])
     assert reason is not None and "< 30 s" in reason
     assert b.allow("cloud1", 0.0) is None  # per peer
-
-
-def test_black_hole_watch_probes_full_size_every_4th_round_and_confirms_a_loss() -> None:
-    w = BlackHoleWatch(every=4, confirm=2)
-    rounds = [w.want_full_size("hub") for _ in range(8)]
-    assert rounds == [True, False, False, False, True, False, False, False]
-    assert w.observe("hub", 1340, lost=False, small_arrived=True) is None
-    # one loss: not yet a verdict, but the next round carries a full-size probe again
-    assert w.observe("hub", 1340, lost=True, small_arrived=True) is None
-    assert w.want_full_size("hub") is True
-    why = w.observe("hub", 1340, lost=True, small_arrived=True)
-    assert why is not None and "1340-byte probe through the tunnel to hub was lost 2 times" in why
-    assert w.observe("hub", 1340, lost=True, small_arrived=True) is None  # said once
-    # everything lost (peer down, not a black hole): no verdict, the count starts again
-    w.observe("hub", 1340, lost=True, small_arrived=False)
-    assert w.observe("hub", 1340, lost=True, small_arrived=True) is None
-    assert w.want_full_size("cloud1") is True  # per peer
