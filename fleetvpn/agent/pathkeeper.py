@@ -27,15 +27,17 @@ Who does what: the watch does the upkeep (the value, value + 1, every ``upkeep_s
 black-hole watch; the search runs only when the watch asks (decrease: search below the lost
 size; increase: search above the acked size; the long schedule: from scratch) — its own
 maintenance checks are never run (its timer is ignored once it is done). Every search start
-passes the :class:`~fleetvpn.agent.schedule.ProbeBudget` (shared with reverse runs); a refused
-one waits for the budget (a later request replaces it; a decrease outranks the rest).
+passes the :class:`~fleetvpn.agent.schedule.ProbeBudget` (shared with reverse runs) and takes
+one of the :class:`SearchSlots` shared by every peer (a fleet of searches at once loses its own
+probes in the bursts); a refused one waits (for the budget, or 1 s for a slot; a later request
+replaces it; a decrease outranks the rest).
 """
 
 from __future__ import annotations
 
 import random
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from fleetvpn.agent.schedule import ProbeBudget
@@ -84,6 +86,24 @@ class Note:
 KeeperAction = LowerNow | Measured | Unreachable | Note
 
 _RANK: Final = {"below": 2, "full": 1, "above": 0}
+SLOT_RETRY_S: Final = 1.0
+
+
+@dataclass
+class SearchSlots:
+    """At most ``size`` searches at once, whatever the number of peers."""
+
+    size: int = 2
+    busy: set[str] = field(default_factory=set)
+
+    def take(self, peer: str) -> bool:
+        if peer not in self.busy and len(self.busy) >= self.size:
+            return False
+        self.busy.add(peer)
+        return True
+
+    def give(self, peer: str) -> None:
+        self.busy.discard(peer)
 
 
 @dataclass(slots=True)
@@ -108,10 +128,12 @@ class PathKeeper:
         upkeep_s: float = 600.0,
         full_search_s: float = 86400.0,
         probes_per_round: int = 15,
+        slots: SearchSlots | None = None,
     ) -> None:
         self.peer = peer
         self.family = family
         self._budget = budget
+        self._slots = slots if slots is not None else SearchSlots()
         rng = rng if rng is not None else random.Random()
         self._search = PmtuSearch(
             family,
@@ -216,9 +238,18 @@ class PathKeeper:
 
     # ----------------------------------------------------------------- internals
 
+    def close(self) -> None:
+        """The peer is gone: give back the search slot."""
+        self._slots.give(self.peer)
+
     def _request(self, now: float, kind: SearchKind, size: int, reason: str) -> None:
         if self.searching and kind != "below":
             return  # the running search answers it too
+        if not self._slots.take(self.peer):
+            pending = self._pending
+            if pending is None or _RANK[kind] >= _RANK[pending.kind]:
+                self._pending = _Request(kind, size, reason, now + SLOT_RETRY_S)
+            return
         why_not = self._budget.allow(self.peer, now)
         if why_not is not None:
             pending = self._pending
@@ -228,6 +259,7 @@ class PathKeeper:
                 self._actions.append(
                     Note(f"search ({reason}) postponed {at - now:.0f} s: {why_not}")
                 )
+            self._slots.give(self.peer)
             return
         self._budget.spend(self.peer, now)
         self._trigger, self._started_at = reason, now
@@ -260,5 +292,7 @@ class PathKeeper:
                     Measured(found.path_mtu, previous, found.probes_sent, found.elapsed_s, why)
                 )
                 previous = found.path_mtu
+                self._slots.give(self.peer)
             elif isinstance(found, PmtuBelowFloor):
                 self._actions.append(Unreachable(f"{self._trigger}: {found.reason}"))
+                self._slots.give(self.peer)

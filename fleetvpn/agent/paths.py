@@ -24,7 +24,7 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from fleetvpn.agent.desired import Desired
 from fleetvpn.agent.localmtu import LocalHolds
@@ -34,6 +34,7 @@ from fleetvpn.agent.pathkeeper import (
     Measured,
     Note,
     PathKeeper,
+    SearchSlots,
     Unreachable,
 )
 from fleetvpn.agent.pathwatch_adapter import PeerPathAdapter, local_ceiling, probe_socket
@@ -43,6 +44,8 @@ from fleetvpn.net import wire
 from fleetvpn.wg.state import PeerStatus, TunnelSpec
 
 log = logging.getLogger("fleetvpn.agent")
+
+MAX_SEARCHES: Final = 2  # PMTU searches at once, whatever the number of peers
 
 
 class AgentPort(Protocol):
@@ -86,6 +89,7 @@ class PathSupervisor:
         self.peers: dict[str, _Peer] = {}
         self.nat_watches: dict[str, NatWatch] = {}
         self.holds = LocalHolds()
+        self.slots = SearchSlots(MAX_SEARCHES)
         # wall clock → monotonic, fixed once: a handshake time must map to the same value in
         # every sample (the watches compare them), so the offset is not re-read each time
         self.clock_offset = time.time() - time.monotonic()
@@ -137,6 +141,7 @@ class PathSupervisor:
             budget=self.budget,
             rng=random.Random(self.rng.getrandbits(64)),
             upkeep_s=self.upkeep_s,
+            slots=self.slots,
         )
         adapter = PeerPathAdapter(keeper, sock, self.key, self._on_action)
         self.peers[peer] = _Peer(endpoint, target, adapter)

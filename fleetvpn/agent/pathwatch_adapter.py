@@ -102,6 +102,7 @@ class PeerPathAdapter:
         if self._closed:
             return
         self._closed = True
+        self.keeper.close()
         if self._timer is not None:
             self._timer.cancel()
         with contextlib.suppress(ValueError, OSError):

@@ -13,7 +13,14 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fleetvpn.agent.pathkeeper import LowerNow, Measured, Note, PathKeeper, Unreachable
+from fleetvpn.agent.pathkeeper import (
+    LowerNow,
+    Measured,
+    Note,
+    PathKeeper,
+    SearchSlots,
+    Unreachable,
+)
 from fleetvpn.agent.schedule import ProbeBudget
 
 
@@ -139,3 +146,28 @@ def test_probe_budget_next_allowed() -> None:
     b.spend("hub", 100.0)
     assert b.next_allowed("hub", 200.0) == 3600.0
     assert b.allow("hub", 3599.0) is not None and b.allow("hub", 3600.0) is None
+
+
+def test_idle_upkeep_costs_under_20_kb_per_hour() -> None:
+    """Issue 12 item 7: PMTU upkeep and black-hole watch < 20 kB per peer per hour, idle."""
+    sim = Sim(mtu_at=lambda t: 1400)
+    keeper = sim.run(6 * 3600.0)
+    per_hour = keeper.watch_bytes_sent / 6
+    assert per_hour < 20_000, per_hour
+    assert len(sim.of(Measured)) == 1  # no search after the first one
+
+
+def test_search_slots_serialise_the_searches_of_many_peers() -> None:
+    slots = SearchSlots(1)
+    budget = ProbeBudget()
+    a = PathKeeper("a", family=4, ceiling=1500, budget=budget, rng=random.Random(1), slots=slots)
+    b = PathKeeper("b", family=4, ceiling=1500, budget=budget, rng=random.Random(2), slots=slots)
+    a.start(0.0)
+    b.start(0.0)
+    assert a.probes_to_send(0.0) and not b.probes_to_send(0.0)
+    assert b.get_timer() == 1.0
+    b.handle_timer(1.0)
+    assert not b.probes_to_send(1.0)  # a still searches
+    a.close()  # a peer removed mid-search gives its slot back
+    b.handle_timer(2.0)
+    assert b.probes_to_send(2.0)
