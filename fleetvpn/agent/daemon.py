@@ -482,6 +482,9 @@ class Agent(ProbingJobs):
             self.probe_key = load_key(new.probe.key_file)
         except KeyFileError as e:
             log.error("SIGHUP: probe.key_file: %s; keeping the old probe key", e)
+        else:
+            if self.responder is not None:  # it answers peers: the new ring at once
+                self.responder.set_key(self.probe_key)
         now = time.monotonic()
         i = new.intervals
         for job, period in (("desired", i.desired_s), ("report", i.report_s), ("rtt", i.rtt_s)):

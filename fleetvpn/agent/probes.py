@@ -179,6 +179,12 @@ class ResponderSet:
         for r in self._all():
             r.own_tag = tag
 
+    def set_key(self, key: wire.KeyLike) -> None:
+        """A reloaded probe key ring (SIGHUP during a rotation): what peers send with the new
+        key is answered, and hellos are sealed with it."""
+        for r in self._all():
+            r.set_key(key)
+
     def send_hello(self, target: tuple[str, int]) -> None:
         responder = self.v6 if ":" in target[0] else self.v4
         if responder is not None:

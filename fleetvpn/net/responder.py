@@ -60,6 +60,12 @@ class Responder(asyncio.DatagramProtocol):
         self.other: asyncio.DatagramTransport | None = None  # fires "from another port"
         self._armed: OrderedDict[Addr, list[asyncio.TimerHandle]] = OrderedDict()
 
+    def set_key(self, key: wire.KeyLike) -> None:
+        """A new key ring (a rotation's step): accepted at once, and it seals what this
+        responder sends on its own (replies carry the key of their request)."""
+        self.key = key
+        self.sealer.rekey(key)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
 
@@ -158,7 +164,7 @@ async def follow_key_file(path: Path, protocol: Responder, every_s: float = 5.0)
         except KeyFileError as e:
             log.warning("probe key not reloaded, the last good one kept: %s", e)
             continue
-        protocol.key = ring
+        protocol.set_key(ring)
         log.info("probe key reloaded from %s: %d key(s) accepted", path, len(ring.keys))
 
 

@@ -294,6 +294,11 @@ class Sealer:
         self.sender_id = sender_id
         self._counter = first_counter
 
+    def rekey(self, key: KeyLike) -> None:
+        """Seal with ``key`` (its ring's first key) from now on; the same sender id and
+        counter, so receivers' replay windows carry on."""
+        self._key = bytes(_keys(key)[0])
+
     def seal(
         self,
         body: Body,

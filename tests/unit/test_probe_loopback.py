@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fleetvpn.net import dfsock, keys
+from fleetvpn.net import dfsock, keys, wire
 from fleetvpn.net.endpoint import parse_endpoint
 from fleetvpn.net.natprobe import measure_nat
 from fleetvpn.net.pmtuprobe import ProbeError, measure_pmtu
@@ -189,3 +189,21 @@ def test_a_running_responder_follows_its_key_file(tmp_path: Path) -> None:
             handle.close()
 
     assert asyncio.run(run()) == [False, True, True, True]
+
+
+def test_a_responder_given_a_new_ring_answers_it_and_seals_with_it() -> None:
+    """An agent's responder reloaded on SIGHUP during a rotation (it once kept the key it
+    started with: after `promote`, peers' probes sealed with the new key went unanswered)."""
+    old, new = b"o" * 32, b"n" * 32
+
+    async def run() -> tuple[bool, bytes]:
+        handle = await serve(("127.0.0.1", 0), old)
+        try:
+            handle.protocol.set_key(KeyRing((new, old)))
+            await measure_pmtu(handle.address, new, timeout_s=5)
+            sealed = handle.protocol.sealer.seal(wire.BindingRequest(1), 1.0)
+            return True, wire.decode_keyed(sealed, KeyRing((old, new)))[1]
+        finally:
+            handle.close()
+
+    assert asyncio.run(run()) == (True, new)
