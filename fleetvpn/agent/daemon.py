@@ -77,8 +77,8 @@ from fleetvpn.agent.schedule import PeerWatch, ProbeBudget, Scheduler
 from fleetvpn.agent.spool import Spool
 from fleetvpn.agent.startup import FatalError
 from fleetvpn.model import NatMeasurement
-from fleetvpn.net.keys import KeyFileError, load_key
-from fleetvpn.net.wire import KeyLike
+from fleetvpn.net.keys import KeyFileError, KeyFollower, load_key
+from fleetvpn.net.wire import KeyLike, KeyRing
 from fleetvpn.runner import Runner
 from fleetvpn.wg.state import TunnelSpec, TunnelState
 
@@ -103,6 +103,7 @@ class Agent(ProbingJobs):
         self.token: str | None = None
         self.public_key = ""
         self.probe_key: KeyLike = b""
+        self.keys: KeyFollower | None = None  # the probe key file's ring and retired keys
         self.pmtu: dict[str, PathMtu] = {}
         self.rtt: dict[str, Any] = {}
         self.nat: NatMeasurement | None = None
@@ -171,6 +172,7 @@ class Agent(ProbingJobs):
                              (signal.SIGHUP, self.reload)):  # fmt: skip
             loop.add_signal_handler(sig, handler)
         self.public_key, self.probe_key = startup.prepare_keys(self.config)
+        self.keys = KeyFollower(self.probe_key)
         self.tunnel = self._make_tunnel()
         self.pmtu, self.nat = startup.load_measurements(self.config)
         last_good = startup.load_last_good(self.config)
@@ -465,6 +467,25 @@ class Agent(ProbingJobs):
         self.stopping = True
         self.wake.set()
 
+    def _use_keys(self, ring: KeyRing) -> None:
+        """The probe key ring from now on (a rotation's step; a retired key's grace over):
+        for the responder at once, for probes from their next run. While a key the file
+        dropped is still accepted, come back when its grace ends."""
+        if ring == self.probe_key:
+            return
+        self.probe_key = ring
+        if self.responder is not None:
+            self.responder.set_key(ring)
+        if self.paths is not None:
+            self.paths.set_key(ring)
+        keys = self.keys
+        expiry = keys.next_expiry() if keys is not None else None
+        if keys is not None and expiry is not None:
+            asyncio.get_running_loop().call_later(
+                expiry - time.monotonic() + 1.0,
+                lambda: self._use_keys(keys.ring(time.monotonic())),
+            )
+
     def reload(self) -> None:
         if self.config_path is None:
             return
@@ -479,18 +500,17 @@ class Agent(ProbingJobs):
         self.config = new
         logging.getLogger("fleetvpn").setLevel(new.log_level.upper())
         try:
-            self.probe_key = load_key(new.probe.key_file)
+            ring = load_key(new.probe.key_file)
         except KeyFileError as e:
             log.error("SIGHUP: probe.key_file: %s; keeping the old probe key", e)
         else:
-            if self.responder is not None:  # it answers peers: the new ring at once
-                self.responder.set_key(self.probe_key)
+            self.keys = self.keys or KeyFollower(ring)
+            self._use_keys(self.keys.update(ring, time.monotonic()))
         now = time.monotonic()
         i = new.intervals
         for job, period in (("desired", i.desired_s), ("report", i.report_s), ("rtt", i.rtt_s)):
             self.scheduler.set_period(job, period, now)
-        if self.paths is not None:
-            self.paths.set_key(self.probe_key)  # intervals.pmtu_s: at the next restart
+        # intervals.pmtu_s: at the next restart
         if new.probe.nat_responder is not None:
             if "nat" in self.scheduler.jobs:
                 self.scheduler.set_period("nat", new.intervals.nat_s, now)

@@ -134,3 +134,38 @@ def _write_ring(path: Path, keys: tuple[bytes, ...]) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+RETIRED_GRACE_S = 600.0
+
+
+class KeyFollower:
+    """What a running process accepts while its key file changes under it: the file's ring,
+    plus the keys the file dropped less than ``grace_s`` ago — accepted, never sealing — so a
+    measurement sealed with a retired key before the rotation reached its sender (a NAT search
+    lasts up to minutes) still finishes. Pure: ``now`` comes in (any monotonic clock)."""
+
+    def __init__(self, ring: KeyRing, grace_s: float = RETIRED_GRACE_S) -> None:
+        self.file_ring = ring
+        self.grace_s = grace_s
+        self.retired: dict[bytes, float] = {}  # key -> when the file dropped it
+
+    def update(self, ring: KeyRing, now: float) -> KeyRing:
+        """The file now holds ``ring``; returns what to accept from now on."""
+        for key in self.file_ring.keys:
+            if key not in ring.keys:
+                self.retired[key] = now
+        for key in ring.keys:
+            self.retired.pop(key, None)
+        self.file_ring = ring
+        return self.ring(now)
+
+    def ring(self, now: float) -> KeyRing:
+        self.retired = {k: t for k, t in self.retired.items() if now - t < self.grace_s}
+        newest_first = sorted(self.retired, key=self.retired.__getitem__, reverse=True)
+        room = MAX_KEYS - len(self.file_ring.keys)
+        return KeyRing(self.file_ring.keys + tuple(newest_first[:room]))
+
+    def next_expiry(self) -> float | None:
+        """When the ring next shrinks (a retired key's grace ends), or None."""
+        return min(self.retired.values()) + self.grace_s if self.retired else None

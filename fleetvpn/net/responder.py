@@ -141,9 +141,14 @@ class _Sink(asyncio.DatagramProtocol):
 async def follow_key_file(path: Path, protocol: Responder, every_s: float = 5.0) -> None:
     """Re-read the probe key file whenever it changes (a key rotation's step, written by
     ``fleetvpn probe rotate-key`` or copied by Ansible) and answer with the new ring from then
-    on; a file that does not read as a key ring is logged and the last good ring kept. Runs
-    until cancelled."""
-    from fleetvpn.net.keys import KeyFileError, load_key
+    on — a key the file dropped still accepted for its grace (:class:`KeyFollower`); a file
+    that does not read as a key ring is logged and the last good ring kept. Runs until
+    cancelled."""
+    from fleetvpn.net.keys import KeyFileError, KeyFollower, load_key
+
+    loop = asyncio.get_running_loop()
+    key = protocol.key
+    follower = KeyFollower(key if isinstance(key, wire.KeyRing) else wire.KeyRing((key,)))
 
     def signature() -> tuple[int, int, int] | None:
         try:
@@ -155,17 +160,22 @@ async def follow_key_file(path: Path, protocol: Responder, every_s: float = 5.0)
     seen = signature()
     while True:
         await asyncio.sleep(every_s)
+        accepted = follower.ring(loop.time())
         now = signature()
-        if now == seen:
-            continue
-        seen = now
-        try:
-            ring = await asyncio.to_thread(load_key, path)
-        except KeyFileError as e:
-            log.warning("probe key not reloaded, the last good one kept: %s", e)
-            continue
-        protocol.set_key(ring)
-        log.info("probe key reloaded from %s: %d key(s) accepted", path, len(ring.keys))
+        if now != seen:
+            seen = now
+            try:
+                ring = await asyncio.to_thread(load_key, path)
+            except KeyFileError as e:
+                log.warning("probe key not reloaded, the last good one kept: %s", e)
+            else:
+                accepted = follower.update(ring, loop.time())
+                log.info(
+                    "probe key reloaded from %s: %d key(s), %d retired one(s) still accepted",
+                    path, len(ring.keys), len(accepted.keys) - len(ring.keys),
+                )  # fmt: skip
+        if accepted != protocol.key:
+            protocol.set_key(accepted)
 
 
 async def serve(listen: Addr, key: wire.KeyLike) -> ResponderHandle:

@@ -207,3 +207,20 @@ def test_a_responder_given_a_new_ring_answers_it_and_seals_with_it() -> None:
             handle.close()
 
     assert asyncio.run(run()) == (True, new)
+
+
+def test_a_retired_key_is_still_accepted_for_its_grace() -> None:
+    """A NAT search sealed with the old key before the rotation reached its sender finishes:
+    the key the file dropped is accepted (never sealing) for the grace, then forgotten."""
+    old, new = b"o" * 32, b"n" * 32
+    follower = keys.KeyFollower(KeyRing((old,)), grace_s=600)
+    assert follower.update(KeyRing((old, new)), 0.0) == KeyRing((old, new))
+    assert follower.update(KeyRing((new, old)), 10.0) == KeyRing((new, old))
+    assert follower.update(KeyRing((new,)), 20.0) == KeyRing((new, old))
+    assert follower.next_expiry() == 620.0
+    assert follower.ring(619.0) == KeyRing((new, old))
+    assert follower.ring(620.0) == KeyRing((new,)) and follower.next_expiry() is None
+    # a key put back in the file is the file's again, not a retired one
+    follower.update(KeyRing((old,)), 700.0)
+    assert follower.update(KeyRing((new, old)), 701.0) == KeyRing((new, old))
+    assert follower.retired == {}
