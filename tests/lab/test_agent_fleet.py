@@ -75,6 +75,7 @@ class Fleet:
         self.site = {h: self.plan.hosts[h].site for h in agents}
         self.nat_s = 75  # short: the NAT-timeout change below must be noticed in the test
         self.rtt_s: dict[str, int] = {}
+        self.pmtu_s = 120  # the path watch's upkeep (value and value + 1) and the search retry
 
     # --- files and processes ---------------------------------------------------------------
     def host_file(self, host: str, path: str) -> Path:
@@ -184,7 +185,7 @@ class Fleet:
             "probe:",
             f"  nat_responder: {self.controller_ip}:{NAT_PORT}",
             "  nat_max_lifetime_s: 60",
-            f"intervals: {{report_s: 4, desired_s: 4, pmtu_s: 120, nat_s: {self.nat_s}, "
+            f"intervals: {{report_s: 4, desired_s: 4, pmtu_s: {self.pmtu_s}, nat_s: {self.nat_s}, "
             f"rtt_s: {self.rtt_s.get(host, 5)}}}",
             "log_level: info",
         ]

@@ -5,7 +5,12 @@ confirm"), re-measures, reports, and the controller agrees; bulk TCP completes a
 
 A smaller fleet than test_agent_fleet.py (controller, hub, branch1): the path under test is
 branch1 ↔ hub. The bounds are well above the figures measured on this machine (printed), so
-the test is not a timing race: the issue's goal is 10 s on a busy link.
+the test is not a timing race: the issue's goal is 10 s on a busy link, 30 s on an idle one (an
+idle link is checked when traffic resumes: the first stalled send triggers the check).
+
+Below 1340 bytes (1400 → 1300) the agent lowers its route to fit as well (the lab's tunnel is
+IPv4 only, so 1232 is allowed); what the controller answers is printed, not asserted: it holds
+every tunnel at 1280 or more (issue 12 item 3 is a separate step).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     lab.cli("up")
     logs = tmp_path_factory.mktemp("agent-pathwatch")
     f = Fleet(lab, logs, agents=AGENTS)
+    f.pmtu_s = 30  # the upkeep finds the path grown back after each test within ~35 s
     try:
         f.setup()
         for host in AGENTS:
@@ -73,20 +79,32 @@ def _settled(fleet: Fleet) -> str | None:
     if got != (1400, 1400):
         return f"path MTU {got}"
     for host, peer in (("branch1", "hub"), ("hub", "branch1")):
-        conf = {p["peer"]: p for p in fleet.status(host).get("configured", {}).get("peers", [])}
-        if conf.get(peer, {}).get("route_mtu") != 1340:
-            return f"{host}→{peer} route MTU {conf.get(peer, {}).get('route_mtu')}"
+        route = _route_mtu(fleet, host, peer)  # the kernel's, not a status file a sample old
+        if route != 1340:
+            return f"{host}→{peer} route MTU {route}"
     return None
+
+
+@contextlib.contextmanager
+def uplink(mtu: int) -> Iterator[float]:
+    """The branch's uplink (both boxes of the bottleneck) at ``mtu``; yields when it changed."""
+    for ns, dev in BOXES:
+        subprocess.run(["ip", "-n", ns, "link", "set", dev, "mtu", str(mtu)], check=True)
+    try:
+        yield time.monotonic()
+    finally:
+        for ns, dev in BOXES:
+            subprocess.run(["ip", "-n", ns, "link", "set", dev, "mtu", "1400"], check=True)
 
 
 class Traffic:
     """Bulk TCP branch1 → hub, one 1 MB transfer after another (each a new connection, so it
-    takes the route MTU of its moment), with the time each one completed."""
+    takes the route MTU of its moment): (started, ended) of each one completed or stalled."""
 
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
-        self.completed: list[float] = []
-        self.stalled: list[float] = []
+        self.completed: list[tuple[float, float]] = []
+        self.stalled: list[tuple[float, float]] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -96,8 +114,10 @@ class Traffic:
         port = 5800
         while not self.stop.is_set():
             port = 5800 + (port - 5799) % 100
+            started = time.monotonic()
             ok = wgutil.tcp_transfer(src, dst, ip, 1_000_000, 4.0, port)
-            (self.completed if ok == (True, 1_000_000) else self.stalled).append(time.monotonic())
+            done = self.completed if ok == (True, 1_000_000) else self.stalled
+            done.append((started, time.monotonic()))
             self.stop.wait(1.0)
 
     def __enter__(self) -> Traffic:
@@ -111,51 +131,89 @@ class Traffic:
 
 def test_busy_link_shrink_is_confirmed_and_lowered_locally_at_once(fleet: Fleet) -> None:
     fleet.wait("branch1↔hub measured (1400) and applied (1340)", lambda: _settled(fleet), 240)
-    offsets = {h: _log_offset(fleet, h) for h in AGENTS}
+    offset = _log_offset(fleet, "branch1")
     with Traffic(fleet) as traffic:
         time.sleep(8)
         assert traffic.completed, "no transfer completed before the change"
-        changed_at = time.monotonic()
-        for ns, dev in BOXES:
-            subprocess.run(["ip", "-n", ns, "link", "set", dev, "mtu", "1360"], check=True)
-        try:
-
-            def lowered() -> str | None:
-                got = _route_mtu(fleet, "branch1", "hub")
-                return None if got is not None and got + 60 <= 1360 else f"route MTU {got}"
-
-            fleet.wait("branch1 lowers its route to hub", lowered, DETECT_BOUND_S + 30)
-            lowered_s = time.monotonic() - changed_at
-            route_now = _route_mtu(fleet, "branch1", "hub")
-
-            def recovered() -> str | None:
-                after = [t for t in traffic.completed if t > changed_at + lowered_s]
-                return None if after else "no transfer completed since"
-
-            fleet.wait("a bulk transfer completes again", recovered, RECOVER_BOUND_S + 30)
-            recovered_s = min(t for t in traffic.completed if t > changed_at + lowered_s)
-            recovered_s -= changed_at
-            stalls = len([t for t in traffic.stalled if t > changed_at])
-            log = _log_since(fleet, "branch1", offsets["branch1"])
+        with uplink(1360) as changed_at:
+            lowered_s, route_now = _wait_lowered(fleet, changed_at, 1360)
+            recovered_s, stalls = _wait_recovered(fleet, traffic, changed_at)
+            log = _log_since(fleet, "branch1", offset)
             assert "no longer gets through" in log, log[-3000:]
             assert "applied locally, controller to confirm" in log, log[-3000:]
-
-            def agreed() -> str | None:
-                text = _log_since(fleet, "branch1", offsets["branch1"])
-                return None if "controller agrees" in text else "no agreement logged"
-
-            fleet.wait("the controller agrees", agreed, 60)
+            fleet.wait("the controller agrees", lambda: _logged(fleet, offset, "agrees"), 60)
             agreed_s = time.monotonic() - changed_at
-        finally:
-            for ns, dev in BOXES:
-                subprocess.run(["ip", "-n", ns, "link", "set", dev, "mtu", "1400"], check=True)
     print(
-        f"uplink 1400 -> 1360 under bulk TCP: branch1's route to hub lowered to {route_now} "
-        f"{lowered_s:.1f} s after the change (bound {DETECT_BOUND_S:g} s); a transfer completed "
-        f"again at {recovered_s:.1f} s (bound {RECOVER_BOUND_S:g} s, {stalls} stalled "
-        f"meanwhile); the controller agreed by {agreed_s:.0f} s"
+        f"busy: uplink 1400 -> 1360 under bulk TCP: branch1's route to hub lowered to "
+        f"{route_now} {lowered_s:.1f} s after the change (bound {DETECT_BOUND_S:g} s); a "
+        f"transfer completed again at {recovered_s:.1f} s (bound {RECOVER_BOUND_S:g} s, "
+        f"{stalls} stalled meanwhile); the controller agreed by {agreed_s:.0f} s"
     )
     assert lowered_s <= DETECT_BOUND_S
     assert recovered_s <= RECOVER_BOUND_S
-    with contextlib.suppress(AssertionError):  # back to 1400: the upkeep or a search finds it
-        fleet.wait("settled again", lambda: _settled(fleet), 5)
+
+
+def test_idle_link_shrink_is_found_when_traffic_resumes(fleet: Fleet) -> None:
+    fleet.wait("back to 1400 (the upkeep finds the increase)", lambda: _settled(fleet), 240)
+    offset = _log_offset(fleet, "branch1")
+    with uplink(1360) as changed_at:
+        time.sleep(3)  # idle: only the agents' own small RTT probes cross the tunnel
+        with Traffic(fleet) as traffic:
+            lowered_s, route_now = _wait_lowered(fleet, changed_at, 1360)
+            recovered_s, stalls = _wait_recovered(fleet, traffic, changed_at)
+        trigger = re.search(r"1400 no longer gets through: ([^;:]*)", _log_since(
+            fleet, "branch1", offset))  # fmt: skip
+    print(
+        f"idle, traffic from 3 s after the change: route lowered to {route_now} at "
+        f"{lowered_s:.1f} s, a transfer completed at {recovered_s:.1f} s (bound "
+        f"{RECOVER_BOUND_S:g} s; the issue's goal 30 s), {stalls} stalled; found by: "
+        f"{trigger.group(1) if trigger else '?'}"
+    )
+    assert recovered_s <= RECOVER_BOUND_S
+
+
+def test_below_1340_is_lowered_locally_then_the_controller_answers(fleet: Fleet) -> None:
+    fleet.wait("back to 1400 (the upkeep finds the increase)", lambda: _settled(fleet), 240)
+    offset = _log_offset(fleet, "branch1")
+    with Traffic(fleet) as traffic, uplink(1300) as changed_at:
+        lowered_s, route_now = _wait_lowered(fleet, changed_at, 1300)
+        recovered_s, _ = _wait_recovered(fleet, traffic, changed_at)
+        with contextlib.suppress(AssertionError):
+            fleet.wait("the controller answers", lambda: _logged(fleet, offset, "hub: controller "),
+                       90)  # fmt: skip
+        time.sleep(10)
+        answer = re.findall(r"hub: controller (?:agrees|corrected)[^\n]*",
+                            _log_since(fleet, "branch1", offset))  # fmt: skip
+        late = [t for t, _ in traffic.completed if t > time.monotonic() - 8]
+        route_end = _route_mtu(fleet, "branch1", "hub")
+    print(
+        f"uplink 1400 -> 1300: branch1 lowered its route to {route_now} at {lowered_s:.1f} s, "
+        f"a transfer completed at {recovered_s:.1f} s; the controller: "
+        f"{answer[-1][:300] if answer else 'no answer'}; route now {route_end}, transfers in "
+        f"the last 8 s: {len(late)} completed"
+    )
+    assert lowered_s <= DETECT_BOUND_S
+
+
+def _logged(fleet: Fleet, offset: int, what: str) -> str | None:
+    return None if what in _log_since(fleet, "branch1", offset) else f"no {what!r} logged"
+
+
+def _wait_lowered(fleet: Fleet, changed_at: float, path_mtu: int) -> tuple[float, int | None]:
+    def lowered() -> str | None:
+        got = _route_mtu(fleet, "branch1", "hub")
+        return None if got is not None and got + 60 <= path_mtu else f"route MTU {got}"
+
+    fleet.wait("branch1 lowers its route to hub", lowered, DETECT_BOUND_S + 30)
+    return time.monotonic() - changed_at, _route_mtu(fleet, "branch1", "hub")
+
+
+def _wait_recovered(fleet: Fleet, traffic: Traffic, changed_at: float) -> tuple[float, int]:
+    """Until a transfer started after the change completes: (its end - the change, stalls)."""
+
+    def recovered() -> str | None:
+        return None if any(t > changed_at for t, _ in traffic.completed) else "none completed"
+
+    fleet.wait("a bulk transfer completes again", recovered, RECOVER_BOUND_S + 30)
+    first = min(end for start, end in traffic.completed if start > changed_at)
+    return first - changed_at, len([s for s, _ in traffic.stalled if s > changed_at])
