@@ -91,7 +91,7 @@ class PeerPathAdapter:
     def set_key(self, key: wire.KeyLike) -> None:
         """A new probe key (SIGHUP): probes are sealed and acks checked with it from now on."""
         self.key = key
-        self.sealer = wire.Sealer(key, secrets.randbits(64))
+        self.sealer.rekey(key)  # the same sender id and counter: replay windows carry on
 
     def search(self, reason: str) -> None:
         if not self._closed:
