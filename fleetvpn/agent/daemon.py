@@ -115,6 +115,9 @@ class Agent(ProbingJobs):
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.pmtu_slots = asyncio.Semaphore(MAX_PMTU_RUNS)
         self.hellos_repeated: set[str] = set()
+        self.deferred_hellos: dict[
+            str, asyncio.TimerHandle
+        ] = {}  # refused by the budget, for later
         self.paths: PathSupervisor | None = None  # once the probe key is known (run)
         self.apply_lock: asyncio.Lock | None = None
         self.wake = asyncio.Event()

@@ -37,6 +37,7 @@ log = logging.getLogger("fleetvpn.agent")
 
 PMTU_TIMEOUT_S: Final = 30.0
 HELLO_REPEAT_S: Final = 60.0  # the first hello to a peer is sent again once, this much later
+HELLO_DEFER_MAX_S: Final = 120.0  # a hello the probe budget refuses waits at most this long
 
 
 async def resolve(endpoint: str) -> tuple[tuple[str, int] | None, str]:
@@ -77,6 +78,7 @@ class ProbingJobs:
     wake: asyncio.Event
     responder: ResponderSet | None
     hellos_repeated: set[str]
+    deferred_hellos: dict[str, asyncio.TimerHandle]
     budget: ProbeBudget
     pmtu_slots: asyncio.Semaphore
     tasks: dict[str, asyncio.Task[None]]
@@ -199,10 +201,25 @@ class ProbingJobs:
     def _on_hello(self, peer: str, addr: tuple[str, int]) -> None:
         if self.stopping:
             return
-        why_not = self.budget.allow(peer, time.monotonic())
+        now = time.monotonic()
+        why_not = self.budget.allow(peer, now)
         if why_not is not None:
-            log.debug("hello from %s at %s:%d ignored: %s", peer, *addr, why_not)
+            # A peer says its path changed (it concluded a search and asks to be probed back):
+            # kept for when the budget allows, if that is soon, never dropped (the hub's
+            # direction towards a peer without an endpoint is measured only on its hellos).
+            wait_s = self.budget.next_allowed(peer, now) - now
+            if wait_s > HELLO_DEFER_MAX_S:
+                log.debug("hello from %s at %s:%d ignored: %s", peer, *addr, why_not)
+                return
+            pending = self.deferred_hellos.pop(peer, None)
+            if pending is not None:
+                pending.cancel()
+            log.debug("hello from %s at %s:%d in %.0f s: %s", peer, *addr, wait_s, why_not)
+            self.deferred_hellos[peer] = asyncio.get_running_loop().call_later(
+                wait_s + 0.5, self._on_hello, peer, addr
+            )
             return
+        self.deferred_hellos.pop(peer, None)
         key = f"reverse:{peer}"
         if key in self.tasks and not self.tasks[key].done():
             return
