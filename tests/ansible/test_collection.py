@@ -287,6 +287,18 @@ def test_line_and_checked_filters() -> None:
         checked("x", "shell", "fleetvpn_x")
 
 
+def test_tls_san_writes_only_addresses_and_dns_names() -> None:
+    """The certificate's names reach openssl's extension file (controller-cert.ext.j2): a name
+    that is neither an address nor a DNS name must fail the task, not add a line."""
+    san = grammar_filters.tls_san(["198.19.1.10", "fd99::1", "Controller.Example."])
+    assert san == "IP:198.19.1.10,IP:fd99::1,DNS:controller.example"
+    hostile = ["ctl\nbasicConstraints=CA:TRUE", "ctl,IP:1.2.3.4", "fe80::1%eth0", "a b", ""]
+    for bad in [*hostile, "ctl.example"]:  # a bare string is not a list of names
+        names: Any = bad if bad == "ctl.example" else [bad]
+        with pytest.raises(Exception, match=r"^fleetvpn_controller_tls_names"):
+            grammar_filters.tls_san(names)
+
+
 def test_inventory_leaves_out_a_node_with_a_hostile_value_and_keeps_the_others() -> None:
     good = {"name": "hub", "site": "core", "endpoint": "198.19.1.1:51820", "listen_port": 51820,
             "public_key": KEYS[0]}  # fmt: skip
