@@ -98,3 +98,29 @@ def enroll(
     r = api.post("/v1/enroll", json={**body, **extra})
     assert r.status_code == 201, r.text
     return str(r.json()["node_token"])
+
+
+def wait_serving(
+    client: httpx.Client,
+    server: subprocess.Popen[Any],
+    timeout_s: float = 60.0,
+    logs: Any = None,
+) -> None:
+    """Until a real ``controller serve`` process answers ``/healthz`` with 200; fails (with
+    ``logs()`` when given, else its stderr) if it exits or does not answer within ``timeout_s``."""
+
+    def said() -> str:
+        if logs is not None:
+            return str(logs())
+        return server.stderr.read() if server.stderr and server.poll() is not None else ""
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if client.get("/healthz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert server.poll() is None, said()
+        assert time.monotonic() < deadline, f"controller did not start: {said()}"
+        time.sleep(0.1)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .apiutil import self_signed_cert
+from .apiutil import self_signed_cert, wait_serving
 
 
 def _port(kind: int) -> int:
@@ -182,15 +182,7 @@ def test_the_view_worker_process_serves_restarts_and_dies_with_the_api(tmp_path:
     admin = {"authorization": f"Bearer {token}"}
     try:
         api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if api.get("/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_serving(api, server, timeout_s=30)
         (worker,) = _children(server.pid)
         assert "fleetvpn.controller.views" in Path(f"/proc/{worker}/cmdline").read_text()
         assert "sqlite" not in Path(f"/proc/{worker}/cmdline").read_text()  # URL not in argv

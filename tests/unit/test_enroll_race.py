@@ -17,6 +17,8 @@ import pytest
 
 from fleetvpn.controller.store import Store
 
+from .apiutil import wait_serving
+
 ATTEMPTS = 40  # per round, half through each controller
 ROUNDS = 5
 
@@ -31,19 +33,6 @@ def _port() -> int:
 
 def _key(round_: int, i: int) -> str:
     return f"r{round_}n{i:02d}".ljust(42, "Q") + "A="
-
-
-def _wait_ready(client: httpx.Client, server: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if client.get("/healthz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert server.poll() is None, server.stderr.read() if server.stderr else ""
-        assert time.monotonic() < deadline, "controller did not start"
-        time.sleep(0.1)
 
 
 def _race(clients: list[httpx.Client], token: str, round_: int) -> dict[int, httpx.Response]:
@@ -102,7 +91,7 @@ def test_two_controllers_one_token_one_node(store_url: str, tmp_path: Path) -> N
                 )
             )
         for client, server in zip(clients, servers, strict=True):
-            _wait_ready(client, server)
+            wait_serving(client, server)
 
         # (enrollment token, name, key, controller, node token) of each round's winner
         winners: list[tuple[str, str, str, int, str]] = []

@@ -15,7 +15,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -29,6 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleetvpn import grammar
+
+from .apiutil import wait_serving
 
 HUB_KEY = "h" * 42 + "A="
 VICTIM_KEY = "v" * 42 + "A="
@@ -60,16 +61,7 @@ class Controller:
             stderr=subprocess.STDOUT,
         )
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.process.poll() is None, self.logs()
-            try:
-                if self.http.get("/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, self.logs()
-            time.sleep(0.1)
+        wait_serving(self.http, self.process, logs=self.logs)
 
     def logs(self) -> str:
         self.log.flush()

@@ -32,7 +32,7 @@ from fleetvpn.controller.store import (
     schema_migrations,
 )
 
-from .apiutil import SERVERS, bearer
+from .apiutil import SERVERS, bearer, wait_serving
 from .test_controller_serve import _port, fleetvpn
 
 KEY_A = "A" * 42 + "A="
@@ -344,15 +344,7 @@ def test_cli_revocation_reaches_a_running_controller(tmp_path: Path) -> None:
     )
     try:
         api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if api.get("/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_serving(api, server, timeout_s=30)
         node_tokens = {}
         for name, site, key in (("hub", "hub", KEY_A), ("b1", "branch", KEY_B),
                                 ("b2", "branch", KEY_C)):  # fmt: skip
@@ -369,6 +361,7 @@ def test_cli_revocation_reaches_a_running_controller(tmp_path: Path) -> None:
             r = api.get("/v1/nodes/hub/desired", headers=bearer(node_tokens["hub"]))
             return [p["peer"] for p in r.json()["peers"]] if r.status_code == 200 else None
 
+        deadline = time.monotonic() + 30
         while peers() != ["b1", "b2"]:
             assert time.monotonic() < deadline
             time.sleep(0.1)
