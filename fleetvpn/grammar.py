@@ -46,6 +46,19 @@ NAME_PATTERN: Final = "[a-z0-9][a-z0-9-]{0,62}"
 NOTE_MAX: Final = 2000
 TUNNEL_MTU_IPV4: Final = (576, 9000)
 TUNNEL_MTU_IPV6: Final = (1280, 9000)
+# An IPv6 route never goes below 1280; under a smaller route MTU (a path that cannot carry
+# 1280 + WireGuard's overhead) it stays at 1280 and TCP's advertised MSS is the route MTU minus
+# these headers (IPv6 40 + TCP 20), so no TCP segment needs fragmenting.
+TCP_IPV6_HEADERS: Final = 60
+
+
+def ipv6_route(route_mtu: int) -> tuple[int, int | None]:
+    """(MTU, advertised MSS or None) of an IPv6 route that should carry ``route_mtu``."""
+    if route_mtu < TUNNEL_MTU_IPV6[0]:
+        return TUNNEL_MTU_IPV6[0], route_mtu - TCP_IPV6_HEADERS
+    return route_mtu, None
+
+
 # A fleet keepalive: beyond 120 s a NAT mapping is long gone (RFC 4787 asks NATs for >= 120 s;
 # most keep less), so a larger value is a mistake, whoever sends it. wg(8) itself takes 65535.
 KEEPALIVE_MAX_S: Final = 120

@@ -20,11 +20,14 @@ from typing import Any
 
 import click
 
+from fleetvpn.model import HEALTH_SEVERITY
+
 UNREACHABLE = 2
 DEFAULT_CONTROLLER = "http://127.0.0.1:8080"
 STATE_STYLE = {
     "ok": "green",
     "degraded": "yellow",
+    "fragmenting": "blue",
     "blackhole": "red bold",
     "stale": "magenta",
     "down": "red",
@@ -109,8 +112,7 @@ def _pair(a: Any, b: Any) -> str:
     return _num(a) if a == b else f"{_num(a)}/{_num(b)}"
 
 
-# Worst first, as the controller ranks a link's two directions (controller/health.py SEVERITY).
-SEVERITY = ("down", "blackhole", "stale", "degraded", "unmeasured", "ok")
+SEVERITY = HEALTH_SEVERITY  # worst first, as the controller ranks a link's two directions
 REASON_WIDTH = 46  # the reason column's budget: the whole table fits 160 columns
 
 

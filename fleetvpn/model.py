@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from typing import Any, Final, Literal, Self, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from fleetvpn import grammar
+from fleetvpn.engines.outer import Implementation  # the wg layer's names (wg/state.py)
 from fleetvpn.grammar import NAME_PATTERN as NAME_PATTERN
 
 SCHEMA_VERSION: Final = 1
@@ -44,7 +45,12 @@ Family = Literal[4, 6]
 Source = Literal["measured", "default", "override"]
 Setting = Literal["tunnel_mtu", "keepalive_s"]
 Scope = Literal["site", "node", "link"]
-HealthState = Literal["ok", "degraded", "blackhole", "stale", "down", "unmeasured"]
+HealthState = Literal["ok", "degraded", "fragmenting", "blackhole", "stale", "down", "unmeasured"]
+# Worst first: a link shows the worse of its two directions, a node the worst of its links.
+HEALTH_SEVERITY: Final[tuple[HealthState, ...]] = (
+    "down", "blackhole", "stale", "degraded", "fragmenting", "unmeasured", "ok"
+)  # fmt: skip
+
 
 MTU_RANGE: Final = (68, 65535)  # IPv4 minimum (RFC 791) .. the largest IP packet
 KEEPALIVE_RANGE: Final = (0, 65535)  # wg(8): 0 = off, else 1..65535 s
@@ -387,6 +393,9 @@ class LinkMeasurement(Wire):
     rtt_s: float | None = field(default=None, metadata=_meta(_range(0, RTT_LIMIT_S, open_hi=True)))
     loss_ratio: float | None = field(default=None, metadata=_meta(_range(0, 1)))
     handshake_age_s: float | None = field(default=None, metadata=_meta(_range(0, AGE_LIMIT_S)))
+    # Whether IP fragments cross the path: a DF-clear probe above the path MTU came back
+    # (IPv4 only; None: not measured, or the path is as large as the local link).
+    fragments_cross: bool | None = None
 
     def _cross_check(self, path: str) -> None:
         if self.family == 6 and self.path_mtu is not None and self.path_mtu < 1280:
@@ -428,12 +437,16 @@ class ConfiguredPeer(Wire):
     peer: str = field(metadata=_meta(_name))
     route_mtu: int | None = field(default=None, metadata=_meta(_range(*MTU_RANGE)))  # None: none
     keepalive_s: int = field(default=0, metadata=_meta(_range(*KEEPALIVE_RANGE)))  # 0 = off
+    # Outer packets towards this peer may be fragmented on the way (a path under the tunnel's
+    # minimum MTU): the route towards its endpoint is set so (see fleetvpn.agent.outerroute).
+    outer_fragmentation: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Configured(Wire):
     interface_mtu: int | None = field(default=None, metadata=_meta(_range(*MTU_RANGE)))
     peers: tuple[ConfiguredPeer, ...] = ()
+    implementation: Implementation | None = None  # None: an agent too old to say
 
     def _cross_check(self, path: str) -> None:
         first: dict[str, int] = {}
@@ -516,7 +529,7 @@ _REPORT_REQUIRED: Final = frozenset(
 )
 _MEASUREMENT_KEYS: Final = frozenset(
     ("peer", "family", "rx_bytes", "tx_bytes", "endpoint", "path_mtu", "icmp_seen", "rtt_s",
-     "loss_ratio", "handshake_age_s")
+     "loss_ratio", "handshake_age_s", "fragments_cross")
 )  # fmt: skip
 _MEASUREMENT_REQUIRED: Final = frozenset(("peer", "family", "rx_bytes", "tx_bytes"))
 _NAT_KEYS: Final = frozenset(
@@ -524,8 +537,11 @@ _NAT_KEYS: Final = frozenset(
      "resolution_s", "max_lifetime_s")
 )  # fmt: skip
 _NAT_REQUIRED: Final = frozenset(("measured_at", "nat", "stateful_filter"))
-_CONFIGURED_KEYS: Final = frozenset(("interface_mtu", "peers"))
-_CONFIGURED_PEER_KEYS: Final = frozenset(("peer", "route_mtu", "keepalive_s"))
+_CONFIGURED_KEYS: Final = frozenset(("interface_mtu", "peers", "implementation"))
+_CONFIGURED_PEER_KEYS: Final = frozenset(
+    ("peer", "route_mtu", "keepalive_s", "outer_fragmentation")
+)
+_IMPLEMENTATIONS: Final = frozenset((None, "kernel", "userspace"))
 _ENDPOINT_VERSIONS: dict[str, int] = {}  # valid endpoint text -> IP version (parse_endpoint)
 _ENDPOINT_CACHE_MAX: Final = 1 << 16
 _name_ok: Final = _NAME_RE.fullmatch
@@ -625,9 +641,12 @@ def _fast_measurement(obj: object) -> LinkMeasurement | _No:
     handshake_age_s = _fast_optional_float(obj, "handshake_age_s", 0, AGE_LIMIT_S)
     if rtt_s is _NO or loss_ratio is _NO or handshake_age_s is _NO:
         return _NO
+    fragments_cross = obj.get("fragments_cross")
+    if fragments_cross is not None and type(fragments_cross) is not bool:
+        return _NO
     return LinkMeasurement(
         peer, family, rx_bytes, tx_bytes, endpoint, path_mtu, icmp_seen,  # type: ignore[arg-type]
-        rtt_s, loss_ratio, handshake_age_s,  # type: ignore[arg-type]
+        rtt_s, loss_ratio, handshake_age_s, fragments_cross,  # type: ignore[arg-type]
     )  # fmt: skip
 
 
@@ -660,6 +679,9 @@ def _fast_configured(obj: object) -> Configured | _No:
     interface_mtu = obj.get("interface_mtu")
     if interface_mtu is not None and _fast_int(interface_mtu, *MTU_RANGE) is _NO:
         return _NO
+    implementation = obj.get("implementation")
+    if type(implementation) not in (str, type(None)) or implementation not in _IMPLEMENTATIONS:
+        return _NO
     items = obj.get("peers", ())
     if type(items) is not list and type(items) is not tuple:
         return _NO
@@ -673,13 +695,16 @@ def _fast_configured(obj: object) -> Configured | _No:
         peer = _fast_name(item.get("peer"))
         route_mtu = item.get("route_mtu")
         keepalive_s = item.get("keepalive_s", 0)
+        outer = item.get("outer_fragmentation", False)
         if peer is _NO or peer in seen or _fast_int(keepalive_s, *KEEPALIVE_RANGE) is _NO:
             return _NO
         if route_mtu is not None and _fast_int(route_mtu, *MTU_RANGE) is _NO:
             return _NO
+        if type(outer) is not bool:
+            return _NO
         seen.add(peer)
-        peers.append(ConfiguredPeer(peer, route_mtu, keepalive_s))  # type: ignore[arg-type]
-    return Configured(interface_mtu, tuple(peers))
+        peers.append(ConfiguredPeer(peer, route_mtu, keepalive_s, outer))  # type: ignore[arg-type]
+    return Configured(interface_mtu, tuple(peers), implementation)
 
 
 def _fast_report(obj: object) -> Report | None:
@@ -838,6 +863,10 @@ class RouteMtu(Wire):
     route_mtu: int
     tunnel_mtu: int
     reason: str
+    # The path cannot carry the tunnel's minimum (1280 while it carries IPv6): ``route_mtu``
+    # is below it, for IPv4 inside; IPv6 inside keeps 1280 with TCP's MSS clamped to fit, and
+    # larger packets leave fragmented outside the tunnel, towards this peer's endpoint only.
+    fragment_outer: bool = False
 
 
 @dataclass(frozen=True, slots=True)

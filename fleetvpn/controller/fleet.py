@@ -266,13 +266,16 @@ def _index(stored: StoredReport | None, plan: NodeMtuPlan | None) -> _NodeIndex:
     return _NodeIndex(stored, chosen, configured, interface_mtu, routes)
 
 
-def compute(store: Store, now: datetime, sources: Sources | None = None) -> FleetView:
+def compute(
+    store: Store, now: datetime, sources: Sources | None = None, *, carries_ipv6: bool = True
+) -> FleetView:
     """The fleet now. ``sources``: what earlier computes read (the view worker keeps one), so
-    that only new reports are read and parsed; None reads everything. The cyclic garbage
+    that only new reports are read and parsed; None reads everything. ``carries_ipv6``: the
+    tunnels carry IPv6 (``tunnel.ipv6`` is set; see policy_mtu). The cyclic garbage
     collector is paused meanwhile: a large fleet makes millions of objects, none of them in a
     cycle, and collecting while they pile up cost a third of the time."""
     with gc_paused():
-        return _compute(store, now, sources or Sources())
+        return _compute(store, now, sources or Sources(), carries_ipv6)
 
 
 @contextmanager
@@ -321,7 +324,7 @@ def _node_info(
     return NodeInfo(node_id, info.name, info.site, info.public_key, info.listen_port, canonical)
 
 
-def _compute(store: Store, now: datetime, sources: Sources) -> FleetView:
+def _compute(store: Store, now: datetime, sources: Sources, carries_ipv6: bool) -> FleetView:
     infos = {
         info.name: info
         for n in store.nodes()
@@ -355,7 +358,13 @@ def _compute(store: Store, now: datetime, sources: Sources) -> FleetView:
 
     measurements = policy.latest_link_measurements(s.report for s in latest.values())
     mtus = policy.decide_mtus(
-        pairs, measurements, node_sites, overrides, per_link=False, memo=sources.mtus
+        pairs,
+        measurements,
+        node_sites,
+        overrides,
+        carries_ipv6=carries_ipv6,
+        per_link=False,
+        memo=sources.mtus,
     )
 
     nat_by_node = sources.nat(store, node_sites, now)
@@ -667,6 +676,7 @@ def desired_json(view: FleetView, node: str, tunnel: TunnelConfig) -> dict[str, 
                 "keepalive_reason": keepalive.reason if keepalive else "no keepalive decided",
                 "route_mtu": route.route_mtu if route else policy.SAFE_DEFAULT_MTU,
                 "route_mtu_reason": route.reason if route else "unmeasured: safe default 1280",
+                "outer_fragmentation": route.fragment_outer if route else False,
             }
         )
     return {

@@ -7,11 +7,19 @@ States, checked in this order (the first that holds wins; "degraded" lists every
   stale       the node's latest report is older than STALE_AFTER_S: what we know is too old.
   unmeasured  the report has no measurement of this peer, or (after the checks below) no path MTU.
   blackhole   the configured MTUs send outer packets (padding included) above the measured path
-              MTU and no ICMP "too big" was seen: big packets vanish while small ones pass.
+              MTU and no ICMP "too big" was seen: big packets vanish while small ones pass —
+              unless those outer packets are fragmented on the way (next).
   degraded    loss above LOSS_DEGRADED_RATIO; the path too small but ICMP seen (big packets rely
               on PMTU discovery or fragmentation); configured MTU more than MTU_SHORTFALL_BYTES
               below the recommendation; keepalive above the site's mapping lifetime, or off where
               one is recommended.
+  fragmenting every packet arrives, some of them as outer fragments (slower): the node's
+              implementation and settings send them without DF (kernel WireGuard over IPv4
+              always; wireguard-go towards an endpoint whose route is locked, which the agent
+              does under a path below 1280 + overhead for IPv6 inside) and the prober saw
+              fragments cross the path. Where they do not cross, or over an IPv6 underlay
+              (routers never fragment), it is blackhole with that reason
+              (fleetvpn.engines.outer decides the fate of an outer packet).
   ok          none of the above.
 """
 
@@ -20,9 +28,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Final
 
-from fleetvpn.controller.policy_mtu import overhead_for, padded_outer_bytes
+from fleetvpn.controller.policy_mtu import IPV6_MIN_MTU, overhead_for, padded_outer_bytes
 from fleetvpn.controller.trusted import fast_constructor
+from fleetvpn.engines.outer import Implementation, OuterVerdict, outer_fate
 from fleetvpn.model import (
+    HEALTH_SEVERITY,
     ConfiguredPeer,
     Family,
     HealthState,
@@ -41,15 +51,7 @@ LOSS_DEGRADED_RATIO: Final = 0.02
 # 100 bytes below the recommendation wastes ~7 % of every full-size packet (1420 → 1320).
 MTU_SHORTFALL_BYTES: Final = 100
 
-# Worst first: a link row shows the worse of its two directions.
-SEVERITY: Final[tuple[HealthState, ...]] = (
-    "down",
-    "blackhole",
-    "stale",
-    "degraded",
-    "unmeasured",
-    "ok",
-)
+SEVERITY: Final = HEALTH_SEVERITY  # worst first (model.py)
 
 
 class _Unset:
@@ -110,7 +112,7 @@ class NodeHealth:
     (its latest report, that report's age, whether it is missing or stale) is worked out once,
     not once per peer."""
 
-    __slots__ = ("_age_s", "_interface_mtu", "_outer", "_verdict", "node")
+    __slots__ = ("_age_s", "_implementation", "_interface_mtu", "_outer", "_verdict", "node")
 
     def __init__(self, node: str, stored: StoredReport | None, now: datetime) -> None:
         self.node = node
@@ -118,6 +120,7 @@ class NodeHealth:
         self._verdict: tuple[HealthState, str] | None = None
         self._age_s = 0.0
         self._interface_mtu: int | None = None
+        self._implementation: Implementation | None = None
         # (route MTU, family) → (overhead, largest outer packet): a node's peers share a few
         self._outer: dict[tuple[int | None, Family], tuple[int, int]] = {}
         if stored is None:
@@ -132,6 +135,7 @@ class NodeHealth:
             )
         self._age_s = max(0.0, report_age_s)
         self._interface_mtu = stored.report.configured.interface_mtu
+        self._implementation = stored.report.configured.implementation
 
     def classify(
         self,
@@ -166,6 +170,7 @@ class NodeHealth:
         path_mtu = m.path_mtu
         loss_ratio = m.loss_ratio
         problems: list[str] = []
+        fragmenting: str | None = None
         if path_mtu is not None and interface_mtu is not None:
             try:
                 overhead, outer = self._outer[route_mtu, m.family]
@@ -173,19 +178,43 @@ class NodeHealth:
                 overhead = overhead_for(m.family)
                 outer = padded_outer_bytes(route_mtu, interface_mtu, overhead)
                 self._outer[route_mtu, m.family] = overhead, outer
+            fragment = peer_config is not None and peer_config.outer_fragmentation
+            if outer <= path_mtu and fragment and route_mtu is not None:
+                # IPv4 inside fits; IPv6 inside keeps 1280 and the rest goes out fragmented
+                big = padded_outer_bytes(max(route_mtu, IPV6_MIN_MTU), interface_mtu, overhead)
+                if big > path_mtu:
+                    fate = self._fate(m, big, path_mtu, locked=True)
+                    said = (
+                        f"IPv4 inside fits (route MTU {route_mtu}: up to {outer} bytes into "
+                        f"a path MTU of {path_mtu}); IPv6 inside above {route_mtu} bytes, "
+                        f"TCP aside (MSS clamped to {route_mtu - 60}): {fate.reason}"
+                    )
+                    if fate.fate == "black_hole":
+                        return _new_health(node, peer, "blackhole", f"blackhole: {said}")
+                    fragmenting = said
             if outer > path_mtu:
                 effective = min(route_mtu or interface_mtu, interface_mtu)
                 sends = (
                     f"configured MTU {effective} sends up to {outer} bytes (padding and "
                     f"+{overhead} overhead) into a path MTU of {path_mtu}"
                 )
-                if not m.icmp_seen:
+                if self._implementation == "kernel" or fragment:
+                    fate = self._fate(m, outer, path_mtu, locked=fragment)
+                    if fate.fate == "fragmented":
+                        fragmenting = f"{sends}: {fate.reason}"
+                    elif not m.icmp_seen:
+                        reason = f"blackhole: {sends}: {fate.reason}"
+                        return _new_health(node, peer, "blackhole", reason)
+                    else:
+                        problems.append(f"{sends}: {fate.reason}; ICMP seen")
+                elif not m.icmp_seen:
                     reason = (
                         f"blackhole: {sends} and no ICMP was seen: packets above "
                         f"{path_mtu - overhead} bytes vanish"
                     )
                     return _new_health(node, peer, "blackhole", reason)
-                problems.append(f"{sends}; ICMP seen, so big packets rely on PMTU discovery")
+                else:
+                    problems.append(f"{sends}; ICMP seen, so big packets rely on PMTU discovery")
         if loss_ratio is not None and loss_ratio > LOSS_DEGRADED_RATIO:
             problems.append(f"loss {loss_ratio:.1%} (> {LOSS_DEGRADED_RATIO:.0%})")
         effective_mtu = route_mtu or interface_mtu
@@ -207,7 +236,11 @@ class NodeHealth:
         if keepalive_s == 0 and recommended_keepalive_s:
             problems.append(f"keepalive off, {recommended_keepalive_s} s recommended (NAT)")
         if problems:
+            if fragmenting is not None:
+                problems.append(fragmenting)
             return _new_health(node, peer, "degraded", "degraded: " + "; ".join(problems))
+        if fragmenting is not None:
+            return _new_health(node, peer, "fragmenting", f"fragmenting: {fragmenting}")
         if path_mtu is None:
             reason = f"unmeasured: path MTU {node}→{peer} not measured yet"
             return _new_health(node, peer, "unmeasured", reason)
@@ -222,6 +255,20 @@ class NodeHealth:
             loss = f", loss {loss_ratio:.1%}" if loss_ratio is not None else ""
             reason = f"ok: handshake {handshake_age_s:.0f} s ago{rtt}{loss}, path MTU {path_mtu}"
         return _new_health(node, peer, "ok", reason)
+
+    def _fate(self, m: LinkMeasurement, outer: int, path_mtu: int, *, locked: bool) -> OuterVerdict:
+        """The fate of an ``outer``-byte packet from this node over ``m``'s path; the route
+        towards the endpoint is locked at ``outer`` or above when ``locked`` (the agent's
+        outer fragmentation), else it carries it (no smaller route MTU is set there)."""
+        return outer_fate(
+            self._implementation or "userspace",
+            m.family,
+            outer_size=outer,
+            route_mtu=outer,
+            path_mtu=path_mtu,
+            route_locked=locked,
+            fragments_cross=m.fragments_cross is not False,
+        )
 
 
 def classify_link(a_to_b: LinkHealth, b_to_a: LinkHealth) -> LinkHealth:

@@ -19,8 +19,9 @@ from __future__ import annotations
 import math
 
 from fleetvpn.controller.fleet import FleetView
+from fleetvpn.model import HEALTH_SEVERITY
 
-STATES = ("ok", "degraded", "blackhole", "stale", "down", "unmeasured")
+STATES = HEALTH_SEVERITY
 
 _DIRECTION_METRICS = (
     ("fleetvpn_link_path_mtu_bytes", "Measured path MTU, node to peer (IP bytes)"),

@@ -3,11 +3,18 @@
 Rules (design.md, "Numbers the product must get right"):
 - A direction node → peer gets tunnel MTU = path MTU − overhead (60 over an IPv4 underlay, 80
   over IPv6), from the *sender's* own measurement.  Unmeasured: a safe 1280.
-- Never below 1280 while the tunnel carries IPv6 (RFC 8200 §5).  When the path cannot carry
-  1280 + overhead, the tunnel MTU stays 1280 and the decision says ``needs_fragmentation``:
-  packets above path − overhead then need outer fragmentation (kernel WireGuard over IPv4 clears
-  DF, routers fragment) or are dropped (wireguard-go sets DF; any IPv6 underlay) — the link needs
-  another path, or the tunnel must stop carrying IPv6.  An IPv4-only tunnel goes down to 576.
+- No standing black hole below 1280 + overhead (issue 12).  An interface that carries IPv6
+  never goes below 1280 (RFC 8200 §5), but a route for IPv4 may: when the path cannot carry
+  1280 + overhead the direction's tunnel MTU is still path − overhead (down to 576) and the
+  decision says ``needs_fragmentation``. The node then keeps its interface at 1280 at least, its
+  IPv4 routes towards the peer at the route MTU below, its IPv6 routes at 1280 with TCP's MSS
+  clamped to fit the route MTU (``advmss``: no TCP segment needs fragmenting), and every other
+  IPv6 packet above the route MTU leaves fragmented outside the tunnel, towards this peer's
+  endpoint only (``fragment_outer`` in the route: kernel WireGuard never sets DF on IPv4;
+  wireguard-go gets a locked route MTU towards the endpoint, which clears DF without making its
+  GSO batches too big, see fleetvpn.agent.outerroute). Over an IPv6 underlay routers never
+  fragment, so those packets are lost; health says which (fleetvpn.engines.outer).
+  An IPv4-only tunnel goes down to 576 with no fragmentation at all.
 - A link's one number is the smaller direction: it fits both ways, and it is what TCP across the
   link uses anyway (each end advertises its MSS from its own route MTU).  Each sender's route
   still follows its own direction, so one-way traffic on an asymmetric path is not held back.
@@ -95,17 +102,29 @@ def _measured(path_mtu: int, family: Family, carries_ipv6: bool) -> tuple[int, s
     fits = usable - overhead
     underlay = f"IPv{family} underlay, −{overhead}"
     taken = f", taken as {MAX_PATH_MTU} (the largest size probed)" if usable < path_mtu else ""
-    floor = IPV6_MIN_MTU if carries_ipv6 else IPV4_MIN_MTU
-    if fits >= floor:
+    if fits >= (IPV6_MIN_MTU if carries_ipv6 else IPV4_MIN_MTU):
         jumbo = "; jumbo path" if path_mtu > 1500 else ""
         return fits, f"{taken} ({underlay}{jumbo})", False
-    why = "the tunnel carries IPv6" if carries_ipv6 else "it is the IPv4 minimum"
-    rest = (
-        f"{taken} ({underlay}) cannot carry {floor} + {overhead}; "
-        f"held at {floor} because {why}: packets of {fits + 1}..{floor} bytes need outer "
-        f"fragmentation or are dropped — the link needs another path"
+    if fits < IPV4_MIN_MTU:
+        rest = (
+            f"{taken} ({underlay}) cannot carry {IPV4_MIN_MTU} + {overhead}; held at "
+            f"{IPV4_MIN_MTU}, the IPv4 minimum: larger packets need outer fragmentation or "
+            "are dropped — the link needs another path"
+        )
+        return IPV4_MIN_MTU, rest, True
+    if not carries_ipv6:
+        return fits, f"{taken} ({underlay}; the tunnel carries IPv4 only)", False
+    outside = (
+        "fragmented outside the tunnel towards this peer's endpoint"
+        if family == 4
+        else "lost: routers never fragment an IPv6 underlay"
     )
-    return floor, rest, True
+    rest = (
+        f"{taken} ({underlay}) is below {IPV6_MIN_MTU} + {overhead}: IPv4 inside at {fits}; "
+        f"IPv6 inside stays at {IPV6_MIN_MTU} (RFC 8200) with TCP's MSS clamped to fit, larger "
+        f"IPv6 packets {outside}"
+    )
+    return fits, rest, True
 
 
 def apply_mtu_override(decision: LinkMtuDecision, override: Override | None) -> LinkMtuDecision:
@@ -158,10 +177,22 @@ def node_mtu_plan(node: str, directions: Sequence[LinkMtuDecision]) -> NodeMtuPl
         f"interface MTU {interface_mtu}: the largest of {len(directions)} link(s) "
         f"(towards {largest.peer}: {largest.reason})"
     )
+    if interface_mtu < IPV6_MIN_MTU and any(d.needs_fragmentation for d in directions):
+        interface_mtu = IPV6_MIN_MTU
+        reason_of_plan = (
+            f"interface MTU {IPV6_MIN_MTU}: the IPv6 minimum (RFC 8200); every link is "
+            f"smaller, its IPv4 routes lower (towards {largest.peer}: {largest.reason})"
+        )
     routes = []
     for d in sorted(directions, key=_by_peer):
         route_mtu, reason = _route(d.tunnel_mtu, interface_mtu)
-        routes.append(_new_route(d.peer, route_mtu, d.tunnel_mtu, reason))
+        fragment = d.needs_fragmentation and route_mtu < IPV6_MIN_MTU
+        if fragment:
+            reason = (
+                f"{reason}; IPv6 routes {IPV6_MIN_MTU} with TCP MSS {route_mtu - 60}, larger "
+                "IPv6 packets fragmented outside the tunnel towards this peer's endpoint"
+            )
+        routes.append(_new_route(d.peer, route_mtu, d.tunnel_mtu, reason, fragment))
     return NodeMtuPlan(node, interface_mtu, reason_of_plan, tuple(routes))
 
 

@@ -163,8 +163,13 @@ def _check_peer(peer: Mapping[str, Any], where: str) -> None:
         carries_ipv6 |= network.version == 6
     _int(_get(peer, "keepalive_s", where), where + "keepalive_s", 0, KEEPALIVE_MAX_S)
     _by(grammar.note, _get(peer, "keepalive_reason", where), where + "keepalive_reason")
-    # Each allowed IP gets a route with this MTU; an IPv6 route cannot go below 1280.
-    _mtu(_get(peer, "route_mtu", where), where + "route_mtu", carries_ipv6=carries_ipv6)
+    # Each allowed IP gets a route with this MTU; an IPv6 route stays at 1280 with TCP's MSS
+    # clamped when it is lower (:func:`routes`), so only the IPv4 floor applies here.
+    _mtu(_get(peer, "route_mtu", where), where + "route_mtu", carries_ipv6=False)
+    fragment = peer.get("outer_fragmentation", False)
+    if not isinstance(fragment, bool):
+        problem = f"{grammar.shown(fragment)} is not a boolean"
+        raise RenderError(where + "outer_fragmentation", problem)
     _by(grammar.note, _get(peer, "route_mtu_reason", where), where + "route_mtu_reason")
 
 
@@ -198,16 +203,25 @@ def _environment() -> jinja2.Environment:
 
 
 def routes(desired: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One route per peer address, carrying that link's MTU (the kernel and TCP follow it)."""
-    return [
-        {
-            "destination": ip,
-            "mtu": peer["route_mtu"],
-            "reason": f"{peer['peer']}: {peer['route_mtu_reason']}",
-        }
-        for peer in desired["peers"]
-        for ip in peer["allowed_ips"]
-    ]
+    """One route per peer address, carrying that link's MTU (the kernel and TCP follow it).
+    An IPv6 route never goes below 1280 (RFC 8200): under a smaller route MTU it stays at 1280
+    and TCP's advertised MSS (``advmss``) is clamped to fit the route MTU instead."""
+    out = []
+    for peer in desired["peers"]:
+        for ip in peer["allowed_ips"]:
+            mtu, advmss = route_values(ip, peer["route_mtu"])
+            out.append({
+                "destination": ip,
+                "mtu": mtu,
+                "advmss": advmss,
+                "reason": f"{peer['peer']}: {peer['route_mtu_reason']}",
+            })  # fmt: skip
+    return out
+
+
+def route_values(destination: str, route_mtu: int) -> tuple[int, int | None]:
+    """(route MTU, advertised MSS or None) of one route towards ``destination``."""
+    return grammar.ipv6_route(route_mtu) if ":" in destination else (route_mtu, None)
 
 
 def _no_continuation(file_name: str, text: str) -> str:

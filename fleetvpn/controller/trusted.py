@@ -102,6 +102,7 @@ def _measurement_by_key(m: dict[str, Any]) -> LinkMeasurement:
         _float(rtt_s),
         _float(loss_ratio),
         _float(handshake_age_s),
+        get("fragments_cross"),
     )
 
 
@@ -124,9 +125,13 @@ def _configured(c: dict[str, Any] | None) -> Configured:
         return Configured()
     new = _new_configured_peer
     peers = tuple(
-        [new(p["peer"], p.get("route_mtu"), p.get("keepalive_s", 0)) for p in c.get("peers", ())]
-    )
-    return Configured(c.get("interface_mtu"), peers)
+        [
+            new(p["peer"], p.get("route_mtu"), p.get("keepalive_s", 0),
+                p.get("outer_fragmentation", False))
+            for p in c.get("peers", ())
+        ]
+    )  # fmt: skip
+    return Configured(c.get("interface_mtu"), peers, c.get("implementation"))
 
 
 def report_from_trusted(doc: Any) -> Report:

@@ -639,7 +639,9 @@ def _work(
             # The collector stays off until what is new is frozen: a pass over the new view's
             # millions of objects (none in a cycle) cost 0.3-0.6 s a compute.
             with fleetview.gc_paused():
-                new = fleetview.compute(store, utcnow(), sources)
+                new = fleetview.compute(
+                    store, utcnow(), sources, carries_ipv6=tunnel.ipv6 is not None
+                )
                 extras = [k for k, at in wanted.items() if time.monotonic() - at < WANT_FOR_S]
                 fd, index = render_view(new, tunnel, seen, extras, started)
                 _freeze_heap()

@@ -236,11 +236,11 @@ def test_requests_are_served_from_the_last_view_while_a_recompute_runs(
     gate, blocked = threading.Event(), threading.Event()
     gate.set()
 
-    def slow_compute(*args: Any) -> Any:
+    def slow_compute(*args: Any, **kwargs: Any) -> Any:
         if not gate.is_set():
             blocked.set()
             assert gate.wait(30), "the test never released the recompute"
-        return real_compute(*args)
+        return real_compute(*args, **kwargs)
 
     monkeypatch.setattr(fleet_module, "compute", slow_compute)
     with Server(store, view_fresh_wait_s=0.0) as api:
@@ -330,8 +330,8 @@ def test_served_health_documents_are_the_health_json(
     computed: list[fleet_module.FleetView] = []
     real_compute = fleet_module.compute
 
-    def keep(*args: Any) -> Any:
-        computed.append(real_compute(*args))
+    def keep(*args: Any, **kwargs: Any) -> Any:
+        computed.append(real_compute(*args, **kwargs))
         return computed[-1]
 
     monkeypatch.setattr(fleet_module, "compute", keep)

@@ -30,6 +30,9 @@ def stored(
     interface_mtu: int | None = 1340,
     route_mtu: int | None = None,
     keepalive_s: int = 13,
+    implementation: Any = None,
+    outer_fragmentation: bool = False,
+    family: Any = 4,
     **measurement: Any,
 ) -> StoredReport:
     fields: dict[str, Any] = {
@@ -39,7 +42,9 @@ def stored(
         "rtt_s": 0.02,
         "endpoint": "198.18.0.1:51820",
     } | measurement
-    m = LinkMeasurement(peer="hub", family=4, rx_bytes=1, tx_bytes=1, **fields)
+    if family == 6:
+        fields["endpoint"] = "[2001:2::1]:51820"
+    m = LinkMeasurement(peer="hub", family=family, rx_bytes=1, tx_bytes=1, **fields)
     received_at = NOW - timedelta(seconds=report_age_s)
     report = Report(
         report_id="0b9e3b5c-1f3e-4c1a-9d2e-2b7d8f0c1a22",
@@ -47,7 +52,11 @@ def stored(
         site="office",
         created_at=received_at,
         measurements=(m,),
-        configured=Configured(interface_mtu, (ConfiguredPeer("hub", route_mtu, keepalive_s),)),
+        configured=Configured(
+            interface_mtu,
+            (ConfiguredPeer("hub", route_mtu, keepalive_s, outer_fragmentation),),
+            implementation,
+        ),
     )
     return StoredReport(received_at, report)
 
@@ -99,6 +108,55 @@ def test_the_padding_black_hole_from_design_md() -> None:
     # interface 1420, route 1329: 1329 pads to 1344 + 60 = 1404 > 1400
     assert health(stored(interface_mtu=1420, route_mtu=1329)).state == "blackhole"
     assert health(stored(interface_mtu=1420, route_mtu=1328)).state == "ok"
+
+
+def test_kernel_wireguard_over_ipv4_fragments_where_wireguard_go_black_holes() -> None:
+    """Item 9: the same settings on the same path, per implementation (design.md)."""
+    too_big = {"interface_mtu": 1420, "path_mtu": 1400}
+    go = health(stored(implementation="userspace", **too_big))
+    assert go.state == "blackhole"
+    assert "no ICMP was seen: packets above 1340 bytes vanish" in go.reason
+    kernel = health(stored(implementation="kernel", **too_big))
+    assert kernel.state == "fragmenting"
+    assert "kernel WireGuard never sets DF on IPv4" in kernel.reason
+    assert "routers fragment 1480 for the 1400 path" in kernel.reason
+    # the prober saw fragments dropped on this path: kernel WireGuard black-holes too
+    dropped = health(stored(implementation="kernel", fragments_cross=False, **too_big))
+    assert dropped.state == "blackhole" and "this path drops fragments" in dropped.reason
+    # over IPv6 routers never fragment, kernel or not
+    v6 = health(stored(implementation="kernel", family=6, interface_mtu=1420, path_mtu=1400))
+    assert v6.state == "blackhole" and "routers never fragment IPv6" in v6.reason
+    # an agent too old to say which: as before (the lab's wireguard-go)
+    assert health(stored(**too_big)).state == "blackhole"
+
+
+def test_a_path_below_1340_fragments_ipv6_outside_and_is_not_a_blackhole() -> None:
+    """Item 3: 1300-byte path, IPv4 routes at 1232, IPv6 at 1280 with the endpoint's route
+    locked by the agent (wireguard-go): every packet arrives, IPv6 ones above 1232 in
+    fragments."""
+    below = {"interface_mtu": 1280, "route_mtu": 1232, "path_mtu": 1300}
+    h = health(stored(implementation="userspace", outer_fragmentation=True, **below),
+               recommended_route_mtu=1232)  # fmt: skip
+    assert h.state == "fragmenting", h.reason
+    assert "IPv4 inside fits (route MTU 1232: up to 1292 bytes into a path MTU of 1300)" in h.reason
+    assert "TCP aside (MSS clamped to 1172)" in h.reason
+    assert "a locked route MTU clears DF" not in h.reason  # fits its locked route: no local frag
+    assert "routers fragment 1340 for the 1300 path" in h.reason
+    # fragments do not cross this path: the IPv6 part is a black hole, and it says why
+    lost = health(
+        stored(implementation="userspace", outer_fragmentation=True, fragments_cross=False,
+               **below),
+        recommended_route_mtu=1232,
+    )  # fmt: skip
+    assert lost.state == "blackhole" and "this path drops fragments" in lost.reason
+    # the same routes without the endpoint's route locked: IPv4 fits, and nothing claims more
+    assert health(stored(**below), recommended_route_mtu=1232).state == "ok"
+    # fragmenting and lossy: degraded, both said
+    both = health(
+        stored(implementation="userspace", outer_fragmentation=True, loss_ratio=0.1, **below),
+        recommended_route_mtu=1232,
+    )
+    assert both.state == "degraded" and "loss 10.0%" in both.reason and "IPv6 inside" in both.reason
 
 
 def test_too_big_with_icmp_seen_is_degraded_not_blackhole() -> None:

@@ -91,23 +91,44 @@ def test_jumbo_paths() -> None:
     assert "path MTU 9216 measured by a, taken as 9000" in big.reason
 
 
-def test_never_below_1280_while_the_tunnel_carries_ipv6() -> None:
-    small = direction_mtu("a", "b", measured("b", 1300, 6))
-    assert (small.tunnel_mtu, small.needs_fragmentation) == (1280, True)
-    assert "cannot carry 1280 + 80" in small.reason
-    assert "because the tunnel carries IPv6" in small.reason
-    assert "packets of 1221..1280 bytes need outer fragmentation" in small.reason
-    assert "another path" in small.reason
-    # IPv4 underlay, 1300-byte path: 1240 would fit, but IPv6 inside needs 1280
-    assert direction_mtu("a", "b", measured("b", 1300)).tunnel_mtu == 1280
-    # an IPv4-only tunnel may go lower, down to 576
+def test_below_1280_plus_overhead_ipv4_routes_go_lower_and_ipv6_fragments_outside() -> None:
+    # IPv4 underlay, 1300-byte path: IPv4 inside fits at 1240; IPv6 inside cannot go below 1280
+    small = direction_mtu("a", "b", measured("b", 1300))
+    assert (small.tunnel_mtu, small.needs_fragmentation) == (1240, True)
+    assert "IPv4 inside at 1240" in small.reason
+    assert "IPv6 inside stays at 1280 (RFC 8200) with TCP's MSS clamped" in small.reason
+    assert "fragmented outside the tunnel towards this peer's endpoint" in small.reason
+    # the node's plan: the interface stays at the IPv6 minimum, the route below it is floor16
+    # (wireguard-go pads 1240 to 1248 under a 1280 interface: 1308 > 1300) and fragments outside
+    plan = node_mtu_plan("a", [small])
+    assert plan.interface_mtu == 1280
+    assert "the IPv6 minimum" in plan.reason
+    (route,) = plan.routes
+    assert (route.route_mtu, route.fragment_outer) == (1232, True)
+    assert padded_outer_bytes(route.route_mtu, plan.interface_mtu, 60) <= 1300
+    assert "TCP MSS 1172" in route.reason
+    # a larger link on the same node keeps the interface above 1280; this route still fragments
+    both = node_mtu_plan("a", [small, direction_mtu("a", "c", measured("c", 1500))])
+    assert both.interface_mtu == 1440
+    assert [(r.peer, r.route_mtu, r.fragment_outer) for r in both.routes] == [
+        ("b", 1232, True),
+        ("c", 1440, False),
+    ]
+    # an IPv6 underlay: the same routes, but routers never fragment IPv6, and the reason says so
+    v6 = direction_mtu("a", "b", measured("b", 1300, 6))
+    assert (v6.tunnel_mtu, v6.needs_fragmentation) == (1220, True)
+    assert "lost: routers never fragment an IPv6 underlay" in v6.reason
+    # an IPv4-only tunnel may go lower, down to 576, and nothing fragments
     v4_only = direction_mtu("a", "b", measured("b", 1300), carries_ipv6=False)
     assert (v4_only.tunnel_mtu, v4_only.needs_fragmentation) == (1240, False)
+    assert not node_mtu_plan("a", [v4_only]).routes[0].fragment_outer
+    assert node_mtu_plan("a", [v4_only]).interface_mtu == 1240
     tiny = direction_mtu("a", "b", measured("b", 600), carries_ipv6=False)
     assert (tiny.tunnel_mtu, tiny.needs_fragmentation) == (576, True)
     assert "IPv4 minimum" in tiny.reason
     # exactly 1280 + overhead is fine
     assert not direction_mtu("a", "b", measured("b", 1360, 6)).needs_fragmentation
+    assert not direction_mtu("a", "b", measured("b", 1340)).needs_fragmentation
 
 
 def test_the_padding_rule_from_design_md() -> None:

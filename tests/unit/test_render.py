@@ -117,7 +117,9 @@ HOSTILE: list[tuple[str, dict[str, Any], str]] = [
     ("keepalive as text", _peer(keepalive_s="25\nPostUp = x"), "peers[0].keepalive_s"),
     ("keepalive true", _peer(keepalive_s=True), "peers[0].keepalive_s"),
     ("route MTU 68", _peer(route_mtu=68), "peers[0].route_mtu"),
-    ("IPv6 route MTU 1264", _peer(route_mtu=1264), "peers[0].route_mtu"),
+    ("route MTU 575", _peer(route_mtu=575), "peers[0].route_mtu"),
+    ("outer fragmentation as text", _peer(outer_fragmentation="yes"),
+     "peers[0].outer_fragmentation"),
     ("route MTU None", _peer(route_mtu=None), "peers[0].route_mtu"),
     ("same key twice", _peer(public_key=CLOUD_KEY), "peers[1].public_key"),
     ("newline in the node", {**DESIRED, "node": "branch1\nPostUp = x"}, "node"),
@@ -156,6 +158,22 @@ def test_an_ipv4_only_node_may_go_below_1280() -> None:
     v4 = {**DESIRED, "addresses": ["10.99.0.2/16"], "interface_mtu": 1264,
           "peers": [DESIRED["peers"][1]]}  # fmt: skip
     assert "MTU = 1264" in render(v4, "wg-quick")["wg0.conf"]
+
+
+def test_an_ipv6_route_stays_at_1280_with_tcp_mss_clamped_below_it() -> None:
+    """A path under 1280 + overhead (issue 12): IPv4 routes go lower, IPv6 routes cannot (RFC
+    8200), so they keep 1280 and advertise an MSS that fits the lower route MTU."""
+    low = _peer(route_mtu=1232, outer_fragmentation=True)
+    conf = render(low, "wg-quick")["wg0.conf"]
+    assert "PostUp = ip route replace 10.99.0.1/32 dev %i mtu 1232\n" in conf
+    assert "PostUp = ip route replace fd99:f1ee:7::1/128 dev %i mtu 1280 advmss 1172\n" in conf
+    network = render(low, "networkd")["wg0.network"]
+    assert "Destination = 10.99.0.1/32\nMTUBytes = 1232\n\n#" in network
+    assert (
+        "Destination = fd99:f1ee:7::1/128\nMTUBytes = 1280\nTCPAdvertisedMaximumSegmentSize = 1172"
+        in network
+    )
+    assert "advmss" not in render(DESIRED, "wg-quick")["wg0.conf"]  # 1340: no clamp
 
 
 def test_the_template_environment_refuses_any_printed_line_break() -> None:

@@ -199,11 +199,11 @@ def test_a_body_that_is_no_json_raises_as_the_standard_library_does() -> None:
 
 
 _VALUES: list[tuple[type[Any], tuple[Any, ...]]] = [
-    (LinkMeasurement, ("hub", 4, 1, 2, "198.18.0.1:51820", 1400, True, 0.02, 0.0, 12.5)),
-    (ConfiguredPeer, ("hub", None, 25)),
+    (LinkMeasurement, ("hub", 4, 1, 2, "198.18.0.1:51820", 1400, True, 0.02, 0.0, 12.5, True)),
+    (ConfiguredPeer, ("hub", None, 25, True)),
     (LinkHealth, ("a", "b", "ok", "ok: handshake 3 s ago")),
     (LinkMtuDecision, ("a", "b", 1420, "measured", "MTU 1420", 1480, 4, False)),
-    (RouteMtu, ("b", 1408, 1420, "route MTU 1408")),
+    (RouteMtu, ("b", 1408, 1420, "route MTU 1408", False)),
     (PeerKeepalive, ("a", "b", 25, "default", "default keepalive")),
 ]
 

@@ -108,6 +108,7 @@ from ansible.utils.display import Display
 
 try:
     from fleetvpn import grammar
+    from fleetvpn.model import HEALTH_SEVERITY
 except ImportError as e:  # the collection ships inside the fleetvpn wheel
     raise ImportError(
         f"fleetvpn.fleet.controller inventory needs the fleetvpn package: {e}"
@@ -115,8 +116,8 @@ except ImportError as e:  # the collection ships inside the fleetvpn wheel
 
 display = Display()
 
-# Worst first: a node's state is the worst of its links' states.
-STATES = ("blackhole", "down", "stale", "degraded", "unmeasured", "ok")
+# Worst first (the controller's order): a node's state is the worst of its links' states.
+STATES = HEALTH_SEVERITY
 
 
 def fetch_health(get, page_size):
