@@ -58,6 +58,7 @@ from fleetvpn.agent import client as api
 from fleetvpn.agent import startup
 from fleetvpn.agent.config import AgentConfig, ConfigError, load, reloaded
 from fleetvpn.agent.desired import Acceptance, Desired, DesiredError
+from fleetvpn.agent.outerroute import EndpointRoutes, wanted
 from fleetvpn.agent.paths import PathSupervisor
 from fleetvpn.agent.probes import (
     ResponderSet,
@@ -126,6 +127,8 @@ class Agent(ProbingJobs):
         self.spool = Spool(config.spool_dir, config.spool_max_reports, log.warning)
         self.batches = True  # False once the controller answered 404/405 for the batch path
         self.tunnel: Any = None
+        self.applied: TunnelSpec | None = None  # the spec the last good apply made
+        self.endpoint_routes: EndpointRoutes | None = None  # outer fragmentation (outerroute)
         self.throttled_until = 0.0  # monotonic: no request to the controller before (a 429)
         self.trusted_networks: tuple[Any, ...] = ()  # see the module docstring, step 3
 
@@ -177,6 +180,9 @@ class Agent(ProbingJobs):
         self.public_key, self.probe_key = startup.prepare_keys(self.config)
         self.keys = KeyFollower(self.probe_key)
         self.tunnel = self._make_tunnel()
+        self.endpoint_routes = EndpointRoutes(
+            self.config.interface, getattr(self.tunnel, "runner", None)
+        )
         self.pmtu, self.nat = startup.load_measurements(self.config)
         last_good = startup.load_last_good(self.config)
         if last_good is not None:
@@ -309,7 +315,12 @@ class Agent(ProbingJobs):
             spec, reasons = desired.spec, desired.reasons
             if self.paths is not None:  # a route lowered locally stays so (localmtu.py)
                 spec, reasons = self.paths.holds.capped(spec, reasons)
-            ok = await self._reconcile(await self._resolved(spec), reasons, started)
+            spec = await self._resolved(spec)
+            ok = await self._reconcile(spec, reasons, started)
+            if ok:
+                self.applied = spec
+                await self._sample()
+                await self._sync_endpoint_routes()
         if save and ok:
             await asyncio.to_thread(
                 startup.write_json, self.config.desired_file, dict(desired.document)
@@ -339,6 +350,30 @@ class Agent(ProbingJobs):
                 "changes": [f"{c.summary} — {c.reason}" for c in changes],
             }
         return True
+
+    async def _sync_endpoint_routes(self) -> None:
+        """The routes towards peers' endpoints that let outer packets fragment (outerroute.py),
+        after each apply and each sample (a NATed peer's endpoint may move)."""
+        if self.endpoint_routes is None or self.applied is None or not self.config.apply:
+            return
+        want = wanted(self.applied, self.state)
+        try:
+            done = await asyncio.to_thread(self.endpoint_routes.sync, want)
+        except Exception as e:
+            log.warning("cannot read or set the routes towards peers' endpoints: %s", e)
+            return
+        for line in done:
+            log.info("%s", line)
+
+    def _outer_fragmenting(self) -> set[str]:
+        """The peers whose outer packets may fragment on the way, as applied: kernel WireGuard
+        never sets DF on IPv4; wireguard-go only where our endpoint route is in place."""
+        if self.applied is None or self.state is None:
+            return set()
+        asked = {p.name for p in self.applied.peers if p.outer_fragmentation}
+        if self.state.implementation == "kernel":
+            return asked
+        return asked & (self.endpoint_routes.in_place if self.endpoint_routes else set())
 
     async def _resolved(self, spec: TunnelSpec) -> TunnelSpec:
         """``spec`` with every DNS endpoint replaced by its address (module docstring, 3.)."""
@@ -400,6 +435,7 @@ class Agent(ProbingJobs):
 
     async def _job_sample(self) -> None:
         await self._sample()
+        await self._sync_endpoint_routes()
         for obs in self._observations():
             age = time.time() - obs.latest_handshake if obs.latest_handshake else None
             why = self.watch.observe(obs.name, obs.endpoint, age)
@@ -420,7 +456,7 @@ class Agent(ProbingJobs):
             created_at=datetime.now(UTC).replace(microsecond=0),
             peers=self._observations(),
             nat=self.nat,
-            configured=configured_from(self.state, names),
+            configured=configured_from(self.state, names, self._outer_fragmenting()),
         )
         await asyncio.to_thread(self.spool.put, report)
         if self._throttled("reports"):

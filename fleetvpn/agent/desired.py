@@ -211,7 +211,7 @@ def parse_desired(
     ]
     carries_v6 = any(a.version == 6 for a in addresses)
     raw_peers = _get(doc, "peers", list, "")
-    parsed: list[tuple[str, str, str, str | None, tuple[IPNetwork, ...], int, int]] = []
+    parsed: list[tuple[str, str, str, str | None, tuple[IPNetwork, ...], int, int, bool]] = []
     seen_keys: dict[str, str] = {}
     seen_names: set[str] = set()
     for i, raw in enumerate(raw_peers):
@@ -253,7 +253,10 @@ def parse_desired(
             _get(raw, "keepalive_s", int, where), KEEPALIVE_RANGE_S, f"{where}keepalive_s", " s"
         )
         route_mtu = _get(raw, "route_mtu", int, where)
-        parsed.append((name, peer_site, key, endpoint, tuple(allowed), keepalive, route_mtu))
+        outer = raw.get("outer_fragmentation", False)  # absent: a controller too old to say
+        if not isinstance(outer, bool):
+            raise _fail(f"{where}outer_fragmentation", f"{grammar.shown(outer)} is not a boolean")
+        parsed.append((name, peer_site, key, endpoint, tuple(allowed), keepalive, route_mtu, outer))
         reasons[f"{key}:keepalive"] = f"{name}: {reason(raw, 'keepalive_reason', where)}"
         reasons[f"{key}:route_mtu"] = f"{name}: {reason(raw, 'route_mtu_reason', where)}"
         reasons[f"{key}:add"] = f"{name} (site {peer_site}) is a peer in the desired state"
@@ -263,14 +266,14 @@ def parse_desired(
     _parsed(lambda v, w: grammar.tunnel_mtu(v, w, ipv6=carries_v6), mtu, "interface_mtu")
     specs: list[PeerSpec] = []
     plans: list[PeerPlan] = []
-    for i, (name, peer_site, key, endpoint, nets, keepalive, route_mtu) in enumerate(parsed):
+    for i, (name, peer_site, key, endpoint, nets, keepalive, route_mtu, outer) in enumerate(parsed):
+        # a route MTU applies to IPv4 routes as it is; IPv6 ones stay at 1280 with TCP's MSS
+        # clamped below it (grammar.ipv6_route), so the IPv4 floor is the route's floor
         _parsed(
-            lambda v, w: grammar.tunnel_mtu(v, w, ipv6=carries_v6),
-            route_mtu,
-            f"peers[{i}].route_mtu",
+            lambda v, w: grammar.tunnel_mtu(v, w, ipv6=False), route_mtu, f"peers[{i}].route_mtu"
         )
         texts = tuple(str(n) for n in nets)
-        specs.append(PeerSpec(key, endpoint, texts, keepalive, route_mtu, name))
+        specs.append(PeerSpec(key, endpoint, texts, keepalive, route_mtu, name, outer))
         tunnel_v4 = [
             str(n.network_address)
             for n in nets

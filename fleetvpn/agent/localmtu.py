@@ -12,7 +12,9 @@ assumed) is never released by the controller: only the search's result replaces 
 The route MTU for a path follows the controller's rule (design.md "Numbers"): the tunnel MTU is
 the path MTU minus the WireGuard overhead; at or above the interface MTU the interface MTU is
 safe (padding stops there); below it, a multiple of 16 (wireguard-go pads to 16). Never below
-1280 while the tunnel carries IPv6, nor 576 otherwise (the agent's own grammar).
+576. Below 1280 in a tunnel that carries IPv6 the route MTU holds for IPv4 routes; IPv6 ones stay
+at 1280 with TCP's MSS clamped (fleetvpn.grammar.ipv6_route) and the hold asks for outer
+fragmentation towards the peer, as the controller would (fleetvpn.agent.outerroute).
 """
 
 from __future__ import annotations
@@ -38,12 +40,12 @@ def padded_outer(route_mtu: int | None, interface_mtu: int, family: int) -> int:
     return min(-(-inner // PADDING) * PADDING, interface_mtu) + OVERHEAD[family]
 
 
-def route_mtu_for(path_mtu: int, family: int, interface_mtu: int, carries_ipv6: bool) -> int:
+def route_mtu_for(path_mtu: int, family: int, interface_mtu: int) -> int:
     """The largest route MTU whose outer packets fit ``path_mtu`` (the module docstring's rule),
-    but never under the tunnel's minimum (then the path cannot be made to fit)."""
+    but never under 576 (then the path cannot be made to fit)."""
     tunnel = path_mtu - OVERHEAD[family]
     route = interface_mtu if tunnel >= interface_mtu else tunnel - tunnel % PADDING
-    return max(route, IPV6_MIN_MTU if carries_ipv6 else IPV4_MIN_MTU)
+    return max(route, IPV4_MIN_MTU)
 
 
 def spec_carries_ipv6(spec: TunnelSpec) -> bool:
@@ -85,14 +87,20 @@ class LocalHolds:
         peer_spec = next((p for p in spec.peers if p.name == peer), None)
         if peer_spec is None:
             return None
-        route = route_mtu_for(path_mtu, family, spec.mtu, spec_carries_ipv6(spec))
+        route = route_mtu_for(path_mtu, family, spec.mtu)
         if padded_outer(peer_spec.route_mtu, spec.mtu, family) <= path_mtu:
             self.holds.pop(peer, None)
             return None
         how = "path MTU" if final else "path MTU assumed"
+        outer = ""
+        if route < IPV6_MIN_MTU and spec_carries_ipv6(spec):
+            outer = (
+                f"; IPv6 routes {IPV6_MIN_MTU} with TCP MSS {route - 60}, larger IPv6 packets "
+                "fragmented outside the tunnel"
+            )
         reason = (
             f"route MTU {route}: applied locally, controller to confirm: {how} {path_mtu} "
-            f"(IPv{family}, −{OVERHEAD[family]}): {why}"
+            f"(IPv{family}, −{OVERHEAD[family]}): {why}{outer}"
         )
         held = LocalHold(route, path_mtu, family, final, reason, now)
         self.holds[peer] = held
@@ -141,7 +149,10 @@ class LocalHolds:
         for p in spec.peers:
             held = self.holds.get(p.name)
             if held is not None and held.route_mtu < min(p.route_mtu or spec.mtu, spec.mtu):
-                p = dataclasses.replace(p, route_mtu=held.route_mtu)
+                outer = p.outer_fragmentation or (
+                    held.route_mtu < IPV6_MIN_MTU and spec_carries_ipv6(spec)
+                )
+                p = dataclasses.replace(p, route_mtu=held.route_mtu, outer_fragmentation=outer)
                 new_reasons[f"{p.public_key}:route_mtu"] = held.reason
             peers.append(p)
         return dataclasses.replace(spec, peers=tuple(peers)), new_reasons

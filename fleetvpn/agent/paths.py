@@ -29,7 +29,6 @@ from typing import Final, Protocol
 from fleetvpn.agent.desired import Desired
 from fleetvpn.agent.localmtu import LocalHolds
 from fleetvpn.agent.pathkeeper import (
-    KeeperAction,
     LowerNow,
     Measured,
     Note,
@@ -37,7 +36,13 @@ from fleetvpn.agent.pathkeeper import (
     SearchSlots,
     Unreachable,
 )
-from fleetvpn.agent.pathwatch_adapter import PeerPathAdapter, local_ceiling, probe_socket
+from fleetvpn.agent.pathwatch_adapter import (
+    AdapterAction,
+    FragmentsCross,
+    PeerPathAdapter,
+    local_ceiling,
+    probe_socket,
+)
 from fleetvpn.agent.schedule import ProbeBudget
 from fleetvpn.engines.natwatch import NatRemeasure, NatShrinkSuspected, NatWatch
 from fleetvpn.net import wire
@@ -58,6 +63,7 @@ class AgentPort(Protocol):
     def report_now(self) -> None: ...
     def remeasure_nat(self, why: str) -> None: ...
     def measured_forward(self, peer: str, target: tuple[str, int]) -> None: ...  # hellos
+    def record_fragments(self, peer: str, crossed: bool) -> None: ...
 
 
 @dataclass
@@ -182,7 +188,7 @@ class PathSupervisor:
                     log.info("NAT watch towards %s: %s", name, event.reason)
 
     # --- decisions ------------------------------------------------------------------------
-    def _on_action(self, peer: str, action: KeeperAction) -> None:
+    def _on_action(self, peer: str, action: AdapterAction) -> None:
         if isinstance(action, LowerNow):
             log.warning("path towards %s: %d no longer gets through: %s", peer,
                         action.lost_size, action.reason)  # fmt: skip
@@ -194,6 +200,12 @@ class PathSupervisor:
             known = self.peers.get(peer)
             if known is not None:
                 self.port.measured_forward(peer, known.target)
+        elif isinstance(action, FragmentsCross):
+            log.info("path towards %s: a %d-byte DF-clear probe over the %d path %s", peer,
+                     action.size, action.path_mtu,
+                     "came back: fragments cross" if action.crossed
+                     else "never came back: fragments do not cross")  # fmt: skip
+            self.port.record_fragments(peer, action.crossed)
         elif isinstance(action, Unreachable):
             log.warning("path towards %s: %s", peer, action.reason)
         elif isinstance(action, Note):

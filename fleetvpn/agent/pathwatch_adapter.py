@@ -8,6 +8,11 @@ peer's probe port (:func:`probe_socket` makes one); :meth:`start` runs the first
 :meth:`close` stops everything and closes the socket. ``on_action(peer, action)`` receives
 the keeper's actions; it must not call back into the adapter synchronously (schedule work).
 
+Whether fragments cross (issue 12 item 9): after a search finds an IPv4 path MTU below the local
+link's, the adapter sends one probe of the local link's size with DF clear — the path's routers
+must fragment it — up to :data:`FRAGMENT_TRIES` times, :data:`FRAGMENT_WAIT_S` apart, and reports
+:class:`FragmentsCross` (an ack: they cross; none: they do not) through ``on_action``.
+
 What goes in: authenticated acks (replays and forgeries dropped) → ``on_ack``; a local EMSGSIZE
 at send (the error queue says it is local) → ``on_local_too_big`` with the route MTU it gives;
 an ICMP too-big from the error queue → ``on_icmp_too_big``. Any other send error (unreachable,
@@ -24,14 +29,31 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
 
-from fleetvpn.agent.pathkeeper import KeeperAction, PathKeeper
+from fleetvpn.agent.pathkeeper import KeeperAction, Measured, PathKeeper
 from fleetvpn.engines.pmtu import Probe
 from fleetvpn.net import dfsock, wire
 
 log = logging.getLogger("fleetvpn.agent")
 
 MAX_CEILING = 9000  # as fleetvpn.net.pmtuprobe: jumbo frames; a larger local MTU is capped
+FRAGMENT_TRIES: Final = 3
+FRAGMENT_WAIT_S: Final = 1.0
+FRAGMENT_PROBE_ID: Final = 0xFFFF_FFFF  # the keeper's searches number their probes from 0
+
+
+@dataclass(frozen=True, slots=True)
+class FragmentsCross:
+    """A DF-clear probe of ``size`` bytes, above the path MTU, came back in fragments or not."""
+
+    crossed: bool
+    size: int
+    path_mtu: int
+
+
+AdapterAction = KeeperAction | FragmentsCross
 
 
 def probe_socket(target: tuple[str, int]) -> socket.socket:
@@ -60,7 +82,7 @@ class PeerPathAdapter:
         keeper: PathKeeper,
         sock: socket.socket,
         key: wire.KeyLike,
-        on_action: Callable[[str, KeeperAction], None],
+        on_action: Callable[[str, AdapterAction], None],
     ) -> None:
         self.keeper = keeper
         self.sock = sock
@@ -72,6 +94,8 @@ class PeerPathAdapter:
         self.loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self._fragments: tuple[int, int, asyncio.TimerHandle | None] | None = None  # size, path
+        self._fragments_path: int | None = None  # the path MTU last checked (once per value)
 
     def start(self) -> None:
         self.loop.add_reader(self.sock.fileno(), self._readable)
@@ -105,6 +129,8 @@ class PeerPathAdapter:
         self.keeper.close()
         if self._timer is not None:
             self._timer.cancel()
+        if self._fragments is not None and self._fragments[2] is not None:
+            self._fragments[2].cancel()
         with contextlib.suppress(ValueError, OSError):
             self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
@@ -127,6 +153,9 @@ class PeerPathAdapter:
             except wire.WireError:
                 continue  # not for us, forged or replayed: an ack must prove itself
             if isinstance(message.body, wire.PmtuAck):
+                if message.body.probe_id == FRAGMENT_PROBE_ID:
+                    self._fragments_done(crossed=True)
+                    continue
                 self.keeper.on_ack(message.body.probe_id, now)
         self._pump()
 
@@ -150,6 +179,8 @@ class PeerPathAdapter:
                 self._send(probe, now)
         while (action := self.keeper.next_action()) is not None:
             self.on_action(self.keeper.peer, action)
+            if isinstance(action, Measured):
+                self._check_fragments(action.path_mtu)
         deadline = self.keeper.get_timer()
         if self._timer is not None and (deadline is None or self._timer.when() != deadline):
             self._timer.cancel()
@@ -176,6 +207,44 @@ class PeerPathAdapter:
                 if local is not None:
                     self.keeper.on_local_too_big(probe.probe_id, now, local or None)
                     return
+
+    def _check_fragments(self, path_mtu: int) -> None:
+        """Start the fragment check (module docstring) for a path MTU just measured."""
+        if self.family != 4 or self._fragments is not None or path_mtu == self._fragments_path:
+            return
+        try:
+            size = local_ceiling(self.sock)
+        except OSError:
+            return
+        if size <= path_mtu:
+            return  # nothing on the way is smaller than this link: nothing to fragment
+        self._fragments = (size, path_mtu, None)
+        self._fragment_try(FRAGMENT_TRIES)
+
+    def _fragment_try(self, left: int) -> None:
+        if self._closed or self._fragments is None:
+            return
+        size, path_mtu, _ = self._fragments
+        if left == 0:
+            self._fragments_done(crossed=False)
+            return
+        payload = self.sealer.seal(
+            wire.PmtuProbe(FRAGMENT_PROBE_ID), time.time(), pad_to=wire.udp_payload_len(size, 4)
+        )
+        with contextlib.suppress(OSError):  # lost, like any probe
+            dfsock.send_fragmentable(self.sock, payload)
+        handle = self.loop.call_later(FRAGMENT_WAIT_S, self._fragment_try, left - 1)
+        self._fragments = (size, path_mtu, handle)
+
+    def _fragments_done(self, *, crossed: bool) -> None:
+        if self._fragments is None:
+            return
+        size, path_mtu, handle = self._fragments
+        if handle is not None:
+            handle.cancel()
+        self._fragments = None
+        self._fragments_path = path_mtu
+        self.on_action(self.keeper.peer, FragmentsCross(crossed, size, path_mtu))
 
     def _read_errors(self, now: float) -> int | None:
         """Feed queued ICMP too-big errors to the keeper; the MTU of a local refusal, if any."""

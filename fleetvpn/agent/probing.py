@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
@@ -158,8 +159,17 @@ class ProbingJobs:
 
     def record(self, peer: str, family: int, path_mtu: int, reason: str, how: str) -> None:
         fam: Family = 6 if family == 6 else 4
-        self.pmtu[peer] = PathMtu(fam, path_mtu, False, time.time(), how, reason)
+        before = self.pmtu.get(peer)
+        same = before is not None and (before.family, before.path_mtu) == (fam, path_mtu)
+        fragments = before.fragments_cross if same and before is not None else None
+        self.pmtu[peer] = PathMtu(fam, path_mtu, False, time.time(), how, reason, fragments)
         self._start("save")
+
+    def record_fragments(self, peer: str, crossed: bool) -> None:
+        known = self.pmtu.get(peer)
+        if known is not None:
+            self.pmtu[peer] = dataclasses.replace(known, fragments_cross=crossed)
+            self._start("save")
 
     async def _job_save(self) -> None:
         await asyncio.to_thread(startup.save_measurements, self.config, dict(self.pmtu), self.nat)

@@ -11,7 +11,7 @@ not what the controller asked for — so the controller sees a failed or partial
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -40,6 +40,7 @@ class PathMtu:
     measured_at: float  # unix seconds
     how: str  # "forward" | "reverse"
     reason: str
+    fragments_cross: bool | None = None  # a DF-clear probe above it came back (IPv4)
 
 
 @dataclass(frozen=True)
@@ -95,15 +96,20 @@ def measurement(peer: PeerObservation, now_unix: float) -> LinkMeasurement:
         endpoint=peer.endpoint if family_of(peer.endpoint) == family else None,
         path_mtu=pmtu.path_mtu if pmtu else None,
         icmp_seen=pmtu.icmp_seen if pmtu else False,
+        fragments_cross=pmtu.fragments_cross if pmtu else None,
         rtt_s=peer.rtt.rtt_s if peer.rtt else None,
         loss_ratio=peer.rtt.loss_ratio if peer.rtt else None,
         handshake_age_s=age,
     )
 
 
-def configured_from(state: TunnelState | None, names: Mapping[str, str]) -> Configured:
+def configured_from(
+    state: TunnelState | None, names: Mapping[str, str], outer: Collection[str] = ()
+) -> Configured:
     """What the interface applies. ``names``: public key → peer name (peers the controller does
-    not know are left out: the report names peers, not keys)."""
+    not know are left out: the report names peers, not keys). ``outer``: the peers whose outer
+    packets may fragment on the way (fleetvpn.agent.outerroute). A peer's route MTU is its
+    smallest route's (IPv6 routes stay at 1280 when its IPv4 ones go below)."""
     if state is None:
         return Configured()
     peers = []
@@ -111,13 +117,12 @@ def configured_from(state: TunnelState | None, names: Mapping[str, str]) -> Conf
         name = names.get(status.public_key)
         if name is None:
             continue
-        route_mtu = None
-        for cidr in status.allowed_ips:
-            if cidr in state.route_mtus:
-                route_mtu = state.route_mtus[cidr]
-                break
-        peers.append(ConfiguredPeer(name, route_mtu, status.keepalive_s))
-    return Configured(state.mtu, tuple(sorted(peers, key=lambda p: p.peer)))
+        mtus = [state.route_mtus[c] for c in status.allowed_ips if c in state.route_mtus]
+        known = [m for m in mtus if m is not None]
+        route_mtu = min(known) if known else None
+        peers.append(ConfiguredPeer(name, route_mtu, status.keepalive_s, name in outer))
+    peers.sort(key=lambda p: p.peer)
+    return Configured(state.mtu, tuple(peers), state.implementation)
 
 
 def build_report(

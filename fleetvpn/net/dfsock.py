@@ -27,6 +27,7 @@ IPV6_MTU = 24
 IPV6_RECVERR = 25
 IPV6_DONTFRAG = 62
 PMTUDISC_PROBE = 3  # DF set, cached PMTU ignored; same value for IPv6
+PMTUDISC_DONT = 0  # DF clear: routers may fragment (IPv4)
 
 SO_EE_ORIGIN_LOCAL = 1
 SO_EE_ORIGIN_ICMP = 2
@@ -69,6 +70,17 @@ def set_probe_mode(sock: socket.socket) -> None:
     else:
         sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, PMTUDISC_PROBE)
         sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+
+
+def send_fragmentable(sock: socket.socket, payload: bytes) -> None:
+    """Send one datagram on an IPv4 probe socket with DF clear (routers may fragment it, and so
+    may this host above the route MTU), then put the socket back in probe mode. DF is decided
+    when the packet is built, inside ``send``, so the datagrams before and after keep it."""
+    sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, PMTUDISC_DONT)
+    try:
+        sock.send(payload)
+    finally:
+        sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, PMTUDISC_PROBE)
 
 
 def read_errors(sock: socket.socket) -> list[SocketError]:

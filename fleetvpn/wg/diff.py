@@ -9,7 +9,9 @@ What is minimal:
 - a peer's keepalive, endpoint or allowed IPs: one ``wg set IF peer KEY …`` each, touching only
   that attribute; a new peer: one ``wg set`` with everything; a gone peer: ``… remove``
 - the interface MTU: ``ip link set IF mtu N``; a peer's route MTU: ``ip route replace CIDR dev IF
-  mtu lock N`` for each of its routes that differs (``ip route replace CIDR dev IF`` for None)
+  mtu lock N`` for each of its routes that differs (``ip route replace CIDR dev IF`` for None);
+  an IPv6 route under a route MTU below 1280 gets ``mtu lock 1280 advmss M``
+  (:func:`fleetvpn.grammar.ipv6_route`)
 - addresses: ``ip addr add`` / ``del`` of exactly the ones that differ
 - the interface is created only when ``actual`` is None (absent); nothing here ever deletes and
   re-creates it for a setting.
@@ -27,7 +29,8 @@ and the argv carries the parsed value's canonical text: the interface name
 (:func:`~fleetvpn.grammar.ifname`), the listen port, addresses and allowed IPs
 (``ADDRESS/PREFIX``, ASCII, no scope id), keys (base64 of 32 bytes: never a ``--flag``),
 endpoints (:class:`~fleetvpn.grammar.Endpoint`), MTUs (:func:`~fleetvpn.grammar.tunnel_mtu`,
-with the IPv6 floor when the spec carries IPv6), keepalive (0..65535, wg(8)'s range), the
+the interface's with the IPv6 floor when the spec carries IPv6; a route's with the IPv4 one,
+since IPv6 routes are raised to 1280), keepalive (0..65535, wg(8)'s range), the
 private key file (an absolute path on one printable line) and peer names (one printable line:
 they reach logs). A value that does not parse is :class:`SpecError` (a ValueError naming the
 field) before any command is planned. Values read back from the interface (used to roll back)
@@ -147,11 +150,11 @@ def check_spec(spec: TunnelSpec) -> None:
             raise SpecError(f"{where}.keepalive_s: not an integer")
         if not 0 <= keepalive <= KEEPALIVE_MAX_S:
             raise SpecError(f"{where}.keepalive_s: {keepalive} out of range (0..65535)")
-    mtu_of = lambda v, w: grammar.tunnel_mtu(v, w, ipv6=ipv6)  # noqa: E731
-    _checked(mtu_of, spec.mtu, "mtu")
+    _checked(lambda v, w: grammar.tunnel_mtu(v, w, ipv6=ipv6), spec.mtu, "mtu")
     for i, p in enumerate(spec.peers):
         if p.route_mtu is not None:
-            _checked(mtu_of, p.route_mtu, f"peers[{i}].route_mtu")
+            route_mtu_of = lambda v, w: grammar.tunnel_mtu(v, w, ipv6=False)  # noqa: E731
+            _checked(route_mtu_of, p.route_mtu, f"peers[{i}].route_mtu")
 
 
 def _interface_of(text: object, what: str) -> grammar.IPInterface:
@@ -167,8 +170,8 @@ def _private_key_file(path: str) -> str:
     return path
 
 
-# The shape both sides are compared in: canonical CIDRs, routes as (mtu, locked).
-RouteValue = tuple[int | None, bool]
+# The shape both sides are compared in: canonical CIDRs, routes as (mtu, locked, advmss).
+RouteValue = tuple[int | None, bool, int | None]
 
 
 @dataclass(frozen=True)
@@ -304,7 +307,13 @@ def _shape_of_spec(spec: TunnelSpec) -> _Shape:
         for cidr in allowed:
             if ipaddress.ip_network(cidr).prefixlen == 0:
                 continue
-            routes[cidr] = (p.route_mtu, p.route_mtu is not None)
+            if p.route_mtu is None:
+                routes[cidr] = (None, False, None)
+            elif ":" in cidr:
+                mtu6, advmss = grammar.ipv6_route(p.route_mtu)
+                routes[cidr] = (mtu6, True, advmss)
+            else:
+                routes[cidr] = (p.route_mtu, True, None)
             owner[cidr] = p.public_key
     addresses = tuple(dict.fromkeys(_address(spec.interface, a) for a in spec.addresses))
     return _Shape(spec.listen_port, spec.mtu, addresses, True, "", peers, routes, owner)
@@ -325,7 +334,8 @@ def _shape_of_state(state: TunnelState) -> _Shape:
     for cidr, mtu in state.route_mtus.items():
         key = _state_network(cidr, "route (read back)")
         unlocked = state.unlocked_route_mtus.get(cidr)
-        routes[key] = (mtu, True) if mtu is not None else (unlocked, False)
+        advmss = state.route_advmss.get(cidr)
+        routes[key] = (mtu, True, advmss) if mtu is not None else (unlocked, False, advmss)
     owner = {c: key for key, p in peers.items() for c in p.allowed_ips}
     addresses = tuple(str(_interface_of(a, "address (read back)")) for a in state.addresses)
     return _Shape(
@@ -372,17 +382,18 @@ def _address(interface: str, cidr: str) -> str:
 def _describe_route(value: RouteValue | None) -> str:
     if value is None:
         return "absent"
-    mtu, locked = value
-    if mtu is None:
-        return "no mtu"
-    return f"mtu lock {mtu}" if locked else f"mtu {mtu}"
+    mtu, locked, advmss = value
+    text = "no mtu" if mtu is None else f"mtu lock {mtu}" if locked else f"mtu {mtu}"
+    return text if advmss is None else f"{text} advmss {advmss}"
 
 
 def _route_argv(interface: str, cidr: str, value: RouteValue) -> Argv:
-    mtu, locked = value
+    mtu, locked, advmss = value
     argv: Argv = ("ip", "route", "replace", cidr, "dev", interface)
     if mtu is not None:
         argv += ("mtu", "lock", str(mtu)) if locked else ("mtu", str(mtu))
+    if advmss is not None:
+        argv += ("advmss", str(advmss))
     return argv
 
 

@@ -49,6 +49,7 @@ class Route:
     protocol: str  # "boot" (ip route's default), "kernel", "static", …
     mtu: int | None
     mtu_locked: bool
+    advmss: int | None = None  # the MSS TCP advertises over it (``advmss N``)
 
 
 def canonical_cidr(text: str) -> str:
@@ -123,6 +124,7 @@ def parse_routes(text: str, family: int) -> list[Route]:
             raise ValueError(f"{where}: destination {dst!r} is not an address") from None
         protocol = "boot"
         mtu: int | None = None
+        advmss: int | None = None
         locked = False
         i = 0
         while i < len(tokens):
@@ -139,9 +141,15 @@ def parse_routes(text: str, family: int) -> list[Route]:
                     raise ValueError(f"{where}: mtu {value!r} is not a number")
                 mtu = int(value)
                 i += 2
+            elif key == "advmss" and i + 1 < len(tokens):
+                value = tokens[i + 1]
+                if not value.isdigit():
+                    raise ValueError(f"{where}: advmss {value!r} is not a number")
+                advmss = int(value)
+                i += 2
             else:
                 i += 1
-        routes.append(Route(dst, route_type, protocol, mtu, locked))
+        routes.append(Route(dst, route_type, protocol, mtu, locked, advmss))
     return routes
 
 

@@ -25,7 +25,11 @@ class PeerSpec:
     policy routing that this module does not do).
     ``keepalive_s``: 0 = off.
     ``route_mtu``: the MTU of this peer's routes (``ip route replace CIDR dev IF mtu lock N``);
-    None = the routes follow the interface MTU.
+    None = the routes follow the interface MTU. An IPv6 route never goes below 1280: under a
+    lower ``route_mtu`` it gets 1280 and ``advmss`` (:func:`fleetvpn.grammar.ipv6_route`).
+    ``outer_fragmentation``: outer packets towards this peer may be fragmented on the way (the
+    agent locks the route towards its endpoint: fleetvpn.agent.outerroute); not a tunnel
+    setting, carried here so that what was applied can be reported.
     """
 
     public_key: str
@@ -34,6 +38,7 @@ class PeerSpec:
     keepalive_s: int = 0
     route_mtu: int | None = None
     name: str = ""  # for logs only
+    outer_fragmentation: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,8 @@ class TunnelState:
     itself (``proto kernel`` routes for the interface's own subnets are left out), by destination
     CIDR (host routes as ``/32`` / ``/128``) -> its locked MTU, or None when it has none.
     ``unlocked_route_mtus``: routes whose MTU is set but not locked (``mtu N`` without ``lock``);
-    ``ip -j`` cannot show the lock, so this comes from the text form.
+    ``ip -j`` cannot show the lock, so this comes from the text form. ``route_advmss``: the
+    routes that carry an ``advmss``.
     ``public_key`` is "" when the interface has no private key yet.
     """
 
@@ -95,6 +101,7 @@ class TunnelState:
     implementation: Implementation = "kernel"
     is_up: bool = True
     unlocked_route_mtus: Mapping[str, int] = field(default_factory=dict)
+    route_advmss: Mapping[str, int] = field(default_factory=dict)  # routes with ``advmss N``
 
     def peer(self, public_key: str) -> PeerStatus | None:
         for p in self.peers:

@@ -144,6 +144,7 @@ class WgTunnel:
         addresses = parse_addresses(self._checked(["ip", "-j", "address", "show", "dev", name]))
         route_mtus: dict[str, int | None] = {}
         unlocked: dict[str, int] = {}
+        advmss: dict[str, int] = {}
         for family in (4, 6):
             proc = self._read(["ip", f"-{family}", "-d", "route", "show", "dev", name])
             if proc.returncode != 0:
@@ -156,6 +157,8 @@ class WgTunnel:
                 route_mtus[route.dst] = route.mtu if route.mtu_locked else None
                 if route.mtu is not None and not route.mtu_locked:
                     unlocked[route.dst] = route.mtu
+                if route.advmss is not None:
+                    advmss[route.dst] = route.advmss
         return TunnelState(
             interface=name,
             public_key=interface.public_key,
@@ -168,6 +171,7 @@ class WgTunnel:
             implementation=impl,
             is_up=link.is_up,
             unlocked_route_mtus=unlocked,
+            route_advmss=advmss,
         )
 
     # -- applying -----------------------------------------------------------------------------

@@ -126,7 +126,9 @@ CASES = [
     (("interface_mtu",), 1279, "interface_mtu: 1279 out of range"),
     (("interface_mtu",), 9001, "interface_mtu: 9001 out of range"),
     (("interface_mtu",), 1340.0, "interface_mtu: unexpected value"),
-    ((*P1, "route_mtu"), 1200, "peers[1].route_mtu: 1200 out of range (1280..9000"),
+    ((*P1, "route_mtu"), 575, "peers[1].route_mtu: 575 out of range (576..9000"),
+    ((*P1, "outer_fragmentation"), "yes", "peers[1].outer_fragmentation: 'yes' is not a boolean"),
+    (("interface_mtu",), 1232, "interface_mtu: 1232 out of range (1280..9000"),
     ((*P1, "route_mtu"), 65535, "peers[1].route_mtu: 65535 out of range"),
     ((*P0, "keepalive_s"), 65535, "peers[0].keepalive_s: 65535 out of range (0..120 s)"),
     ((*P0, "keepalive_s"), 121, "peers[0].keepalive_s: 121 out of range"),
@@ -160,6 +162,19 @@ def test_ipv4_only_tunnels_go_down_to_576() -> None:
     d["interface_mtu"] = 575
     with pytest.raises(DesiredError, match=r"interface_mtu: 575 out of range \(576\.\.9000\)"):
         parse(d)
+
+
+def test_a_route_below_1280_with_outer_fragmentation_in_a_tunnel_that_carries_ipv6() -> None:
+    """Issue 12: the controller lowers a peer's IPv4 routes below 1280 (its IPv6 routes stay
+    at 1280, grammar.ipv6_route) and asks for outer fragmentation towards it."""
+    d = doc()
+    d["peers"][1]["route_mtu"] = 1232
+    d["peers"][1]["outer_fragmentation"] = True
+    parsed = parse(d)
+    assert [(p.route_mtu, p.outer_fragmentation) for p in parsed.spec.peers] == [
+        (1340, False),
+        (1232, True),
+    ]
 
 
 def test_unprintable_reasons_are_withheld_with_a_warning() -> None:

@@ -27,19 +27,34 @@ def spec(mtu: int = 1340, hub_route: int | None = 1340, v6: bool = False) -> Tun
 
 
 @pytest.mark.parametrize(
-    ("path", "interface", "v6", "want"),
+    ("path", "interface", "want"),
     [
-        (1400, 1340, False, 1340),  # = the interface MTU: padding stops there
-        (1360, 1340, False, 1296),  # floor16(1300)
-        (1300, 1340, False, 1232),  # floor16(1240): an IPv4-only tunnel may go there
-        (1300, 1340, True, 1280),  # never below 1280 while the tunnel carries IPv6
-        (1200, 1420, False, 1136),
+        (1400, 1340, 1340),  # = the interface MTU: padding stops there
+        (1360, 1340, 1296),  # floor16(1300)
+        (1300, 1340, 1232),  # floor16(1240): IPv4 routes go there, IPv6 ones stay at 1280
+        (1200, 1420, 1136),
+        (600, 1420, 576),  # the IPv4 minimum: the path cannot be made to fit
     ],
 )
-def test_route_mtu_for(path: int, interface: int, v6: bool, want: int) -> None:
-    assert route_mtu_for(path, 4, interface, v6) == want
-    if not (v6 and want == 1280):
+def test_route_mtu_for(path: int, interface: int, want: int) -> None:
+    assert route_mtu_for(path, 4, interface) == want
+    if want > 576:
         assert padded_outer(want, interface, 4) <= path
+
+
+def test_a_hold_below_1280_in_a_tunnel_that_carries_ipv6_asks_for_outer_fragmentation() -> None:
+    holds = LocalHolds()
+    held = holds.hold("hub", path_mtu=1300, family=4, spec=spec(v6=True), final=True, why="t",
+                      now=1.0)  # fmt: skip
+    assert held is not None and held.route_mtu == 1232
+    assert "IPv6 routes 1280 with TCP MSS 1172" in held.reason
+    capped, _ = holds.capped(spec(v6=True), {})
+    hub = next(p for p in capped.peers if p.name == "hub")
+    assert (hub.route_mtu, hub.outer_fragmentation) == (1232, True)
+    # an IPv4-only tunnel: the same route, nothing to fragment
+    holds.hold("hub", path_mtu=1300, family=4, spec=spec(), final=True, why="t", now=2.0)
+    hub = next(p for p in holds.capped(spec(), {})[0].peers if p.name == "hub")
+    assert (hub.route_mtu, hub.outer_fragmentation) == (1232, False)
 
 
 def test_a_hold_caps_the_route_until_the_controller_agrees() -> None:
@@ -64,7 +79,7 @@ def test_the_controller_corrects_once_it_has_seen_the_measurement() -> None:
     holds = LocalHolds()
     holds.hold("hub", path_mtu=1300, family=4, spec=spec(), final=True, why="t", now=10.0)
     assert holds.holds["hub"].route_mtu == 1232
-    theirs = {f"{HUB_KEY}:route_mtu": "held at 1280 because the tunnel carries IPv6"}
+    theirs = {f"{HUB_KEY}:route_mtu": "an override: 1280"}
     assert holds.review(spec(1280, 1280), theirs, 20.0, "userspace") == []  # not reported yet
     holds.reported(built_at=5.0, now=21.0)  # a report built before the hold: not it
     assert holds.review(spec(1280, 1280), theirs, 22.0, "userspace") == []

@@ -137,6 +137,34 @@ def test_route_mtu_is_ip_route_replace_per_route_of_that_peer() -> None:
     ]
 
 
+def test_a_route_mtu_below_1280_keeps_ipv6_routes_at_1280_with_tcp_mss_clamped() -> None:
+    """Issue 12: a path under 1280 + overhead. IPv4 routes take the route MTU; an IPv6 route
+    cannot (RFC 8200; the kernel refuses to send IPv6 under 1280), so it stays at 1280 and
+    advertises an MSS that fits the route MTU; read back the same way, nothing is left to do."""
+    low = with_peer(SPEC, SHOP, route_mtu=1232)
+    changes = plan(low, state_of(SPEC))
+    assert argvs(changes) == [
+        ["ip", "route", "replace", "10.99.0.3/32", "dev", "wg0", "mtu", "lock", "1232"],
+        ["ip", "route", "replace", "fd00:99::3/128", "dev", "wg0", "mtu", "lock", "1280",
+         "advmss", "1172"],
+    ]  # fmt: skip
+    assert changes[0].summary.endswith("no mtu => per route")
+    applied = state_of(
+        SPEC,
+        route_mtus={"10.99.0.1/32": 1328, "10.99.0.3/32": 1232, "fd00:99::3/128": 1280},
+        route_advmss={"fd00:99::3/128": 1172},
+    )
+    assert plan(low, applied) == []
+    # back above 1280: the advmss goes with a plain replace
+    assert argvs(plan(with_peer(SPEC, SHOP, route_mtu=1328), applied)) == [
+        ["ip", "route", "replace", "10.99.0.3/32", "dev", "wg0", "mtu", "lock", "1328"],
+        ["ip", "route", "replace", "fd00:99::3/128", "dev", "wg0", "mtu", "lock", "1328"],
+    ]
+    # the interface of a tunnel that carries IPv6 still cannot go below 1280
+    with pytest.raises(SpecError, match="mtu: 1232 out of range"):
+        plan(dataclasses.replace(low, mtu=1232, addresses=("fd00:99::2/64",)), None)
+
+
 def test_an_unlocked_route_mtu_is_locked() -> None:
     state = state_of(SPEC, route_mtus={"10.99.0.1/32": None, "10.99.0.3/32": None,
                                        "fd00:99::3/128": None},
@@ -409,7 +437,7 @@ def test_any_plan_reaches_the_desired_state_live_and_minimally(
         ({"peer": {"allowed_ips": "10.99.0.1/32"}}, "peers[0].allowed_ips: a tuple of CIDRs"),
         ({"peer": {"keepalive_s": 65536}}, "peers[0].keepalive_s: 65536 out of range"),
         ({"peer": {"keepalive_s": True}}, "peers[0].keepalive_s: not an integer"),
-        ({"peer": {"route_mtu": 1279}}, "peers[0].route_mtu: 1279 out of range"),
+        ({"peer": {"route_mtu": 575}}, "peers[0].route_mtu: 575 out of range"),
         ({"peer": {"name": "hub\n[Peer]"}}, "peers[0].name: has an unprintable character"),
     ],
 )

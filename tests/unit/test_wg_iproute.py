@@ -17,6 +17,7 @@ unicast 10.9.5.0/24 proto static scope link
 """
 ROUTES_V6 = """\
 unicast fd00::2 proto boot scope global metric 1024 mtu lock 1300 pref medium
+unicast fd00::3 proto boot scope global metric 1024 linkdown mtu lock 1280 advmss 1172 pref medium
 unicast fd00::/64 proto kernel scope global metric 256 pref medium
 """
 LINK = (
@@ -39,6 +40,7 @@ def test_routes_keep_the_lock_flag_and_canonical_destinations() -> None:
     ]
     assert parse_routes(ROUTES_V6, 6) == [
         Route("fd00::2/128", "unicast", "boot", 1300, True),
+        Route("fd00::3/128", "unicast", "boot", 1280, True, 1172),
         Route("fd00::/64", "unicast", "kernel", None, False),
     ]
 
