@@ -250,11 +250,12 @@ class PathKeeper:
             if pending is None or _RANK[kind] >= _RANK[pending.kind]:
                 self._pending = _Request(kind, size, reason, now + SLOT_RETRY_S)
             return
-        why_not = self._budget.allow(self.peer, now)
+        urgent = kind == "below"  # a confirmed decrease: the route is held low meanwhile
+        why_not = self._budget.allow(self.peer, now, urgent=urgent)
         if why_not is not None:
             pending = self._pending
             if pending is None or _RANK[kind] >= _RANK[pending.kind]:
-                at = self._budget.next_allowed(self.peer, now)
+                at = self._budget.next_allowed(self.peer, now, urgent=urgent)
                 self._pending = _Request(kind, size, reason, at)
                 self._actions.append(
                     Note(f"search ({reason}) postponed {at - now:.0f} s: {why_not}")

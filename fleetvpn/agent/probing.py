@@ -212,12 +212,13 @@ class ProbingJobs:
         if self.stopping:
             return
         now = time.monotonic()
-        why_not = self.budget.allow(peer, now)
+        # A peer says its path changed (it concluded a search and asks to be probed back):
+        # urgent, since its NAT's mapping for the hello lives only 10-30 s (ProbeBudget); and
+        # if refused, kept for when the budget allows, if that is soon, never dropped (the
+        # hub's direction towards a peer without an endpoint is measured only on its hellos).
+        why_not = self.budget.allow(peer, now, urgent=True)
         if why_not is not None:
-            # A peer says its path changed (it concluded a search and asks to be probed back):
-            # kept for when the budget allows, if that is soon, never dropped (the hub's
-            # direction towards a peer without an endpoint is measured only on its hellos).
-            wait_s = self.budget.next_allowed(peer, now) - now
+            wait_s = self.budget.next_allowed(peer, now, urgent=True) - now
             if wait_s > HELLO_DEFER_MAX_S:
                 log.debug("hello from %s at %s:%d ignored: %s", peer, *addr, why_not)
                 return

@@ -106,27 +106,30 @@ class PeerWatch:
 class ProbeBudget:
     max_per_hour: int = 12
     min_gap_s: float = 30.0
+    # An urgent run — the evidence says the path changed now: a decrease the path watch
+    # confirmed, a peer's hello asking to be probed back before its NAT mapping for the hello
+    # expires (10-30 s) — needs only this gap; the hourly bound holds for every run.
+    urgent_gap_s: float = 5.0
     runs: dict[str, deque[float]] = field(default_factory=dict)
 
-    def allow(self, peer: str, now: float) -> str | None:
+    def allow(self, peer: str, now: float, *, urgent: bool = False) -> str | None:
         """None if a PMTU run towards ``peer`` may start now, else why not."""
         runs = self.runs.setdefault(peer, deque())
         while runs and runs[0] <= now - 3600.0:
             runs.popleft()
-        if runs and now - runs[-1] < self.min_gap_s:
-            return (
-                f"last PMTU run towards {peer} {now - runs[-1]:.0f} s ago (< {self.min_gap_s:g} s)"
-            )
+        gap = self.urgent_gap_s if urgent else self.min_gap_s
+        if runs and now - runs[-1] < gap:
+            return f"last PMTU run towards {peer} {now - runs[-1]:.0f} s ago (< {gap:g} s)"
         if len(runs) >= self.max_per_hour:
             return f"{len(runs)} PMTU runs towards {peer} in the last hour (the bound)"
         return None
 
-    def next_allowed(self, peer: str, now: float) -> float:
+    def next_allowed(self, peer: str, now: float, *, urgent: bool = False) -> float:
         """The earliest time at or after ``now`` when :meth:`allow` says yes (no new spending)."""
         runs = self.runs.get(peer) or deque()
         at = now
         if runs:
-            at = max(at, runs[-1] + self.min_gap_s)
+            at = max(at, runs[-1] + (self.urgent_gap_s if urgent else self.min_gap_s))
         recent = [t for t in runs if t > now - 3600.0]
         if len(recent) >= self.max_per_hour:
             at = max(at, recent[len(recent) - self.max_per_hour] + 3600.0)

@@ -125,17 +125,28 @@ def test_an_increase_is_searched_from_the_acked_size() -> None:
     assert "the path grew" in measured[1].reason  # type: ignore[attr-defined]
 
 
-def test_the_budget_postpones_a_search_but_not_the_local_lowering() -> None:
+def test_a_confirmed_decrease_searches_at_once_within_the_hourly_bound() -> None:
+    """A confirmed decrease is urgent: its search waits only the budget's urgent gap (5 s), not
+    the 30 s between ordinary runs; the route is lowered at once either way."""
     budget = ProbeBudget(max_per_hour=12, min_gap_s=30.0)
+    sim = Sim(mtu_at=lambda t: 1400 if t < 5 else 1360, busy=lambda t: True, budget=budget)
+    sim.run(120.0)
+    t_lower, _ = sim.of(LowerNow)[0]
+    assert t_lower < 20
+    t_found, found = sim.of(Measured)[1]
+    assert found.path_mtu == 1360 and t_found - t_lower < 10  # type: ignore[attr-defined]
+    assert len(budget.runs["hub"]) == 2
+
+
+def test_the_hourly_bound_postpones_a_search_but_not_the_local_lowering() -> None:
+    budget = ProbeBudget(max_per_hour=1, min_gap_s=30.0)
     sim = Sim(mtu_at=lambda t: 1400 if t < 5 else 1360, busy=lambda t: True, budget=budget)
     sim.run(120.0)
     t_lower, _ = sim.of(LowerNow)[0]
     assert t_lower < 20  # at once, whatever the budget
     notes = [a.reason for _, a in sim.of(Note) if "postponed" in a.reason]  # type: ignore[attr-defined]
-    assert notes and "< 30 s" in notes[0]
-    t_found, found = sim.of(Measured)[1]
-    assert found.path_mtu == 1360 and t_found >= 30  # type: ignore[attr-defined]
-    assert len(budget.runs["hub"]) == 2
+    assert notes and "in the last hour (the bound)" in notes[0]
+    assert len(sim.of(Measured)) == 1 and len(budget.runs["hub"]) == 1
 
 
 def test_probe_budget_next_allowed() -> None:
@@ -146,6 +157,11 @@ def test_probe_budget_next_allowed() -> None:
     b.spend("hub", 100.0)
     assert b.next_allowed("hub", 200.0) == 3600.0
     assert b.allow("hub", 3599.0) is not None and b.allow("hub", 3600.0) is None
+    # urgent runs (a confirmed decrease, a peer's hello) need only the urgent gap
+    u = ProbeBudget(max_per_hour=12, min_gap_s=30.0, urgent_gap_s=5.0)
+    u.spend("hub", 0.0)
+    assert u.allow("hub", 6.0) is not None and u.allow("hub", 6.0, urgent=True) is None
+    assert u.next_allowed("hub", 1.0, urgent=True) == 5.0
 
 
 def test_idle_upkeep_costs_under_20_kb_per_hour() -> None:
