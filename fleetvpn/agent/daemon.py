@@ -63,9 +63,10 @@ from fleetvpn.agent.paths import PathSupervisor
 from fleetvpn.agent.probes import (
     ResponderSet,
     hello_tag,
+    nat_check_tag,
     serve_responders,
 )
-from fleetvpn.agent.probing import ProbingJobs, _endpoint_text, resolve
+from fleetvpn.agent.probing import NAT_CHECK_MIN_GAP_S, ProbingJobs, _endpoint_text, resolve
 from fleetvpn.agent.replay import replay
 from fleetvpn.agent.report import (
     PathMtu,
@@ -129,6 +130,7 @@ class Agent(ProbingJobs):
         self.tunnel: Any = None
         self.applied: TunnelSpec | None = None  # the spec the last good apply made
         self.endpoint_routes: EndpointRoutes | None = None  # outer fragmentation (outerroute)
+        self.nat_check_at = -NAT_CHECK_MIN_GAP_S  # a peer's last NAT-check request (monotonic)
         self.throttled_until = 0.0  # monotonic: no request to the controller before (a 429)
         self.trusted_networks: tuple[Any, ...] = ()  # see the module docstring, step 3
 
@@ -199,7 +201,7 @@ class Agent(ProbingJobs):
         self.responder, self.transports = await serve_responders(
             self.config.probe.listen_port, self.probe_key, self._on_hello
         )
-        self.responder.set_own_tag(hello_tag(self.public_key))
+        self.responder.set_own_tag(hello_tag(self.public_key), nat_check_tag(self.public_key))
         self.apply_lock = asyncio.Lock()
         self.paths = PathSupervisor(self, key=self.probe_key,
                                     probe_port=self.config.probe.listen_port,
@@ -308,6 +310,9 @@ class Agent(ProbingJobs):
             self.site = desired.site
         if self.responder is not None:
             self.responder.set_hello_tags({hello_tag(p.public_key): p.name for p in desired.peers})
+            self.responder.set_nat_check(
+                {nat_check_tag(p.public_key): p.name for p in desired.peers}, self._on_nat_check
+            )
 
     async def _apply(self, desired: Desired, *, save: bool) -> None:
         started = datetime.now(UTC)

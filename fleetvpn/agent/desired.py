@@ -81,6 +81,7 @@ class PeerPlan:
     tunnel_ipv4: str | None  # the peer's tunnel address (RTT/loss probes go there)
     route_mtu: int
     keepalive_s: int
+    peer_keepalive_s: int = 0  # the keepalive the peer sends us (its NAT's mapping), 0: none
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,7 @@ def parse_desired(
     carries_v6 = any(a.version == 6 for a in addresses)
     raw_peers = _get(doc, "peers", list, "")
     parsed: list[tuple[str, str, str, str | None, tuple[IPNetwork, ...], int, int, bool]] = []
+    peer_keepalive: dict[str, int] = {}
     seen_keys: dict[str, str] = {}
     seen_names: set[str] = set()
     for i, raw in enumerate(raw_peers):
@@ -253,6 +255,10 @@ def parse_desired(
             _get(raw, "keepalive_s", int, where), KEEPALIVE_RANGE_S, f"{where}keepalive_s", " s"
         )
         route_mtu = _get(raw, "route_mtu", int, where)
+        theirs = raw.get("peer_keepalive_s", 0)  # absent: a controller too old to say
+        if theirs.__class__ is not int or not 0 <= theirs <= KEEPALIVE_RANGE_S[1]:
+            raise _fail(f"{where}peer_keepalive_s", f"{grammar.shown(theirs)} is not a keepalive")
+        peer_keepalive[key] = theirs
         outer = raw.get("outer_fragmentation", False)  # absent: a controller too old to say
         if not isinstance(outer, bool):
             raise _fail(f"{where}outer_fragmentation", f"{grammar.shown(outer)} is not a boolean")
@@ -281,7 +287,7 @@ def parse_desired(
         ]
         plans.append(
             PeerPlan(name, peer_site, key, endpoint, tunnel_v4[0] if tunnel_v4 else None,
-                     route_mtu, keepalive)
+                     route_mtu, keepalive, peer_keepalive[key])
         )  # fmt: skip
     spec = TunnelSpec(interface, listen_port, tuple(str(a) for a in addresses), mtu, tuple(specs))
     return Desired(node, site, spec, reasons, tuple(plans), doc, tuple(warnings))

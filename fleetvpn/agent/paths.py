@@ -64,6 +64,7 @@ class AgentPort(Protocol):
     def remeasure_nat(self, why: str) -> None: ...
     def measured_forward(self, peer: str, target: tuple[str, int]) -> None: ...  # hellos
     def record_fragments(self, peer: str, crossed: bool) -> None: ...
+    def ask_nat_check(self, peer: str, why: str) -> None: ...  # through the tunnel
 
 
 @dataclass
@@ -93,7 +94,8 @@ class PathSupervisor:
         self.rng = rng
         self.nated = nated
         self.peers: dict[str, _Peer] = {}
-        self.nat_watches: dict[str, NatWatch] = {}
+        self.nat_watches: dict[str, NatWatch] = {}  # side "nated": this node's NAT
+        self.outside_watches: dict[str, NatWatch] = {}  # side "outside": a NATed peer's
         self.holds = LocalHolds()
         self.slots = SearchSlots(MAX_SEARCHES)
         # wall clock → monotonic, fixed once: a handshake time must map to the same value in
@@ -122,6 +124,15 @@ class PathSupervisor:
                 known.adapter.close()
                 del self.peers[name]
             self._open(name, plan.endpoint, target)
+        theirs = {p.name: p.peer_keepalive_s for p in desired.peers if p.peer_keepalive_s > 0}
+        for name in [n for n in self.outside_watches if n not in theirs]:
+            del self.outside_watches[name]
+        for name, keepalive_s in theirs.items():
+            watch = self.outside_watches.get(name)
+            if watch is None:
+                self.outside_watches[name] = NatWatch(keepalive_s=keepalive_s, side="outside")
+            elif watch.keepalive_s != keepalive_s:
+                watch.set_keepalive(keepalive_s, time.monotonic())
         keepalived = {p.name: p.keepalive_s for p in desired.peers if p.keepalive_s > 0}
         for name in [n for n in self.nat_watches if n not in keepalived or not self.nated]:
             del self.nat_watches[name]
@@ -177,15 +188,21 @@ class PathSupervisor:
                 known.adapter.on_sample(now, tx_bytes=status.tx_bytes, rx_bytes=status.rx_bytes,
                                         latest_handshake=handshake)  # fmt: skip
             watch = self.nat_watches.get(name)
-            if watch is None:
-                continue
-            watch.on_sample(now, tx_bytes=status.tx_bytes, rx_bytes=status.rx_bytes,
-                            latest_handshake=handshake, endpoint=status.endpoint)  # fmt: skip
-            while (event := watch.next_event()) is not None:
-                if isinstance(event, NatRemeasure):
-                    self.port.remeasure_nat(f"towards {name}: {event.reason}")
-                elif isinstance(event, NatShrinkSuspected):
-                    log.info("NAT watch towards %s: %s", name, event.reason)
+            if watch is not None:
+                watch.on_sample(now, tx_bytes=status.tx_bytes, rx_bytes=status.rx_bytes,
+                                latest_handshake=handshake, endpoint=status.endpoint)  # fmt: skip
+                while (event := watch.next_event()) is not None:
+                    if isinstance(event, NatRemeasure):
+                        self.port.remeasure_nat(f"towards {name}: {event.reason}")
+                    elif isinstance(event, NatShrinkSuspected):
+                        log.info("NAT watch towards %s: %s", name, event.reason)
+            outside = self.outside_watches.get(name)
+            if outside is not None:
+                outside.on_sample(now, tx_bytes=status.tx_bytes, rx_bytes=status.rx_bytes,
+                                  latest_handshake=handshake, endpoint=status.endpoint)  # fmt: skip
+                while (event := outside.next_event()) is not None:
+                    # the mapping is the peer's NAT's: only the peer can measure it again
+                    self.port.ask_nat_check(name, event.reason)
 
     # --- decisions ------------------------------------------------------------------------
     def _on_action(self, peer: str, action: AdapterAction) -> None:

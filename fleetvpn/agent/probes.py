@@ -49,12 +49,21 @@ from fleetvpn.net.pmtuprobe import PmtuReport, measure_pmtu
 from fleetvpn.net.responder import Responder
 
 HELLO_DOMAIN: Final = b"fleetvpn probe-me-back v1\0"
+NAT_CHECK_DOMAIN: Final = b"fleetvpn nat-check v1\0"
 RTT_PROBES: Final = 4
 RTT_SPACING_S: Final = 0.2
 RTT_TIMEOUT_S: Final = 2.0
 RTT_PROBE_BYTES: Final = 128  # IP packet size of an RTT probe
 PENDING_HELLO_S: Final = 8.0  # within the shortest NAT timeouts seen (10 s unreplied)
 MAX_PENDING_HELLOS: Final = 256
+
+
+def nat_check_tag(public_key: str) -> int:
+    """The txn of a node's *NAT check* request: sent through the tunnel to a NATed peer whose
+    mapping seems to expire under its keepalive (fleetvpn.engines.natwatch, side "outside"),
+    asking it to measure its NAT again. A BINDING_REQUEST like a hello, another tag."""
+    digest = hashlib.sha256(NAT_CHECK_DOMAIN + public_key.encode()).digest()
+    return int.from_bytes(digest[:8], "big")
 
 
 def hello_tag(public_key: str) -> int:
@@ -82,6 +91,9 @@ class AgentResponder(Responder):
         self.pending: dict[int, tuple[tuple[str, int], float]] = {}
         self.own_tag: int | None = None
         self.hellos_sent = 0
+        self.nat_check_tags: dict[int, str] = {}  # tag → peer name
+        self.own_nat_check_tag: int | None = None
+        self.on_nat_check: Callable[[str], None] | None = None
 
     def set_hello_tags(self, tags: dict[int, str]) -> None:
         self.hello_tags = tags
@@ -99,11 +111,19 @@ class AgentResponder(Responder):
         except wire.WireError:
             peek = None
         body = peek.body if peek is not None else None
-        if isinstance(body, wire.BindingReply) and body.txn == self.own_tag:
-            return  # the answer to our own hello: it did its job (opened the mapping)
+        if isinstance(body, wire.BindingReply) and body.txn in (
+            self.own_tag,
+            self.own_nat_check_tag,
+        ):
+            return  # the answer to our own hello or NAT check: it did its job
         accepted = self.counters.accepted
         super().datagram_received(data, addr)
         if self.counters.accepted == accepted or not isinstance(body, wire.BindingRequest):
+            return
+        asker = self.nat_check_tags.get(body.txn)
+        if asker is not None:
+            if self.on_nat_check is not None:
+                self.on_nat_check(asker)
             return
         peer = self.hello_tags.get(body.txn)
         if peer is not None:
@@ -113,10 +133,11 @@ class AgentResponder(Responder):
             if self.on_unknown is not None:
                 self.on_unknown()
 
-    def send_hello(self, target: tuple[str, int]) -> None:
-        if self.transport is None or self.own_tag is None:
+    def send_hello(self, target: tuple[str, int], *, nat_check: bool = False) -> None:
+        tag = self.own_nat_check_tag if nat_check else self.own_tag
+        if self.transport is None or tag is None:
             return
-        body = wire.BindingRequest(self.own_tag)
+        body = wire.BindingRequest(tag)
         packet = self.sealer.seal(body, time.time(), pad_to=wire.min_len(body))
         with contextlib.suppress(OSError):
             self.transport.sendto(packet, target)
@@ -175,9 +196,22 @@ class ResponderSet:
         for r in self._all():
             r.on_unknown = callback
 
-    def set_own_tag(self, tag: int) -> None:
+    def set_own_tag(self, tag: int, nat_check: int | None = None) -> None:
         for r in self._all():
             r.own_tag = tag
+            r.own_nat_check_tag = nat_check
+
+    def set_nat_check(self, tags: dict[int, str], callback: Callable[[str], None]) -> None:
+        """Who may ask this node to measure its NAT again (tag → peer), and what to call."""
+        for r in self._all():
+            r.nat_check_tags = tags
+            r.on_nat_check = callback
+
+    def send_nat_check(self, target: tuple[str, int]) -> None:
+        """Ask the peer at ``target`` (its tunnel address) to measure its NAT again."""
+        responder = self.v6 if ":" in target[0] else self.v4
+        if responder is not None:
+            responder.send_hello(target, nat_check=True)
 
     def set_key(self, key: wire.KeyLike) -> None:
         """A reloaded probe key ring (SIGHUP during a rotation): what peers send with the new

@@ -39,6 +39,7 @@ log = logging.getLogger("fleetvpn.agent")
 PMTU_TIMEOUT_S: Final = 30.0
 HELLO_REPEAT_S: Final = 60.0  # the first hello to a peer is sent again once, this much later
 HELLO_DEFER_MAX_S: Final = 120.0  # a hello the probe budget refuses waits at most this long
+NAT_CHECK_MIN_GAP_S: Final = 120.0  # peers' NAT-check requests: one measurement per this
 
 
 async def resolve(endpoint: str) -> tuple[tuple[str, int] | None, str]:
@@ -84,6 +85,7 @@ class ProbingJobs:
     pmtu_slots: asyncio.Semaphore
     tasks: dict[str, asyncio.Task[None]]
     stopping: bool
+    nat_check_at: float
 
     def _start(self, job: str) -> None:
         raise NotImplementedError
@@ -192,6 +194,28 @@ class ProbingJobs:
             log.warning("NAT re-measurement now: %s", why)
             self.scheduler.trigger("nat", time.monotonic())
             self.wake.set()
+
+    def ask_nat_check(self, peer: str, why: str) -> None:
+        """A NATed peer's mapping seems to expire under its keepalive (our NAT watch, side
+        "outside"): ask it, through the tunnel, to measure its NAT again."""
+        plan = (
+            next((p for p in self.desired.peers if p.name == peer), None) if self.desired else None
+        )
+        if plan is None or plan.tunnel_ipv4 is None or self.responder is None:
+            return
+        log.warning("asking %s to measure its NAT again: %s", peer, why)
+        self.responder.send_nat_check((plan.tunnel_ipv4, self.config.probe.listen_port))
+
+    def _on_nat_check(self, peer: str) -> None:
+        """A peer asks us to measure our NAT again (its NAT watch saw our mapping expire under
+        our keepalive): at most once per NAT_CHECK_MIN_GAP_S, whoever asks."""
+        now = time.monotonic()
+        if now - self.nat_check_at < NAT_CHECK_MIN_GAP_S:
+            log.info("%s asks for a NAT measurement; the last one was asked %.0f s ago", peer,
+                     now - self.nat_check_at)  # fmt: skip
+            return
+        self.nat_check_at = now
+        self.remeasure_nat(f"{peer} sees its packets to us go unanswered between our keepalives")
 
     def measured_forward(self, peer: str, target: tuple[str, int]) -> None:
         """A forward search concluded: a node without an endpoint asks to be probed back."""

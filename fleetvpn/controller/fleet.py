@@ -664,6 +664,7 @@ def desired_json(view: FleetView, node: str, tunnel: TunnelConfig) -> dict[str, 
     for name in view.peers.get(node, []):
         peer = view.nodes[name]
         keepalive = view.peer_keepalives.get((node, name))
+        theirs = view.peer_keepalives.get((name, node))
         route = routes.get(name)
         peers.append(
             {
@@ -674,6 +675,8 @@ def desired_json(view: FleetView, node: str, tunnel: TunnelConfig) -> dict[str, 
                 "allowed_ips": [_host_route(a) for a in tunnel.addresses(peer.node_id)],
                 "keepalive_s": keepalive.keepalive_s if keepalive else 0,
                 "keepalive_reason": keepalive.reason if keepalive else "no keepalive decided",
+                # what the peer sends us: its NAT's mapping is held by it (NAT watch)
+                "peer_keepalive_s": theirs.keepalive_s if theirs else 0,
                 "route_mtu": route.route_mtu if route else policy.SAFE_DEFAULT_MTU,
                 "route_mtu_reason": route.reason if route else "unmeasured: safe default 1280",
                 "outer_fragmentation": route.fragment_outer if route else False,

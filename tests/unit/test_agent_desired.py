@@ -128,6 +128,8 @@ CASES = [
     (("interface_mtu",), 1340.0, "interface_mtu: unexpected value"),
     ((*P1, "route_mtu"), 575, "peers[1].route_mtu: 575 out of range (576..9000"),
     ((*P1, "outer_fragmentation"), "yes", "peers[1].outer_fragmentation: 'yes' is not a boolean"),
+    ((*P1, "peer_keepalive_s"), 121, "peers[1].peer_keepalive_s: 121 is not a keepalive"),
+    ((*P1, "peer_keepalive_s"), True, "peers[1].peer_keepalive_s: True is not a keepalive"),
     (("interface_mtu",), 1232, "interface_mtu: 1232 out of range (1280..9000"),
     ((*P1, "route_mtu"), 65535, "peers[1].route_mtu: 65535 out of range"),
     ((*P0, "keepalive_s"), 65535, "peers[0].keepalive_s: 65535 out of range (0..120 s)"),
@@ -170,7 +172,9 @@ def test_a_route_below_1280_with_outer_fragmentation_in_a_tunnel_that_carries_ip
     d = doc()
     d["peers"][1]["route_mtu"] = 1232
     d["peers"][1]["outer_fragmentation"] = True
+    d["peers"][1]["peer_keepalive_s"] = 8
     parsed = parse(d)
+    assert [p.peer_keepalive_s for p in parsed.peers] == [0, 8]
     assert [(p.route_mtu, p.outer_fragmentation) for p in parsed.spec.peers] == [
         (1340, False),
         (1232, True),

@@ -124,6 +124,12 @@ class FakePort:
     def measured_forward(self, peer: str, target: tuple[str, int]) -> None:
         self.calls.append(f"hello {peer}")
 
+    def record_fragments(self, peer: str, crossed: bool) -> None:
+        self.calls.append(f"fragments {peer} {crossed}")
+
+    def ask_nat_check(self, peer: str, why: str) -> None:
+        self.calls.append(f"ask {peer}: {why}")
+
 
 def supervisor(port: FakePort, nated: bool = True) -> PathSupervisor:
     return PathSupervisor(port, key=b"k" * 32, probe_port=0, upkeep_s=600.0,
@@ -168,3 +174,32 @@ def test_the_nated_side_asks_for_a_nat_remeasurement_on_early_handshakes() -> No
     for i, hs in enumerate([base - 200, base - 200, base - 175, base - 175, base - 150]):
         sup.sample(status(hs, 32 * i), names)
     assert any(c.startswith("nat towards hub: re-measure the NAT") for c in port.calls), port.calls
+
+
+def test_the_outside_side_asks_a_nated_peer_to_measure_its_nat_again() -> None:
+    """The hub (no NAT) watches a NATed peer that keeps its mapping with an 8 s keepalive: the
+    peer's endpoint changes although that keepalive should hold the mapping (a new mapping):
+    the hub asks the peer, which alone can measure its NAT (issue 12 item 5)."""
+    import asyncio
+
+    port = FakePort()
+    sup = supervisor(port, nated=False)
+    plans = (PeerPlan("branch1", "branch", HUB_KEY, None, "10.99.0.2", 1340, 0, 8),)
+    asyncio.run(sup.sync(Desired("hub", "hub", spec(), {}, plans, {})))
+    assert set(sup.outside_watches) == {"branch1"} and not sup.nat_watches
+    names = {HUB_KEY: "branch1"}
+
+    def sample(endpoint: str, rx: int, tx: int) -> None:
+        status = PeerStatus(HUB_KEY, endpoint, ("10.99.0.2/32",), 0, 0, rx, tx)
+        sup.sample([status], names)
+
+    sample("198.18.2.6:40001", 1000, 1000)
+    sample("198.18.2.6:40001", 2000, 2000)
+    assert not [c for c in port.calls if c.startswith("ask")]
+    sample("198.18.2.6:40777", 3000, 3000)  # the NAT made a new mapping
+    asks = [c for c in port.calls if c.startswith("ask branch1: ")]
+    assert len(asks) == 1, port.calls
+    # no peer keepalive towards us any more (the controller turned it off): no watch
+    plans = (PeerPlan("branch1", "branch", HUB_KEY, None, "10.99.0.2", 1340, 0, 0),)
+    asyncio.run(sup.sync(Desired("hub", "hub", spec(), {}, plans, {})))
+    assert sup.outside_watches == {}

@@ -7,7 +7,13 @@ from __future__ import annotations
 import asyncio
 import base64
 
-from fleetvpn.agent.probes import hello_tag, measure_reverse, measure_rtt, serve_responder
+from fleetvpn.agent.probes import (
+    hello_tag,
+    measure_reverse,
+    measure_rtt,
+    nat_check_tag,
+    serve_responder,
+)
 from fleetvpn.net import keys
 
 KEY = base64.b64decode(keys.generate_key())
@@ -68,6 +74,48 @@ def test_rtt_and_full_size_probe_on_loopback() -> None:
             assert lost.rtt_s is None and lost.loss_ratio == 1.0 and lost.full_size_lost is None
         finally:
             for t in transports:
+                t.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_nat_check_reaches_the_agent_as_its_peer_and_is_not_a_hello() -> None:
+    async def scenario() -> None:
+        hellos: list[str] = []
+        checks: list[str] = []
+        a, a_transports = await serve_responder(0, KEY, lambda p, addr: hellos.append(p),
+                                                host="127.0.0.1")  # fmt: skip
+        b, b_transports = await serve_responder(0, KEY, lambda p, addr: None, host="127.0.0.1")
+        try:
+            assert a.transport is not None
+            a_addr = a.transport.get_extra_info("sockname")
+            a.hello_tags = {hello_tag(B_KEY): "b"}
+            a.nat_check_tags = {nat_check_tag(B_KEY): "b"}
+            a.on_nat_check = checks.append
+            b.own_tag, b.own_nat_check_tag = hello_tag(B_KEY), nat_check_tag(B_KEY)
+            b.send_hello(a_addr, nat_check=True)
+            for _ in range(100):
+                if checks:
+                    break
+                await asyncio.sleep(0.01)
+            assert checks == ["b"] and hellos == []
+            # a tag nobody was given (another node's key): neither a check nor a hello
+            b.own_nat_check_tag = nat_check_tag(C_KEY)
+            b.send_hello(a_addr, nat_check=True)
+            await asyncio.sleep(0.1)
+            assert checks == ["b"] and hellos == []
+            # sealed with another key: refused before any tag is read
+            stranger, s_transports = await serve_responder(
+                0, base64.b64decode(keys.generate_key()), lambda p, addr: None, host="127.0.0.1"
+            )
+            stranger.own_nat_check_tag = nat_check_tag(B_KEY)
+            stranger.send_hello(a_addr, nat_check=True)
+            await asyncio.sleep(0.1)
+            assert checks == ["b"]
+            for t in s_transports:
+                t.close()
+        finally:
+            for t in (*a_transports, *b_transports):
                 t.close()
 
     asyncio.run(scenario())

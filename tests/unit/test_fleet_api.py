@@ -103,6 +103,9 @@ def test_a_node_reads_only_its_own_desired_state(api: httpx.Client, store: Store
     assert [(p["peer"], p["endpoint"], p["keepalive_s"]) for p in hub["peers"]] == [
         ("branch1", None, 0)
     ]
+    # the hub learns the keepalive branch1 holds its NAT's mapping with (its NAT watch)
+    assert [p["peer_keepalive_s"] for p in hub["peers"]] == [8]
+    assert peer["peer_keepalive_s"] == 0  # the hub sends branch1 none
     assert api.get("/v1/nodes/hub/desired", headers=bearer(t["branch1"])).status_code == 403
     assert api.get("/v1/nodes/nosuch/desired", headers=bearer(t["admin"])).status_code == 404
 
