@@ -72,11 +72,12 @@ def check_tunnel(desired, where="desired"):
         allowed = peer.get("allowed_ips")
         if not isinstance(allowed, list) or not allowed:
             _fail(f"{at}.allowed_ips", "expected a non-empty list")
-        peer_families = {_parse(grammar.cidr, a, f"{at}.allowed_ips[{j}]").version
-                         for j, a in enumerate(allowed)}  # fmt: skip
+        for j, a in enumerate(allowed):
+            _parse(grammar.cidr, a, f"{at}.allowed_ips[{j}]")
         _int(peer.get("keepalive_s"), f"{at}.keepalive_s", 0, KEEPALIVE_MAX_S)
-        low = MTU_MIN[6 if 6 in peer_families else 4]
-        _int(peer.get("route_mtu"), f"{at}.route_mtu", low, MTU_MAX, optional=True)
+        # a route MTU below 1280 holds for IPv4 routes; IPv6 ones stay at 1280 with TCP's MSS
+        # clamped (fleetvpn.grammar.ipv6_route, applied by the wg layer)
+        _int(peer.get("route_mtu"), f"{at}.route_mtu", MTU_MIN[4], MTU_MAX, optional=True)
         for reason in ("keepalive_reason", "route_mtu_reason"):
             _parse(grammar.note, peer.get(reason, ""), f"{at}.{reason}")
     return desired
