@@ -162,9 +162,9 @@ class EndpointRoutes:
             return None
 
     def sync(self, want: dict[str, tuple[int, str]]) -> list[str]:
-        """Make the routes ``want``; returns what was done, one line each (nothing when
-        ``want`` is what the last sync made and found in place)."""
-        if want == self.last:
+        """Make the routes ``want`` (and put back one somebody removed); returns what was
+        done, one line each. Reads nothing while nothing is wanted and nothing was made."""
+        if not want and self.last == {}:
             return []
         ours = self.ours()
         lookups = {a: self.lookup(a) for a, (mtu, _) in want.items() if ours.get(a) != mtu}
@@ -176,7 +176,7 @@ class EndpointRoutes:
                 log.warning("%s: %s", what, e)
                 continue
             done.append(what)
-        now = self.ours()
+        now = self.ours() if done else ours
         self.in_place = {peer for a, (mtu, peer) in want.items() if now.get(a) == mtu}
-        self.last = want if len(self.in_place) == len(want) else None  # retry what failed
+        self.last = want
         return done

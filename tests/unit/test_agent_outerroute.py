@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
 
-from fleetvpn.agent.outerroute import Lookup, parse_lookup, plan, wanted
+from fleetvpn.agent.outerroute import EndpointRoutes, Lookup, parse_lookup, plan, wanted
 from fleetvpn.wg.state import PeerSpec, PeerStatus, TunnelSpec, TunnelState
 
 HUB_KEY = "h" * 43 + "="
@@ -86,3 +88,42 @@ def test_route_get_answers_are_parsed_through_their_grammars() -> None:
         "[]",
     ):
         assert parse_lookup(bad) is None, bad
+
+
+class FakeIp:
+    """``ip`` as EndpointRoutes uses it: our proto 252 routes in a dict, route get answers."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, int] = {}
+        self.ran: list[list[str]] = []
+        self.dry_run = False
+
+    def run(self, argv: list[str], **_: object) -> subprocess.CompletedProcess[str]:
+        self.ran.append(argv)
+        out = ""
+        if argv[:5] == ["ip", "-4", "-d", "route", "show"]:
+            out = "".join(f"unicast {a} via 198.19.1.1 dev up proto 252 mtu lock {m}\n"
+                          for a, m in self.routes.items())  # fmt: skip
+        elif argv[:4] == ["ip", "-j", "-4", "route"]:
+            out = json.dumps([{"dst": argv[-1], "gateway": "198.19.1.1", "dev": "up"}])
+        elif argv[:4] == ["ip", "-4", "route", "replace"]:
+            self.routes[argv[4].removesuffix("/32")] = int(argv[argv.index("lock") + 1])
+        elif argv[:4] == ["ip", "-4", "route", "del"]:
+            self.routes.pop(argv[4].removesuffix("/32"), None)
+        return subprocess.CompletedProcess(argv, 0, out, "")
+
+
+def test_sync_makes_the_routes_puts_back_a_removed_one_and_reads_nothing_when_idle() -> None:
+    ip = FakeIp()
+    routes = EndpointRoutes("wg0", ip)  # type: ignore[arg-type]
+    want = {"198.18.0.10": (1340, "hub")}
+    assert len(routes.sync(want)) == 1 and ip.routes == {"198.18.0.10": 1340}
+    assert routes.in_place == {"hub"}
+    ip.ran.clear()
+    assert routes.sync(want) == [] and len(ip.ran) == 1  # one read, nothing to do
+    del ip.routes["198.18.0.10"]  # somebody removed it
+    assert routes.sync(want) and ip.routes == {"198.18.0.10": 1340}
+    assert routes.sync({}) == ["198.18.0.10: outer fragmentation no longer wanted"]
+    assert ip.routes == {} and routes.in_place == set()
+    ip.ran.clear()
+    assert routes.sync({}) == [] and ip.ran == []  # nothing wanted, nothing made: no command
