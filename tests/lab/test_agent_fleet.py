@@ -76,6 +76,7 @@ class Fleet:
         self.nat_s = 75  # short: the NAT-timeout change below must be noticed in the test
         self.rtt_s: dict[str, int] = {}
         self.pmtu_s = 120  # the path watch's upkeep (value and value + 1) and the search retry
+        self.tunnel_ipv6: str | None = None  # the controller's tunnel.ipv6: the tunnel carries v6
 
     # --- files and processes ---------------------------------------------------------------
     def host_file(self, host: str, path: str) -> Path:
@@ -159,6 +160,7 @@ class Fleet:
             "database: sqlite:////var/lib/fleetvpn/controller.db\n"
             f"probe_responder: {{listen: '{self.controller_ip}:{NAT_PORT}', "
             "key_file: /etc/fleetvpn/probe.key}\n"
+            + (f"tunnel: {{ipv6: '{self.tunnel_ipv6}'}}\n" if self.tunnel_ipv6 else "")
         )
         admin = subprocess.run(
             [*self.ns("controller").prefix(), sys.executable, "-m", "fleetvpn", "controller",
