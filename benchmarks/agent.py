@@ -1,23 +1,54 @@
 """An idle `fleetvpn agent run` with 1, 10 and 50 peers: memory, CPU, and probe traffic per peer.
 
-Goal (issue 5): at most 40 MB RSS and under 1 % of a core when idle.
+Goals: at most 40 MB RSS and under 1 % of a core when idle (issue 5); PMTU upkeep and
+black-hole watch under 20 kB per peer per hour on an idle link, RTT/loss sampling counted
+separately (issue 12 item 7).
 
-Setup, all inside a private network namespace with only loopback (the benchmark re-runs itself
-under ``unshare --net``; needs root; nothing touches the host's network):
+Setup, all inside a private network namespace (the benchmark re-runs itself under
+``unshare --net --mount``; needs root; nothing touches the host's network):
 - a stand-in controller (the standard library's HTTP server, in this process) that enrolls the
   agent and serves a desired state with N peers;
-- one stand-in peer responder on 127.0.0.2 (fleetvpn.net.responder, counting every byte) that
-  every peer's probe traffic goes to: PMTU probes (the peers' endpoints), RTT probes (their
-  tunnel addresses), NAT measurement, "probe me back" hellos;
-- the agent itself, with the production intervals (report/desired/RTT 30 s, PMTU 600 s,
-  NAT 3600 s) and ``apply: false`` (no tunnel to build; ``wg show`` still runs every sample).
+- one stand-in peer responder on 127.0.0.2 (fleetvpn.net.responder) that is every peer's
+  endpoint (the path watch's and searches' probes, NAT measurement, hellos), and one per peer
+  on that peer's tunnel address (RTT/loss probes), counting every byte both ways (IP bytes:
+  UDP payload + 28) by what it is (below);
+- the node's own link: a veth pair of MTU 1500 (the prober's ceiling, as an Ethernet uplink;
+  loopback does not count as one), and a path of ``PATH_MTU`` = 1400 towards every endpoint:
+  the endpoint stand-in never answers a search's or the watch's probe larger than that (as a
+  path whose ICMP is eaten), only the fragment check's DF-clear probe (which routers would
+  fragment). Path < ceiling is the dear case: the upkeep then also probes value + 1;
+- the agent itself, without an endpoint of its own (so it sends hellos), in three runs per
+  peer count: ``apply: false`` and ``apply: true`` (a real wireguard-go interface with every
+  peer, none of which answers) with the production intervals (report/desired/RTT 30 s, PMTU
+  600 s, NAT 3600 s), then the *upkeep run*: ``apply: false`` with ``pmtu_s`` = 20 s.
 
-Measured: RSS (VmRSS) and CPU (utime + stime from /proc) over a window after start-up (all the
-start-up PMTU runs done), the probe bytes of the start-up runs and of the window, and from those
-the probe bytes per peer per hour at the configured intervals. The baseline, measured in the same
-run: a bare Python process idling in asyncio (the floor any Python agent pays).
+Measured: RSS (VmRSS) and CPU (utime + stime of the agent and its waited-for `wg`/`ip`
+commands, from /proc) over a window after start-up (every peer's first search concluded, as
+status.json says), in the two production runs; the baseline, in the same process: a bare Python
+idling in asyncio (the floor any Python agent pays). Probe traffic, told apart by the stand-ins
+and pooled over the three runs:
+
+(a) PMTU upkeep + black-hole watch: the path watch's probes to the endpoint, with their acks.
+    A probe socket's probe ids run in sequences (fleetvpn.engines.common.ProbeBook: random
+    start, then consecutive): its first sequence is its search's (the watch is idle until the
+    first search concludes), the next one the watch's; the fragment check has its own id. The
+    watch probes of one socket less than 5 s apart make one *round* (an upkeep, or a check
+    with its verify/confirm rounds). The upkeep comes every ``pmtu_s`` (±10 %) and an idle
+    round costs the same whatever that period, so the upkeep run sets ``pmtu_s`` to 20 s for a
+    window of 6 periods (~6 rounds per peer; the measured time between rounds is printed) and
+    the figure is the measured bytes per round × 3600 / 600: the production interval. (Six
+    rounds at 600 s would need an hour per peer count.)
+(b) The daily full search, amortised: the bytes of the start-up searches (the same "full"
+    search from scratch the long schedule runs every 86400 s ±10 %), per search, / 24. The
+    fragment check follows a search only when the value changed (not daily): shown apart.
+(c) RTT/loss: the probes to the peers' tunnel addresses and their acks, per round (one every
+    ``rtt_s``, 4 probes), × 3600 / rtt_s (production, measured at production intervals).
+(d) Hellos: each forward search of a node without an endpoint ends with a hello (+ its reply):
+    one a day while idle (the first one is repeated once after 60 s, at start only).
+Per node rather than per peer: the NAT measurement, every ``nat_s``.
 
     sudo .venv/bin/python benchmarks/agent.py [--window 60] [--peers 1,10,50]
+        [--upkeep-pmtu 20] [--upkeep-window 120]
 """
 
 from __future__ import annotations
@@ -25,22 +56,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import concurrent.futures
+import itertools
 import json
+import math
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from fleetvpn.agent.pathwatch_adapter import FRAGMENT_PROBE_ID  # noqa: E402
 from fleetvpn.net import keys, wire  # noqa: E402
 from fleetvpn.net.responder import Responder  # noqa: E402
 
@@ -53,43 +91,168 @@ IP_FREEBIND = 15  # linux/in.h; not in Python's socket module
 PROBE_PORT = 51821
 TICKS = os.sysconf("SC_CLK_TCK")
 INTERVALS = {"report_s": 30, "desired_s": 30, "pmtu_s": 600, "nat_s": 3600, "rtt_s": 30}
+FULL_SEARCH_S = 86400.0  # PathKeeper's long schedule (fleetvpn.agent.paths leaves the default)
+PATH_MTU = 1400  # towards every endpoint: larger DF probes are lost on the way
+LINK = ("fvbench-up", "fvbench-pe")  # the node's own link, a veth pair: the prober's ceiling
+LINK_MTU = 1500
+SEQUENCE_SPAN = 1 << 14  # probe ids of one sequence (one engine's book) lie this close
+ROUND_GAP_S = {"watch": 5.0, "rtt": 5.0, "search": 30.0}  # a longer silence starts a new round
+GOAL_UPKEEP_BYTES = 20_000
+
+T = TypeVar("T")
+
+
+class Traffic:
+    """What the stand-ins received and sent during one run, by kind: ``search``, ``watch``,
+    ``fragments`` (PMTU probes to the endpoint, module docstring), ``hello``, ``nat``, ``rtt``
+    (to a tunnel address), ``other`` (anything else: nothing, normally). Mutated on the
+    stand-ins' loop only; read once detached (:meth:`StandIns.end_run`)."""
+
+    def __init__(self) -> None:
+        self.bytes: Counter[str] = Counter()  # IP bytes, both ways
+        self.requests: Counter[str] = Counter()  # packets received
+        self.sequences: dict[tuple[str, int], list[int]] = {}  # per socket: first id of each
+        self.rounds: dict[tuple[str, str], list[float]] = {}  # (kind, socket/address): starts
+        self._last: dict[tuple[str, str], float] = {}
+
+    def count(self, kind: str, payload: int, *, request: bool, key: str | None = None) -> None:
+        self.bytes[kind] += payload + 28
+        if not request:
+            return
+        self.requests[kind] += 1
+        if key is not None and kind in ROUND_GAP_S:
+            now = time.monotonic()
+            k = (kind, key)
+            if now - self._last.get(k, -math.inf) > ROUND_GAP_S[kind]:
+                self.rounds.setdefault(k, []).append(now)
+            self._last[k] = now
+
+    def probe_kind(self, source: tuple[str, int], probe_id: int) -> str:
+        """``search`` for the socket's first id sequence, ``watch`` for its second."""
+        firsts = self.sequences.setdefault(source, [])
+        near = (
+            i
+            for i, first in enumerate(firsts)
+            if min((probe_id - first) % 2**32, (first - probe_id) % 2**32) < SEQUENCE_SPAN
+        )
+        i = next(near, len(firsts))
+        if i == len(firsts):
+            firsts.append(probe_id)
+        return ("search", "watch")[i] if i < 2 else "other"
+
+    def round_starts(self, kind: str) -> list[list[float]]:
+        return [starts for (k, _), starts in self.rounds.items() if k == kind]
 
 
 class CountingResponder(Responder):
-    """The real responder, counting IP bytes (payload + 28) per message kind, both ways."""
+    """The real responder, counting by kind (:class:`Traffic`). ``role``: ``"endpoint"`` (every
+    peer's endpoint, over the path of ``PATH_MTU``) or ``"tunnel"`` (one peer's tunnel address)."""
 
-    def __init__(self, key: wire.KeyLike) -> None:
+    def __init__(self, key: wire.KeyLike, role: str, name: str = "") -> None:
         super().__init__(key)
-        self.bytes: dict[str, int] = {}
-        self.pmtu_sources: set[tuple[str, int]] = set()
+        self.role = role
+        self.name = name
+        self.traffic = Traffic()
+        self._kind: str | None = None  # of the request being answered
 
-    def _count(self, kind: str, size: int) -> None:
-        self.bytes[kind] = self.bytes.get(kind, 0) + size + 28
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+    def _classify(self, data: bytes, addr: tuple[str, int]) -> tuple[str, str | None]:
+        if self.role == "tunnel":
+            return "rtt", self.name
         try:
             body = wire.decode(data, self.key).body
-            kind = type(body).__name__
-            if isinstance(body, wire.PmtuProbe) and len(data) > 200:
-                self.pmtu_sources.add(addr)  # a PMTU run (RTT probes are 100 bytes)
-                kind = "PmtuRun"
         except wire.WireError:
-            kind = "junk"
-        self._count(kind, len(data))
-        super().datagram_received(data, addr)
+            return "other", None
+        if isinstance(body, wire.PmtuProbe):
+            if body.probe_id == FRAGMENT_PROBE_ID:
+                return "fragments", None
+            return self.traffic.probe_kind(addr, body.probe_id), f"{addr[0]}:{addr[1]}"
+        if isinstance(body, wire.BindingRequest) and addr[1] == PROBE_PORT:
+            return "hello", None  # from the agent's responder socket: "probe me back"
+        if isinstance(body, wire.BindingRequest | wire.ArmRequest):
+            return "nat", None
+        return "other", None
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        kind, key = self._classify(data, addr)
+        self.traffic.count(kind, len(data), request=True, key=key)
+        if kind in ("search", "watch") and len(data) + 28 > PATH_MTU:
+            return  # lost on the way (ICMP eaten); the fragment check's probe gets through
+        self._kind = kind
+        try:
+            super().datagram_received(data, addr)
+        finally:
+            self._kind = None
 
     def _send(self, transport: Any, body: wire.Body, addr: tuple[str, int], key: bytes) -> None:
         if transport is not None and not transport.is_closing():
             packet = self.sealer.seal(body, time.time(), key=key)
-            self._count("reply:" + type(body).__name__, len(packet))
+            # a reply has its request's kind; a fire, sent later on its own, is the NAT's
+            self.traffic.count(self._kind or "nat", len(packet), request=False)
             transport.sendto(packet, addr)
+
+
+class StandIns:
+    """The stand-in responders, on their own loop in a thread."""
+
+    def __init__(self, key: wire.KeyLike, peers: int) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.responders: list[CountingResponder] = []
+        self.loop.run_until_complete(self._serve(key, peers))
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+    async def _serve(self, key: wire.KeyLike, peers: int) -> None:
+        endpoint = CountingResponder(key, "endpoint")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((PEER_IP, PROBE_PORT))
+        await self.loop.create_datagram_endpoint(lambda: endpoint, sock=sock)
+        other, _ = await self.loop.create_datagram_endpoint(
+            asyncio.DatagramProtocol, local_addr=(PEER_IP, 0)
+        )
+        endpoint.other = other
+        self.responders.append(endpoint)
+        # Each peer's tunnel address gets a stand-in of its own: bound to that address, so it
+        # wins over the agent's own responder on the wildcard address. IP_FREEBIND: the
+        # addresses are local only during the runs without a tunnel.
+        for i in range(peers):
+            address = tunnel_ip(i).split("/")[0]
+            side = CountingResponder(key, "tunnel", address)
+            bound = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            bound.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+            bound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # beside the agent's
+            bound.bind((address, PROBE_PORT))
+            await self.loop.create_datagram_endpoint(lambda side=side: side, sock=bound)  # type: ignore[misc]
+            self.responders.append(side)
+
+    def _on_loop(self, fn: Callable[[], T]) -> T:
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                done.set_result(fn())
+            except BaseException as e:  # handed to the caller
+                done.set_exception(e)
+
+        self.loop.call_soon_threadsafe(run)
+        return done.result(10)
+
+    def end_run(self) -> Traffic:
+        """The traffic counted since the last call; a fresh count from now on."""
+
+        def swap() -> Traffic:
+            old, new = self.responders[0].traffic, Traffic()
+            for r in self.responders:
+                r.traffic = new
+            return old
+
+        return self._on_loop(swap)
 
 
 def tunnel_ip(i: int) -> str:
     return f"10.99.{1 + i // 250}.{1 + i % 250}/32"
 
 
-def fake_controller(peers: int, tunnel: bool) -> ThreadingHTTPServer:
+def fake_controller(peers: int) -> ThreadingHTTPServer:
     keys_ = [base64.b64encode(secrets.token_bytes(32)).decode() for _ in range(peers)]
     desired = {
         "schema_version": 1, "node": "bench", "site": "lab", "generated_at": "2026-01-01T00:00:00Z",
@@ -123,7 +286,7 @@ def fake_controller(peers: int, tunnel: bool) -> ThreadingHTTPServer:
         def do_POST(self) -> None:
             sent = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             if self.path == "/v1/enroll":
-                doc = {"node": "bench", "site": "lab", "node_token": "fvn_bench"}
+                doc: dict[str, Any] = {"node": "bench", "site": "lab", "node_token": "fvn_bench"}
                 self._answer(201, json.dumps(doc).encode())
             elif self.path == "/v1/reports/batch":  # the agent replays its spool here
                 reports = json.loads(sent)
@@ -154,16 +317,31 @@ def proc_usage(pid: int) -> tuple[float, int]:
     return cpu, rss
 
 
-def run_agent(peers: int, work: Path, responder: CountingResponder, window_s: float,
-              warmup_s: float, tunnel: bool) -> dict[str, Any]:  # fmt: skip
-    """One agent with ``peers`` peers. ``tunnel``: ``apply: true``, a real wireguard-go
-    interface with every peer (none of them answers: their RTT probes go nowhere), so the idle
-    cost includes reading and reconciling a real tunnel; else ``apply: false`` and every peer's
-    tunnel address is the stand-in responder, so RTT traffic is real and counted."""
-    server = fake_controller(peers, tunnel)
-    name = f"{'t' if tunnel else 'm'}{peers}"
+def searched(status_file: Path, peers: int) -> list[int] | None:
+    """Every peer's path MTU once each has one (status.json, rewritten every 5 s), else None."""
+    try:
+        rows = json.loads(status_file.read_text()).get("peers", [])
+    except (OSError, ValueError):
+        return None
+    values = [row.get("path_mtu") for row in rows]
+    if len(values) < peers or None in values:
+        return None
+    return values
+
+
+def run_agent(peers: int, work: Path, stand_ins: StandIns, window_s: float, warmup_s: float,
+              mode: str, pmtu_s: float) -> dict[str, Any]:  # fmt: skip
+    """One agent with ``peers`` peers. ``mode``: ``"tunnel"``: ``apply: true``, a real
+    wireguard-go interface with every peer (none of them answers: their RTT probes go nowhere),
+    so the idle cost includes reading and reconciling a real tunnel; ``"measure"`` (production
+    intervals) and ``"upkeep"`` (``pmtu_s`` as given): ``apply: false`` and every peer's tunnel
+    address is a stand-in, so RTT traffic is real and counted."""
+    tunnel = mode == "tunnel"
+    server = fake_controller(peers)
+    name = f"{mode[0]}{peers}"
     state = work / f"state{name}"
     config = work / f"agent{name}.yml"
+    log_file = work / f"agent{name}.log"
     (work / "enroll.token").write_text("bench\n")
     config.write_text(
         f"controller: http://127.0.0.1:{server.server_address[1]}\n"
@@ -172,30 +350,29 @@ def run_agent(peers: int, work: Path, responder: CountingResponder, window_s: fl
         "log_level: warning\nwireguard: auto\n"
         f"probe: {{listen_port: {PROBE_PORT}, key_file: {work}/probe.key, "
         f"nat_responder: '{PEER_IP}:{PROBE_PORT}'}}\n"
-        f"intervals: {json.dumps(INTERVALS)}\n"
+        f"intervals: {json.dumps({**INTERVALS, 'pmtu_s': pmtu_s})}\n"
         "tunnel_networks: [10.99.0.0/16]\n"
     )
-    start_bytes = dict(responder.bytes)
-    runs_before = len(responder.pmtu_sources)
+    stand_ins.end_run()  # whatever came before this run is not this run's
     if not tunnel:  # every peer's tunnel address is local: the stand-in answers its RTT probes
         subprocess.run(["ip", "addr", "add", LOCAL_TUNNEL_ADDR, "dev", "lo"], check=True)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fleetvpn", "agent", "run", "--config", str(config)],
-        cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-        env={**os.environ, "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"},
-    )  # fmt: skip
+    started = time.monotonic()
+    with log_file.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fleetvpn", "agent", "run", "--config", str(config)],
+            cwd=REPO, stderr=log, stdout=subprocess.DEVNULL,
+            env={**os.environ, "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"},
+        )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30 + peers
-        while len(responder.pmtu_sources) - runs_before < peers:
+        deadline = started + 60 + 6 * peers
+        while (values := searched(state / "status.json", peers)) is None:
             if time.monotonic() > deadline or proc.poll() is not None:
-                proc.terminate()
-                err = proc.communicate(timeout=10)[1].decode(errors="replace")
-                raise RuntimeError(f"start-up PMTU runs not done; the agent said:\n{err}")
+                tail = log_file.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"start-up searches not done; the agent said:\n{tail}")
             time.sleep(0.5)
+        startup_s = time.monotonic() - started
         time.sleep(warmup_s)
-        startup_bytes = _delta(responder.bytes, start_bytes)
         cpu0, _ = proc_usage(proc.pid)
-        window_start = dict(responder.bytes)
         t0 = time.monotonic()
         peak = 0
         while time.monotonic() - t0 < window_s:
@@ -203,7 +380,6 @@ def run_agent(peers: int, work: Path, responder: CountingResponder, window_s: fl
             peak = max(peak, proc_usage(proc.pid)[1])
         cpu1, rss = proc_usage(proc.pid)
         elapsed = time.monotonic() - t0
-        window_bytes = _delta(responder.bytes, window_start)
         wg_peers = 0
         if tunnel:
             dump = subprocess.run(["wg", "show", "fvbench0", "peers"], capture_output=True,
@@ -213,36 +389,73 @@ def run_agent(peers: int, work: Path, responder: CountingResponder, window_s: fl
         proc.terminate()
         proc.wait(10)
         server.shutdown()
+        time.sleep(0.5)  # the last acks
+        traffic = stand_ins.end_run()
         if tunnel:
             subprocess.run(["ip", "link", "del", "fvbench0"], capture_output=True)
         else:
             subprocess.run(["ip", "addr", "del", LOCAL_TUNNEL_ADDR, "dev", "lo"], check=True)
-    pmtu_run = (startup_bytes.get("PmtuRun", 0) + startup_bytes.get("reply:PmtuAck", 0)) / peers
-    rtt_probe_bytes = window_bytes.get("PmtuProbe", 0) + window_bytes.get("reply:PmtuAck", 0)
-    rtt_rounds = elapsed / INTERVALS["rtt_s"]
-    rtt_round = rtt_probe_bytes / peers / rtt_rounds if rtt_rounds else 0.0
-    hello = (
-        startup_bytes.get("BindingRequest", 0) + startup_bytes.get("reply:BindingReply", 0)
-    ) / peers
-    pmtu_per_hour = (pmtu_run + hello) * 3600 / INTERVALS["pmtu_s"]
-    per_hour = pmtu_per_hour + rtt_round * 3600 / INTERVALS["rtt_s"]
     return {
         "peers": peers,
+        "mode": mode,
+        "pmtu_s": pmtu_s,
         "tunnel_peers": wg_peers,
         "rss_bytes": rss,
         "peak_rss_bytes": peak,
         "cpu_ratio": (cpu1 - cpu0) / elapsed,
-        "pmtu_run_bytes": pmtu_run,
-        "rtt_round_bytes_per_peer": rtt_round,
-        "hello_bytes_per_peer": hello,
-        "probe_bytes_per_peer_per_hour": per_hour,
-        # a NATed peer also gets a reverse run from its public side per PMTU period
-        "probe_bytes_per_nated_link_per_hour": per_hour + pmtu_run * 3600 / INTERVALS["pmtu_s"],
+        "startup_s": startup_s,
+        "path_mtus": sorted(set(values)),
+        "traffic": traffic,
     }
 
 
-def _delta(now: dict[str, int], before: dict[str, int]) -> dict[str, int]:
-    return {k: v - before.get(k, 0) for k, v in now.items()}
+def probe_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """(a)-(d) of the module docstring, per peer, from one peer count's runs."""
+    total: Counter[str] = Counter()
+    requests: Counter[str] = Counter()
+    rounds = {"watch": 0, "rtt": 0, "search": 0}
+    upkeep_gaps: list[float] = []
+    nat_runs = 0
+    for run in runs:
+        traffic: Traffic = run["traffic"]
+        total.update(traffic.bytes)
+        requests.update(traffic.requests)
+        for kind in rounds:
+            for starts in traffic.round_starts(kind):
+                rounds[kind] += len(starts)
+                if kind == "watch" and run["mode"] == "upkeep":
+                    upkeep_gaps += [b - a for a, b in itertools.pairwise(starts)]
+        nat_runs += traffic.bytes["nat"] > 0
+    upkeep_pmtu_s = next((r["pmtu_s"] for r in runs if r["mode"] == "upkeep"), None)
+
+    def per(kind: str, n: int) -> float:
+        return total[kind] / n if n else math.nan
+
+    watch_round = per("watch", rounds["watch"])
+    search = per("search", rounds["search"])
+    rtt_round = per("rtt", rounds["rtt"])
+    hello = per("hello", requests["hello"])
+    figures: dict[str, Any] = {
+        "upkeep_round_bytes": watch_round,
+        "upkeep_rounds": rounds["watch"],
+        "upkeep_gap_s": sum(upkeep_gaps) / len(upkeep_gaps) if upkeep_gaps else math.nan,
+        "upkeep_pmtu_s": upkeep_pmtu_s,
+        "search_bytes": search,
+        "searches": rounds["search"],
+        "fragment_check_bytes": per("fragments", requests["fragments"]),
+        "rtt_round_bytes": rtt_round,
+        "rtt_rounds": rounds["rtt"],
+        "hello_bytes": hello,
+        "hellos": requests["hello"],
+        "nat_bytes": per("nat", nat_runs),
+        "other_bytes": total["other"],
+        "a": watch_round * 3600 / INTERVALS["pmtu_s"],
+        "b": search * 3600 / FULL_SEARCH_S,
+        "c": rtt_round * 3600 / INTERVALS["rtt_s"],
+        "d": hello * 3600 / FULL_SEARCH_S,  # one hello per forward search: the daily one
+    }
+    figures["total"] = sum(figures[k] for k in "abcd")
+    return figures
 
 
 def baseline(window_s: float) -> tuple[float, int]:
@@ -260,14 +473,25 @@ def baseline(window_s: float) -> tuple[float, int]:
     return (cpu1 - cpu0) / window_s, rss
 
 
+def kb(value: float, digits: int = 1) -> str:
+    return f"{value / 1000:.{digits}f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--window", type=float, default=60.0, help="idle window, seconds")
     parser.add_argument("--warmup", type=float, default=15.0, help="after the start-up runs")
     parser.add_argument("--peers", default="1,10,50")
+    parser.add_argument("--upkeep-pmtu", type=float, default=20.0,
+                        help="pmtu_s of the upkeep run, seconds (>= 10)")  # fmt: skip
+    parser.add_argument("--upkeep-window", type=float, default=None,
+                        help="the upkeep run's window (default: 6 x --upkeep-pmtu)")  # fmt: skip
     parser.add_argument("--no-tunnel", action="store_true", help="skip the runs with wg0")
     parser.add_argument("--keep", action="store_true", help="keep the agents' state dirs")
     args = parser.parse_args()
+    if args.upkeep_pmtu < 2 * ROUND_GAP_S["watch"]:
+        parser.error("--upkeep-pmtu must be >= 10 s (rounds closer than 5 s would merge)")
+    upkeep_window = args.upkeep_window or 6 * args.upkeep_pmtu
     if os.environ.get("FVBENCH_NETNS") != "1":
         if os.geteuid() != 0:
             sys.exit("benchmarks/agent.py needs root (it runs in a private network namespace)")
@@ -281,98 +505,103 @@ def main() -> None:
             ["unshare", "--net", "--mount", "sh", "-c", script, sys.executable, *sys.argv],
             {**os.environ, "FVBENCH_NETNS": "1"},
         )
+    began = time.monotonic()
+    counts = [int(x) for x in args.peers.split(",")]
     work = Path(tempfile.mkdtemp(prefix="fvbench-"))
-    keys.write_key(work / "probe.key")
-    key = keys.load_key(work / "probe.key")
-    loop = asyncio.new_event_loop()
-    responder = CountingResponder(key)
-
-    async def serve() -> None:
-        import socket
-
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((PEER_IP, PROBE_PORT))
-        await loop.create_datagram_endpoint(lambda: responder, sock=sock)
-        other, _ = await loop.create_datagram_endpoint(
-            asyncio.DatagramProtocol, local_addr=(PEER_IP, 0)
-        )
-        responder.other = other
-        # Each peer's tunnel address gets a stand-in of its own (the same counters): bound to
-        # that address, so it wins over the agent's own responder on the wildcard address.
-        # IP_FREEBIND: the addresses are local only during the runs without a tunnel.
-        for i in range(max(int(n) for n in args.peers.split(","))):
-            side = CountingResponder(key)
-            side.bytes, side.pmtu_sources = responder.bytes, responder.pmtu_sources
-            bound = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            bound.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
-            bound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # beside the agent's
-            bound.bind((tunnel_ip(i).split("/")[0], PROBE_PORT))
-            await loop.create_datagram_endpoint(lambda side=side: side, sock=bound)  # type: ignore[misc]
-
-    loop.run_until_complete(serve())
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-
-    tunnel_ok = shutil.which("wireguard-go") is not None and not args.no_tunnel
-    base: list[tuple[float, int]] = []
-    base_thread = threading.Thread(target=lambda: base.append(baseline(args.window)))
-    base_thread.start()
-    rows: list[tuple[dict[str, Any], dict[str, Any] | None]] = []
-    for n in (int(x) for x in args.peers.split(",")):
-        measured = run_agent(n, work, responder, args.window, args.warmup, tunnel=False)
-        live = None
-        if tunnel_ok:
-            live = run_agent(n, work, responder, args.window, args.warmup, tunnel=True)
-        rows.append((measured, live))
-        for r, label in ((measured, "apply: false"), (live, "wg0")):
-            if r is None:
-                continue
-            if r["tunnel_peers"]:
-                label = f"wg0 with {r['tunnel_peers']} peers"
-            rss, peak = r["rss_bytes"] / 2**20, r["peak_rss_bytes"] / 2**20
+    subprocess.run(["ip", "link", "add", LINK[0], "mtu", str(LINK_MTU), "type", "veth", "peer",
+                    "name", LINK[1], "mtu", str(LINK_MTU)], check=True)  # fmt: skip
+    try:
+        keys.write_key(work / "probe.key")
+        stand_ins = StandIns(keys.load_key(work / "probe.key"), max(counts))
+        tunnel_ok = shutil.which("wireguard-go") is not None and not args.no_tunnel
+        base: list[tuple[float, int]] = []
+        base_thread = threading.Thread(target=lambda: base.append(baseline(args.window)))
+        base_thread.start()
+        rows: list[tuple[list[dict[str, Any]], dict[str, Any]]] = []
+        for n in counts:
+            runs = [run_agent(n, work, stand_ins, args.window, args.warmup, "measure",
+                              INTERVALS["pmtu_s"])]  # fmt: skip
+            if tunnel_ok:
+                runs.append(run_agent(n, work, stand_ins, args.window, args.warmup, "tunnel",
+                                      INTERVALS["pmtu_s"]))  # fmt: skip
+            runs.append(run_agent(n, work, stand_ins, upkeep_window, 0.0, "upkeep",
+                                  args.upkeep_pmtu))  # fmt: skip
+            figures = probe_figures(runs)
+            rows.append((runs, figures))
+            for r in runs:
+                if r["mode"] == "upkeep":
+                    continue
+                label = "apply: false"
+                if r["mode"] == "tunnel":
+                    label = f"wg0 with {r['tunnel_peers']} peers"
+                rss, peak = r["rss_bytes"] / 2**20, r["peak_rss_bytes"] / 2**20
+                print(
+                    f"{n:>3} peers, {label:<19}: RSS {rss:5.1f} MB (peak {peak:.1f}), "
+                    f"CPU {100 * r['cpu_ratio']:.2f} % of a core (agent + its wg/ip commands); "
+                    f"first searches done in {r['startup_s']:.0f} s (status.json, every 5 s)",
+                    flush=True,
+                )
+            f = figures
+            mtus = sorted({m for r in runs for m in r["path_mtus"]})
             print(
-                f"{n:>3} peers, {label:<19}: RSS {rss:5.1f} MB (peak {peak:.1f}), "
-                f"CPU {100 * r['cpu_ratio']:.2f} % of a core (agent + its wg/ip commands)",
+                f"{n:>3} peers, probes: path MTU {'/'.join(map(str, mtus))}; upkeep round "
+                f"{f['upkeep_round_bytes']:.0f} B ({f['upkeep_rounds']} rounds, every "
+                f"{f['upkeep_gap_s']:.1f} s at pmtu_s {f['upkeep_pmtu_s']:g}); full search "
+                f"{kb(f['search_bytes'])} kB ({f['searches']}); RTT round "
+                f"{f['rtt_round_bytes']:.0f} B ({f['rtt_rounds']}); hello "
+                f"{f['hello_bytes']:.0f} B ({f['hellos']}); NAT {kb(f['nat_bytes'])} kB per node",
                 flush=True,
             )
-        print(
-            f"{n:>3} peers: PMTU run {measured['pmtu_run_bytes'] / 1000:.1f} kB, "
-            f"RTT round {measured['rtt_round_bytes_per_peer']:.0f} B/peer, "
-            f"hello (+NAT binding) {measured['hello_bytes_per_peer']:.0f} B/peer; probe traffic "
-            f"{measured['probe_bytes_per_peer_per_hour'] / 1000:.0f} kB per peer per hour",
-            flush=True,
-        )
-    base_thread.join()
-    base_cpu, base_rss = base[0]
-    print(f"baseline (bare python + asyncio, idle): RSS {base_rss / 2**20:.1f} MB, "
-          f"CPU {100 * base_cpu:.3f} %")  # fmt: skip
-    print()
-    print("peers | tunnel | RSS MB | ×baseline | CPU % core | probe kB/peer/h | ≤40 MB, <1 %")
-    for measured, live in rows:
-        for r, label in ((measured, "no"), (live, "wg0")):
-            if r is None:
-                continue
-            ok = r["rss_bytes"] <= 40 * 2**20 and r["cpu_ratio"] < 0.01
+            if f["other_bytes"] or mtus != [PATH_MTU]:
+                print(f"    (unexpected: {f['other_bytes']} B unclassified; path MTU {mtus}, "
+                      f"not {PATH_MTU})")  # fmt: skip
+        base_thread.join()
+        base_cpu, base_rss = base[0]
+        print(f"baseline (bare python + asyncio, idle): RSS {base_rss / 2**20:.1f} MB, "
+              f"CPU {100 * base_cpu:.3f} %")  # fmt: skip
+        print()
+        print("peers | tunnel | RSS MB | ×baseline | CPU % core | ≤40 MB, <1 %")
+        for runs, _ in rows:
+            for r in runs:
+                if r["mode"] == "upkeep":
+                    continue
+                ok = r["rss_bytes"] <= 40 * 2**20 and r["cpu_ratio"] < 0.01
+                print(
+                    f"{r['peers']:>5} | {'wg0' if r['mode'] == 'tunnel' else 'no':>6} | "
+                    f"{r['rss_bytes'] / 2**20:6.1f} | {r['rss_bytes'] / base_rss:9.2f} | "
+                    f"{100 * r['cpu_ratio']:10.2f} | {'met' if ok else 'NOT met'}"
+                )
+        print()
+        print("probe kB per peer per hour, idle link, production intervals:")
+        print("peers | (a) upkeep+watch | (b) daily search | (c) RTT/loss | (d) hellos | "
+              "  total | (a) < 20 kB")  # fmt: skip
+        for runs, f in rows:
+            ok = f["a"] < GOAL_UPKEEP_BYTES
             print(
-                f"{r['peers']:>5} | {label:>6} | {r['rss_bytes'] / 2**20:6.1f} | "
-                f"{r['rss_bytes'] / base_rss:9.2f} | {100 * r['cpu_ratio']:10.2f} | "
-                f"{measured['probe_bytes_per_peer_per_hour'] / 1000:15.0f} | "
+                f"{runs[0]['peers']:>5} | {kb(f['a'], 2):>16} | {kb(f['b'], 2):>16} | "
+                f"{kb(f['c'], 2):>12} | {kb(f['d'], 2):>10} | {kb(f['total'], 2):>7} | "
                 f"{'met' if ok else 'NOT met'}"
             )
-    last = rows[-1][0]
-    print(
-        f"(intervals {INTERVALS}; "
-        f"a PMTU run with its acks: {last['pmtu_run_bytes'] / 1000:.1f} kB; "
-        "a link with a NATed end also carries the reverse run: "
-        f"{last['probe_bytes_per_nated_link_per_hour'] / 1000:.0f} kB per hour both ways; "
-        "not counted: a full-size probe through the tunnel every 4th RTT round, ~1.5 kB)"
-    )
-    if not tunnel_ok:
-        print("(no wireguard-go, or --no-tunnel: the runs with a real interface were skipped)")
-    if args.keep:
-        print(f"(state dirs kept in {work})")
-    else:
-        shutil.rmtree(work, ignore_errors=True)
+        last = rows[-1][1]
+        print(
+            f"(intervals {INTERVALS}, full search every {FULL_SEARCH_S:g} s; path MTU {PATH_MTU} "
+            f"under a {LINK_MTU} link: an upkeep probes {PATH_MTU} and {PATH_MTU + 1}; "
+            f"(a) = bytes per upkeep round × 3600/{INTERVALS['pmtu_s']}, rounds measured at "
+            f"pmtu_s {args.upkeep_pmtu:g}; after a new value the fragment check adds "
+            f"{last['fragment_check_bytes']:.0f} B once; per node, not per peer: the NAT "
+            f"measurement, {kb(last['nat_bytes'] * 3600 / INTERVALS['nat_s'])} kB per hour; "
+            "a peer that gets our hello also runs a reverse search towards us: (b) again on "
+            "that link)"
+        )
+        if not tunnel_ok:
+            print("(no wireguard-go, or --no-tunnel: the runs with a real interface were skipped)")
+        print(f"(run time {time.monotonic() - began:.0f} s)")
+    finally:
+        subprocess.run(["ip", "link", "del", LINK[0]], capture_output=True)
+        if args.keep:
+            print(f"(state dirs and agent logs kept in {work})")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
