@@ -131,6 +131,7 @@ class Agent(ProbingJobs):
         self.applied: TunnelSpec | None = None  # the spec the last good apply made
         self.endpoint_routes: EndpointRoutes | None = None  # outer fragmentation (outerroute)
         self.nat_check_at = -NAT_CHECK_MIN_GAP_S  # a peer's last NAT-check request (monotonic)
+        self.save_again = False  # a save of measurements.json asked for while one runs
         self.throttled_until = 0.0  # monotonic: no request to the controller before (a 429)
         self.trusted_networks: tuple[Any, ...] = ()  # see the module docstring, step 3
 

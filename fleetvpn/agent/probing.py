@@ -86,6 +86,7 @@ class ProbingJobs:
     tasks: dict[str, asyncio.Task[None]]
     stopping: bool
     nat_check_at: float
+    save_again: bool
 
     def _start(self, job: str) -> None:
         raise NotImplementedError
@@ -165,16 +166,26 @@ class ProbingJobs:
         same = before is not None and (before.family, before.path_mtu) == (fam, path_mtu)
         fragments = before.fragments_cross if same and before is not None else None
         self.pmtu[peer] = PathMtu(fam, path_mtu, False, time.time(), how, reason, fragments)
-        self._start("save")
+        self._request_save()
 
     def record_fragments(self, peer: str, crossed: bool) -> None:
         known = self.pmtu.get(peer)
         if known is not None:
             self.pmtu[peer] = dataclasses.replace(known, fragments_cross=crossed)
-            self._start("save")
+            self._request_save()
+
+    def _request_save(self) -> None:
+        self.save_again = True
+        self._start("save")
 
     async def _job_save(self) -> None:
-        await asyncio.to_thread(startup.save_measurements, self.config, dict(self.pmtu), self.nat)
+        # a record made while a save runs asks for one more: _start drops a request for a job
+        # already running, and this save's snapshot was taken before that record
+        self.save_again = True
+        while self.save_again:
+            self.save_again = False
+            pmtu, nat = dict(self.pmtu), self.nat
+            await asyncio.to_thread(startup.save_measurements, self.config, pmtu, nat)
 
     def apply_local(self, why: str) -> None:
         if self.desired is None or not self.config.apply:
