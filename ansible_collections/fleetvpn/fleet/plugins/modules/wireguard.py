@@ -95,6 +95,18 @@ options:
       route_mtu_reason:
         description: Why this route MTU.
         type: str
+      outer_fragmentation:
+        description:
+          - Let outer packets towards this peer be fragmented on the way (the controller asks
+            for it under a path that cannot carry 1280 + WireGuard's overhead). With wireguard-go
+            the route towards the peer's IPv4 endpoint gets its MTU locked at the largest outer
+            packet (C(proto 252)), which clears DF; kernel WireGuard never sets DF over IPv4.
+        type: bool
+        default: false
+      peer_keepalive_s:
+        description: The keepalive the peer sends us (in the controller's desired state; unused).
+        type: int
+        default: 0
   reasons:
     description:
       - Reasons for the interface-level settings, by fleetvpn.wg's keys (C(listen_port),
@@ -143,6 +155,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 try:
     from fleetvpn import grammar
+    from fleetvpn.agent.outerroute import EndpointRoutes, wanted
     from fleetvpn.wg import diff as wg_diff
     from fleetvpn.wg.keys import generate_private_key, public_key_of
     from fleetvpn.wg.state import PeerSpec, TunnelSpec
@@ -192,6 +205,7 @@ def desired_spec(p):
                 keepalive_s=int(peer.get("keepalive_s") or 0),
                 route_mtu=None if peer.get("route_mtu") is None else int(peer["route_mtu"]),
                 name=peer_name(peer),
+                outer_fragmentation=bool(peer.get("outer_fragmentation")),
             )
         )
     return TunnelSpec(
@@ -308,6 +322,8 @@ def main():
         "keepalive_reason": {"type": "str"},
         "route_mtu": {"type": "int"},
         "route_mtu_reason": {"type": "str"},
+        "outer_fragmentation": {"type": "bool", "default": False},
+        "peer_keepalive_s": {"type": "int", "default": 0},
     }
     module = AnsibleModule(
         argument_spec={
@@ -423,7 +439,18 @@ def main():
     except (NotWireGuardError, ValueError, OSError, RuntimeError) as e:
         module.fail_json(msg=f"{p['interface']}: {e}", changes=result["changes"])
     result["changes"] += [{"summary": c.summary, "reason": c.reason} for c in changes]
-    result["changed"] = result["changed"] or bool(changes)
+    outer = []
+    if key_exists and not module.check_mode:
+        try:
+            outer = EndpointRoutes(p["interface"], tunnel.runner).sync(
+                wanted(desired, tunnel.read())
+            )
+        except (NotWireGuardError, ValueError, OSError, RuntimeError) as e:
+            module.fail_json(
+                msg=f"{p['interface']}: endpoint routes: {e}", changes=result["changes"]
+            )
+        result["changes"] += [{"summary": line, "reason": "outer_fragmentation"} for line in outer]
+    result["changed"] = result["changed"] or bool(changes) or bool(outer)
     if result["changed"]:
         result["diff"] = diff
     module.exit_json(**result)
