@@ -104,6 +104,7 @@ class Lab:
     topology: Path
     workdir: Path
     hub_ip: str
+    name: str = LAB  # benchmarks/recovery.py runs tinc in a lab of another name
 
     def exec_argv(self, host: str, *command: str) -> list[str]:
         return [
@@ -113,7 +114,7 @@ class Lab:
             "-t",
             str(self.topology),
             "--name",
-            LAB,
+            self.name,
             host,
             "--",
             *command,
@@ -260,9 +261,10 @@ def tinc_configure(lab: Lab, site: str, port: int) -> tuple[Path, Path]:
     return hub_dir, site_dir
 
 
-def tincd_argv(lab: Lab, host: str, conf_dir: Path) -> list[str]:
+def tincd_argv(lab: Lab, host: str, conf_dir: Path, debug_level: int = 5) -> list[str]:
     pidfile = str(conf_dir / "tinc.pid")
-    return lab.exec_argv(host, "tincd", "-D", "-d5", "-c", str(conf_dir), "--pidfile", pidfile)
+    debug = f"-d{debug_level}"
+    return lab.exec_argv(host, "tincd", "-D", debug, "-c", str(conf_dir), "--pidfile", pidfile)
 
 
 def run_tinc(lab: Lab, size: int, pair: tuple[Path, Path], port: int) -> Measurement:
