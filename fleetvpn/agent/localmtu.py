@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from fleetvpn import grammar
 from fleetvpn.engines.outer import Implementation, outer_fate
 from fleetvpn.wg.state import TunnelSpec
 
@@ -94,8 +95,9 @@ class LocalHolds:
         how = "path MTU" if final else "path MTU assumed"
         outer = ""
         if route < IPV6_MIN_MTU and spec_carries_ipv6(spec):
+            mss = route - grammar.TCP_IPV6_HEADERS
             outer = (
-                f"; IPv6 routes {IPV6_MIN_MTU} with TCP MSS {route - 60}, larger IPv6 packets "
+                f"; IPv6 routes {IPV6_MIN_MTU} with TCP MSS {mss}, larger IPv6 packets "
                 "fragmented outside the tunnel"
             )
         reason = (

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from fleetvpn import grammar
+from fleetvpn.agent.localmtu import OVERHEAD
 from fleetvpn.runner import CommandError, NsPath, Runner
 from fleetvpn.wg.iproute import parse_routes
 from fleetvpn.wg.state import TunnelSpec, TunnelState
@@ -41,7 +42,6 @@ from fleetvpn.wg.state import TunnelSpec, TunnelState
 log = logging.getLogger("fleetvpn.agent")
 
 PROTO: Final = "252"  # not in iproute2's rt_protos; ours alone
-IPV4_OVERHEAD: Final = 60  # WireGuard 32 + UDP 8 + IPv4 20
 
 Argv = tuple[str, ...]
 
@@ -62,7 +62,7 @@ def wanted(spec: TunnelSpec, state: TunnelState | None) -> dict[str, tuple[int, 
     if state is None or state.implementation != "userspace":
         return {}
     out: dict[str, tuple[int, str]] = {}
-    lock = spec.mtu + IPV4_OVERHEAD
+    lock = spec.mtu + OVERHEAD[4]
     for p in spec.peers:
         if not p.outer_fragmentation:
             continue

@@ -28,6 +28,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Final
 
+from fleetvpn import grammar
 from fleetvpn.controller.policy_mtu import IPV6_MIN_MTU, overhead_for, padded_outer_bytes
 from fleetvpn.controller.trusted import fast_constructor
 from fleetvpn.engines.outer import Implementation, OuterVerdict, outer_fate
@@ -184,10 +185,11 @@ class NodeHealth:
                 big = padded_outer_bytes(max(route_mtu, IPV6_MIN_MTU), interface_mtu, overhead)
                 if big > path_mtu:
                     fate = self._fate(m, big, path_mtu, locked=True)
+                    mss = route_mtu - grammar.TCP_IPV6_HEADERS
                     said = (
                         f"IPv4 inside fits (route MTU {route_mtu}: up to {outer} bytes into "
                         f"a path MTU of {path_mtu}); IPv6 inside above {route_mtu} bytes, "
-                        f"TCP aside (MSS clamped to {route_mtu - 60}): {fate.reason}"
+                        f"TCP aside (MSS clamped to {mss}): {fate.reason}"
                     )
                     if fate.fate == "black_hole":
                         return _new_health(node, peer, "blackhole", f"blackhole: {said}")

@@ -34,6 +34,7 @@ from functools import lru_cache
 from operator import attrgetter, is_
 from typing import Final
 
+from fleetvpn import grammar
 from fleetvpn.controller.policy_overrides import OverrideIndex, describe
 from fleetvpn.controller.trusted import fast_constructor
 from fleetvpn.model import (
@@ -188,8 +189,9 @@ def node_mtu_plan(node: str, directions: Sequence[LinkMtuDecision]) -> NodeMtuPl
         route_mtu, reason = _route(d.tunnel_mtu, interface_mtu)
         fragment = d.needs_fragmentation and route_mtu < IPV6_MIN_MTU
         if fragment:
+            mss = route_mtu - grammar.TCP_IPV6_HEADERS
             reason = (
-                f"{reason}; IPv6 routes {IPV6_MIN_MTU} with TCP MSS {route_mtu - 60}, larger "
+                f"{reason}; IPv6 routes {IPV6_MIN_MTU} with TCP MSS {mss}, larger "
                 "IPv6 packets fragmented outside the tunnel towards this peer's endpoint"
             )
         routes.append(_new_route(d.peer, route_mtu, d.tunnel_mtu, reason, fragment))
